@@ -1,0 +1,28 @@
+//! The OpenAPI document (`/openapi.json`) and an interactive page (`/docs`), both served from
+//! the binary: the Swagger UI assets are vendored at build time, so no network is needed.
+
+use axum::Router;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use super::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Chitram", description = "A self-hosted image store over a sharded, replicated object store."),
+    paths(
+        super::images::upload,
+        super::images::batch,
+        super::images::list,
+        super::images::find,
+        super::images::remove,
+        super::images::download,
+        super::health::health,
+    ),
+    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health"))
+)]
+pub struct ApiDoc;
+
+pub fn router() -> Router<AppState> {
+    Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+}

@@ -1,0 +1,101 @@
+//! `GET /health`: whether this instance can serve, and the state of each component.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::error_chain;
+
+/// How long one component may take to answer before it counts as down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/health", get(health))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`: everything answers. `degraded`: serving, but a shard is down or copies are below
+    /// the replication factor. `unavailable`: the database or every shard is down.
+    pub status: &'static str,
+    pub database: ComponentHealth,
+    pub shards: Vec<ComponentHealth>,
+    /// Copies per state (absent when the database is down).
+    pub replicas: Option<ReplicaSummary>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ComponentHealth {
+    pub name: String,
+    /// `fs:/path`, `postgres`, …
+    pub backend: String,
+    /// `ok` or `down`.
+    pub status: &'static str,
+    pub latency_ms: f64,
+    /// Why it is down: the cause, for the operator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicaSummary {
+    pub pending: u64,
+    pub stored: u64,
+    pub missing: u64,
+    pub deleting: u64,
+}
+
+#[utoipa::path(
+    get, path = "/health", tag = "operations",
+    responses(
+        (status = 200, description = "The database and at least one shard answer", body = Health),
+        (status = 503, description = "The database or every shard is down", body = Health),
+    )
+)]
+async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let (database, shards) = tokio::join!(check_database(&state), state.router.check_health(CHECK_TIMEOUT));
+    let shards: Vec<ComponentHealth> = shards
+        .into_iter()
+        .map(|shard| component(shard.name, shard.backend, shard.latency, shard.result.err().map(|e| error_chain(&e))))
+        .collect();
+    let replicas = if database.error.is_none() { state.metadata.count_replicas_by_state().await.ok() } else { None };
+
+    let database_up = database.error.is_none();
+    let shards_up = shards.iter().filter(|shard| shard.error.is_none()).count();
+    let under_replicated = replicas.is_some_and(|counts| counts.pending > 0 || counts.missing > 0);
+    let (code, status) = match (database_up, shards_up) {
+        (false, _) | (_, 0) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        _ if shards_up < shards.len() || under_replicated => (StatusCode::OK, "degraded"),
+        _ => (StatusCode::OK, "ok"),
+    };
+    let replicas = replicas.map(|c| ReplicaSummary {
+        pending: c.pending,
+        stored: c.stored,
+        missing: c.missing,
+        deleting: c.deleting,
+    });
+    (code, Json(Health { status, database, shards, replicas }))
+}
+
+async fn check_database(state: &AppState) -> ComponentHealth {
+    let started = Instant::now();
+    let error = match tokio::time::timeout(CHECK_TIMEOUT, state.metadata.ping()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error_chain(&error)),
+        Err(_) => Some(format!("no answer within {} ms", CHECK_TIMEOUT.as_millis())),
+    };
+    let backend = state.metadata.backend_name();
+    component("database".to_owned(), backend.to_owned(), started.elapsed(), error)
+}
+
+fn component(name: String, backend: String, latency: Duration, error: Option<String>) -> ComponentHealth {
+    let status = if error.is_none() { "ok" } else { "down" };
+    ComponentHealth { name, backend, status, latency_ms: latency.as_secs_f64() * 1000.0, error }
+}

@@ -1,0 +1,311 @@
+//! `/api/v1/images`: upload, batch upload, list, metadata, download, delete.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use super::error::{ApiError, ErrorBody};
+use super::json::{BatchItem, BatchResult, Image, ImageList};
+use super::{AppState, UploadLimits};
+use crate::images::error::ImageError;
+use crate::images::spool::{SpoolError, SpoolLimits, SpooledBody, spool_body};
+use crate::metadata::ImageRecord;
+
+/// Room for multipart boundaries and part headers on top of the file itself.
+const MULTIPART_OVERHEAD: u64 = 64 * 1024;
+/// Images never change under an id, so clients and proxies may keep them for a year.
+const CACHE_FOREVER: &str = "public, max-age=31536000, immutable";
+
+pub fn router(limits: &UploadLimits) -> Router<AppState> {
+    let upload_limit = body_limit(limits, 1);
+    let batch_limit = body_limit(limits, limits.max_batch_files);
+    Router::new()
+        .route("/api/v1/images/upload", post(upload).layer(DefaultBodyLimit::max(upload_limit)))
+        .route("/api/v1/images/batch", post(batch).layer(DefaultBodyLimit::max(batch_limit)))
+        .route("/api/v1/images", get(list))
+        .route("/api/v1/images/{id}", get(find).delete(remove))
+        .route("/api/v1/images/{id}/file", get(download).head(download_head))
+}
+
+/// The largest request body accepted for `files` files.
+fn body_limit(limits: &UploadLimits, files: usize) -> usize {
+    let per_file = limits.spool.max_bytes.saturating_add(MULTIPART_OVERHEAD);
+    usize::try_from(per_file.saturating_mul(files as u64)).unwrap_or(usize::MAX)
+}
+
+#[utoipa::path(
+    post, path = "/api/v1/images/upload", tag = "images",
+    request_body(content_type = "multipart/form-data", content = super::json::UploadForm),
+    responses(
+        (status = 201, description = "Stored", body = Image),
+        (status = 400, description = "INVALID_FILE_FORMAT, EMPTY_FILE or INVALID_MULTIPART", body = ErrorBody),
+        (status = 413, description = "FILE_TOO_LARGE", body = ErrorBody),
+        (status = 422, description = "MISSING_FILE", body = ErrorBody),
+        (status = 503, description = "STORAGE_UNAVAILABLE or DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
+)]
+async fn upload(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
+    refuse_declared_oversize(&headers, body_limit(&state.limits, 1), &state.limits.spool)?;
+    let mut multipart = multipart.map_err(|_| ImageError::MissingFile { field: "file" })?;
+    while let Some(field) = next_field(&mut multipart, &state.limits.spool, "file").await? {
+        if field.name() != Some("file") {
+            continue; // Dropping a field skips the rest of it.
+        }
+        let filename = field.file_name().map(str::to_owned);
+        let body = spool_field(field, &state.limits.spool).await?;
+        let image = Image::from(state.images.upload(filename.as_deref(), body).await?);
+        let location =
+            HeaderValue::from_str(&format!("/api/v1/images/{}", image.id)).expect("a UUID path is a valid header");
+        return Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(image)).into_response());
+    }
+    Err(ImageError::MissingFile { field: "file" }.into())
+}
+
+#[utoipa::path(
+    post, path = "/api/v1/images/batch", tag = "images",
+    request_body(content_type = "multipart/form-data", content = super::json::BatchForm),
+    responses(
+        (status = 200, description = "One result per file; a bad file does not fail the others", body = BatchResult),
+        (status = 413, description = "FILE_TOO_LARGE: the request as a whole is too large", body = ErrorBody),
+        (status = 422, description = "MISSING_FILE: no field named files", body = ErrorBody),
+    )
+)]
+async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Json<BatchResult>, ApiError> {
+    let limits = &state.limits;
+    refuse_declared_oversize(&headers, body_limit(limits, limits.max_batch_files), &limits.spool)?;
+    let mut multipart = multipart.map_err(|_| ImageError::MissingFile { field: "files" })?;
+    let mut results = Vec::new();
+    loop {
+        let field = match next_field(&mut multipart, &limits.spool, "files").await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            // Files already stored stay stored: report them, and the failure, rather than
+            // hiding what happened behind one error.
+            Err(error) if !results.is_empty() => {
+                results.push(batch_item(String::new(), Err(error)));
+                break;
+            }
+            Err(error) => return Err(error),
+        };
+        if field.name() != Some("files") {
+            continue;
+        }
+        let filename = field.file_name().unwrap_or_default().to_owned();
+        let outcome = if results.len() >= limits.max_batch_files {
+            Err(ImageError::TooManyFiles { limit: limits.max_batch_files }.into())
+        } else {
+            store_one(&state, &filename, field).await
+        };
+        results.push(batch_item(filename, outcome));
+    }
+    if results.is_empty() {
+        return Err(ImageError::MissingFile { field: "files" }.into());
+    }
+    let succeeded = results.iter().filter(|item| item.image.is_some()).count();
+    Ok(Json(BatchResult { failed: results.len() - succeeded, succeeded, results }))
+}
+
+async fn store_one(state: &AppState, filename: &str, field: Field<'_>) -> Result<ImageRecord, ApiError> {
+    let body = spool_field(field, &state.limits.spool).await?;
+    Ok(state.images.upload(Some(filename), body).await?)
+}
+
+fn batch_item(filename: String, outcome: Result<ImageRecord, ApiError>) -> BatchItem {
+    match outcome {
+        Ok(record) => BatchItem { filename, status: 201, image: Some(record.into()), error: None },
+        Err(error) => {
+            let (status, code, message) = error.parts();
+            if status.is_server_error() {
+                tracing::error!(code, error = %super::error::error_chain(&error.0), "batch item failed");
+            }
+            let detail = super::error::ErrorDetail { code: code.to_owned(), message };
+            BatchItem { filename, status: status.as_u16(), image: None, error: Some(detail) }
+        }
+    }
+}
+
+/// Refuses a body whose declared length is over the limit before reading any of it.
+fn refuse_declared_oversize(headers: &HeaderMap, limit: usize, spool: &SpoolLimits) -> Result<(), ApiError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => Err(ImageError::FileTooLarge { limit: spool.max_bytes }.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The next part of the form. A body with no part at all (not even a valid first boundary)
+/// has no file: `MISSING_FILE`, like a form without the expected field.
+async fn next_field<'a>(
+    multipart: &'a mut Multipart,
+    spool: &SpoolLimits,
+    expected: &'static str,
+) -> Result<Option<Field<'a>>, ApiError> {
+    multipart.next_field().await.map_err(|error| match multipart_error(&error, spool) {
+        ImageError::InvalidMultipart(_) if is_before_first_part(&error) => {
+            ImageError::MissingFile { field: expected }.into()
+        }
+        other => other.into(),
+    })
+}
+
+fn is_before_first_part(error: &MultipartError) -> bool {
+    // multer reports an empty or boundary-less body as an incomplete stream before any field.
+    error.body_text().contains("incomplete multipart stream")
+}
+
+async fn spool_field(field: Field<'_>, limits: &SpoolLimits) -> Result<SpooledBody, ImageError> {
+    spool_body(std::pin::pin!(field), limits).await.map_err(|error| match error {
+        SpoolError::Body(source) => match source.downcast_ref::<MultipartError>() {
+            Some(multipart) => multipart_error(multipart, limits),
+            None => ImageError::InvalidMultipart(source.to_string()),
+        },
+        other => other.into(),
+    })
+}
+
+/// A body over the request limit surfaces as a multipart error with status 413.
+fn multipart_error(error: &MultipartError, spool: &SpoolLimits) -> ImageError {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ImageError::FileTooLarge { limit: spool.max_bytes }
+    } else {
+        ImageError::InvalidMultipart(error.body_text())
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct ListParams {
+    /// Page size, 1 to 100 (default 20).
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/images", tag = "images", params(ListParams),
+    responses(
+        (status = 200, description = "Newest first", body = ImageList),
+        (status = 400, description = "INVALID_CURSOR or INVALID_LIMIT", body = ErrorBody),
+    )
+)]
+async fn list(State(state): State<AppState>, Query(params): Query<ListParams>) -> Result<Json<ImageList>, ApiError> {
+    let page = state.images.list(params.limit.as_deref(), params.cursor.as_deref()).await?;
+    Ok(Json(ImageList { items: page.items.into_iter().map(Image::from).collect(), next_cursor: page.next_cursor }))
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/images/{id}", tag = "images",
+    responses((status = 200, body = Image), (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody))
+)]
+async fn find(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Image>, ApiError> {
+    Ok(Json(state.images.find(&id).await?.into()))
+}
+
+#[utoipa::path(
+    delete, path = "/api/v1/images/{id}", tag = "images",
+    responses((status = 204, description = "Deleted"), (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody))
+)]
+async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    state.images.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/images/{id}/file", tag = "images",
+    responses(
+        (status = 200, description = "The bytes", content_type = "application/octet-stream"),
+        (status = 304, description = "If-None-Match matched the ETag"),
+        (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody),
+        (status = 503, description = "STORAGE_UNAVAILABLE: no copy could be read", body = ErrorBody),
+    )
+)]
+async fn download(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let record = state.images.find(&id).await?;
+    // The ETag is the checksum, so a revalidation is answered from metadata alone.
+    if etag_matches(&headers, &record) {
+        return Ok(not_modified(&record));
+    }
+    let file = state.images.open_file(record).await?;
+    let mut response = Body::from_stream(file.reader.stream).into_response();
+    *response.headers_mut() = file_headers(&file.record);
+    Ok(response)
+}
+
+/// HEAD answers from metadata: no shard is read.
+async fn download_head(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let record = state.images.find(&id).await?;
+    if etag_matches(&headers, &record) {
+        return Ok(not_modified(&record));
+    }
+    let mut response = StatusCode::OK.into_response();
+    *response.headers_mut() = file_headers(&record);
+    Ok(response)
+}
+
+fn etag(record: &ImageRecord) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{}\"", record.blob)).expect("hex is a valid header value")
+}
+
+/// `If-None-Match`: a list of (possibly weak) entity tags, or `*`.
+fn etag_matches(headers: &HeaderMap, record: &ImageRecord) -> bool {
+    let ours = etag(record);
+    let Some(ours) = ours.to_str().ok() else { return false };
+    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|value| value.to_str().ok()).any(|value| {
+        value.split(',').map(str::trim).any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == ours)
+    })
+}
+
+fn not_modified(record: &ImageRecord) -> Response {
+    let headers = [(header::ETAG, etag(record)), (header::CACHE_CONTROL, HeaderValue::from_static(CACHE_FOREVER))];
+    (StatusCode::NOT_MODIFIED, headers).into_response()
+}
+
+fn file_headers(record: &ImageRecord) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let content_type =
+        HeaderValue::from_str(&record.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(record.file_size));
+    headers.insert(header::ETAG, etag(record));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(CACHE_FOREVER));
+    // Uploaded bytes are served as the type their magic bytes showed, and never sniffed
+    // into something a browser would run.
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    let disposition = format!("inline; filename*=UTF-8''{}", percent_encode(&record.filename));
+    if let Ok(value) = HeaderValue::from_str(&disposition) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    headers
+}
+
+/// RFC 5987 encoding of a filename: unreserved characters stay, every other byte is `%XX`.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,99 @@
+//! The JSON shapes of the API.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::metadata::{ImageRecord, ReplicaState};
+
+/// An image, as every endpoint returns it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Image {
+    pub id: Uuid,
+    /// The client's filename, sanitised.
+    pub filename: String,
+    /// Detected from the bytes, not from the client's Content-Type.
+    pub content_type: String,
+    pub file_size: u64,
+    pub width: u32,
+    pub height: u32,
+    /// SHA-256 of the bytes, hex.
+    pub checksum: String,
+    /// The blob's key on its shards (identical uploads share one blob).
+    pub storage_key: String,
+    /// Where the bytes are served.
+    pub url: String,
+    pub created_at: DateTime<Utc>,
+    /// Every recorded copy of the bytes.
+    pub replicas: Vec<ReplicaJson>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicaJson {
+    pub shard: String,
+    pub state: ReplicaState,
+}
+
+impl From<ImageRecord> for Image {
+    fn from(record: ImageRecord) -> Self {
+        Image {
+            url: format!("/api/v1/images/{}/file", record.id),
+            id: record.id,
+            filename: record.filename,
+            content_type: record.content_type,
+            file_size: record.file_size,
+            width: record.width,
+            height: record.height,
+            checksum: record.blob.to_string(),
+            storage_key: record.blob.to_string(),
+            created_at: record.created_at,
+            replicas: record.replicas.into_iter().map(|r| ReplicaJson { shard: r.shard, state: r.state }).collect(),
+        }
+    }
+}
+
+/// A page of the image list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImageList {
+    pub items: Vec<Image>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The outcome of one file of a batch upload.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchItem {
+    pub filename: String,
+    /// The HTTP status this file would have had on its own: 201, or the error's status.
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<Image>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::api::error::ErrorDetail>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResult {
+    pub results: Vec<BatchItem>,
+    pub succeeded: usize,
+    pub failed: usize,
+}
+
+/// The form of `POST /api/v1/images/upload`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// The image (JPEG, PNG, GIF or WebP).
+    #[schema(value_type = String, format = Binary)]
+    pub file: Vec<u8>,
+}
+
+/// The form of `POST /api/v1/images/batch`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct BatchForm {
+    /// The images; repeat the field once per file.
+    #[schema(value_type = Vec<String>, format = Binary)]
+    pub files: Vec<Vec<u8>>,
+}

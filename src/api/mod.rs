@@ -1,0 +1,53 @@
+//! HTTP: routes, extractors, JSON shapes, status codes and the OpenAPI document. No SQL, no
+//! S3: handlers call the use cases in `images` and map their errors in `error`.
+
+pub mod docs;
+pub mod error;
+pub mod health;
+pub mod images;
+pub mod json;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::images::service::ImageService;
+use crate::images::spool::SpoolLimits;
+use crate::metadata::MetadataStore;
+use crate::storage::router::StorageRouter;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub images: Arc<ImageService>,
+    pub metadata: Arc<dyn MetadataStore>,
+    pub router: Arc<StorageRouter>,
+    pub limits: Arc<UploadLimits>,
+}
+
+/// Limits on what a client may send.
+#[derive(Debug, Clone)]
+pub struct UploadLimits {
+    pub spool: SpoolLimits,
+    pub max_batch_files: usize,
+}
+
+/// The whole HTTP surface.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(images::router(&state.limits))
+        .merge(health::router())
+        .merge(docs::router())
+        .fallback(unknown_route)
+        .with_state(state)
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(error::panic_response))
+}
+
+async fn unknown_route() -> impl IntoResponse {
+    error::error_body(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint; see /docs for the API")
+}

@@ -1,0 +1,143 @@
+//! Assembles the application from settings. `main` and the tests both go through here, so the
+//! tests run exactly what production runs.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState, UploadLimits};
+use crate::config::{BackendSettings, Settings};
+use crate::images::service::ImageService;
+use crate::images::spool::SpoolLimits;
+use crate::maintenance::deletion;
+use crate::metadata::{self, MetadataError, MetadataStore};
+use crate::placement::ring::{Ring, RingError};
+use crate::storage::fs::FsStore;
+use crate::storage::router::{Shard, StorageRouter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the metadata database {url}")]
+    Database {
+        url: String,
+        #[source]
+        source: MetadataError,
+    },
+    #[error("cannot open shard {name:?} ({location})")]
+    Shard {
+        name: String,
+        location: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot build the placement ring")]
+    Ring(#[from] RingError),
+    #[error("cannot listen on {addr} (is another process using it?)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A built application, bound to its port and ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    deletion_sweep: Duration,
+}
+
+impl Application {
+    /// Connects and migrates the database, opens every shard, and binds the listener.
+    pub async fn build(settings: &Settings) -> Result<Self, StartError> {
+        let metadata = open_metadata(&settings.database.url).await?;
+        let router = Arc::new(open_storage(settings)?);
+        let images = Arc::new(ImageService::new(metadata.clone(), router.clone()));
+        let limits = Arc::new(UploadLimits {
+            spool: SpoolLimits { max_bytes: settings.server.max_upload_bytes, dir: settings.server.spool_dir.clone() },
+            max_batch_files: settings.server.max_batch_files,
+        });
+        let addr = settings.server.bind;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            state: AppState { images, metadata, router, limits },
+            deletion_sweep: Duration::from_secs(settings.server.deletion_sweep_secs.max(1)),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn metadata(&self) -> Arc<dyn MetadataStore> {
+        self.state.metadata.clone()
+    }
+
+    /// Starts the background workers and serves until `shutdown` resolves; requests in flight
+    /// then finish before this returns.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let sweeper = tokio::spawn(deletion::run_sweeper(
+            self.state.metadata.clone(),
+            self.state.router.clone(),
+            self.deletion_sweep,
+        ));
+        tracing::info!(addr = %self.local_addr(), "serving");
+        let served = axum::serve(self.listener, api::app(self.state)).with_graceful_shutdown(shutdown).await;
+        sweeper.abort();
+        served
+    }
+}
+
+/// Connects to the metadata database and applies its migrations.
+pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartError> {
+    let error = |source| StartError::Database { url: redact_password(url), source };
+    let metadata = metadata::connect(url).await.map_err(error)?;
+    metadata.migrate().await.map_err(error)?;
+    Ok(metadata)
+}
+
+/// Builds the ring and opens every shard's backend.
+pub fn open_storage(settings: &Settings) -> Result<StorageRouter, StartError> {
+    let ring = Ring::new(settings.ring_members(), settings.placement.vnodes_per_weight)?;
+    let mut shards = Vec::with_capacity(settings.shards.len());
+    for (index, shard) in settings.shards.iter().enumerate() {
+        let store = match shard.backend(index)? {
+            BackendSettings::Fs { path } => FsStore::open(&path).map_err(|source| StartError::Shard {
+                name: shard.name.clone(),
+                location: path.display().to_string(),
+                source,
+            })?,
+        };
+        shards.push(Shard { name: shard.name.clone(), store: Arc::new(store) });
+    }
+    Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor))
+}
+
+/// A database URL fit for logs: the password, if any, replaced by `***`.
+fn redact_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(super::redact_password("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact_password("sqlite://data/c.db"), "sqlite://data/c.db");
+    }
+}

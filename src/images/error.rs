@@ -1,0 +1,63 @@
+//! What can go wrong in an image use case. Each variant's doc names the HTTP answer it gets in
+//! `api::error`, the one place errors become responses.
+
+use crate::images::format::FormatError;
+use crate::images::spool::SpoolError;
+use crate::metadata::MetadataError;
+use crate::storage::router::RouterError;
+
+pub type Result<T, E = ImageError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// 400 `INVALID_FILE_FORMAT`
+    #[error(transparent)]
+    InvalidFormat(#[from] FormatError),
+    /// 400 `EMPTY_FILE`
+    #[error("the file is empty")]
+    EmptyFile,
+    /// 413 `FILE_TOO_LARGE`
+    #[error("the file exceeds the limit of {limit} bytes")]
+    FileTooLarge { limit: u64 },
+    /// 422 `MISSING_FILE`
+    #[error("the request has no multipart field named {field:?}")]
+    MissingFile { field: &'static str },
+    /// 400 `INVALID_MULTIPART`
+    #[error("the multipart body is malformed: {0}")]
+    InvalidMultipart(String),
+    /// 400 `TOO_MANY_FILES`
+    #[error("a batch holds at most {limit} files")]
+    TooManyFiles { limit: usize },
+    /// 404 `IMAGE_NOT_FOUND`
+    #[error("no image has this id")]
+    NotFound,
+    /// 400 `INVALID_CURSOR`
+    #[error("the cursor is not one this server issued")]
+    InvalidCursor,
+    /// 400 `INVALID_LIMIT`
+    #[error("limit must be an integer from 1 to 100")]
+    InvalidLimit,
+    /// 503 `STORAGE_UNAVAILABLE`
+    #[error("no shard could serve the request")]
+    StorageUnavailable(#[source] RouterError),
+    /// 503 `DATABASE_UNAVAILABLE` when the database cannot be reached, else 500 `INTERNAL_ERROR`.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// 500 `INTERNAL_ERROR`: a fault of the server (its spool directory, a shard misbehaving).
+    #[error("{context}")]
+    Internal {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl From<SpoolError> for ImageError {
+    fn from(error: SpoolError) -> Self {
+        match error {
+            SpoolError::TooLarge { limit } => ImageError::FileTooLarge { limit },
+            SpoolError::Body(source) => ImageError::InvalidMultipart(source.to_string()),
+            SpoolError::Io(source) => ImageError::Internal { context: "spooling the upload", source: Box::new(source) },
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The image use cases: receive, validate, deduplicate, place, store, record, read, delete,
+//! list. HTTP-free: the API layer turns these results into responses.
+
+pub mod cursor;
+pub mod error;
+pub mod filename;
+pub mod format;
+pub mod service;
+pub mod spool;

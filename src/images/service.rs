@@ -1,0 +1,226 @@
+//! The image use cases, over the metadata store and the storage router.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use uuid::Uuid;
+
+use super::cursor;
+use super::error::{ImageError, Result};
+use super::filename::Filename;
+use super::format::{self, ImageInfo};
+use super::spool::SpooledBody;
+use crate::maintenance::deletion;
+use crate::metadata::{ImageRecord, MetadataStore, NewImage, Replica, ReplicaState};
+use crate::storage::router::{OpenedBlob, StorageRouter, WriteReceipt};
+use crate::storage::{BlobBody, BlobReader};
+
+/// How often an upload retries when a concurrent deletion removed the copy it had just written
+/// (see [`ImageService::store_new_blob`]). Each retry needs another deletion racing with it.
+const STORE_ATTEMPTS: usize = 3;
+
+/// Largest and default page of the image list.
+pub const MAX_PAGE: u32 = 100;
+pub const DEFAULT_PAGE: u32 = 20;
+
+/// A page of images, and the cursor of the next page when there is one.
+#[derive(Debug)]
+pub struct ImagePage {
+    pub items: Vec<ImageRecord>,
+    pub next_cursor: Option<String>,
+}
+
+/// An image's bytes, opened for streaming from one of its holders.
+#[derive(Debug)]
+pub struct ImageFile {
+    pub record: ImageRecord,
+    pub reader: BlobReader,
+}
+
+pub struct ImageService {
+    metadata: Arc<dyn MetadataStore>,
+    router: Arc<StorageRouter>,
+}
+
+impl ImageService {
+    pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>) -> Self {
+        Self { metadata, router }
+    }
+
+    /// Validates and stores an upload, and records it. The image is visible only once its bytes
+    /// are stored on a shard and its row is committed (DESIGN invariant 1).
+    pub async fn upload(&self, raw_filename: Option<&str>, upload: SpooledBody) -> Result<ImageRecord> {
+        if upload.len == 0 {
+            return Err(ImageError::EmptyFile);
+        }
+        let info = inspect(&upload).await?;
+        let image = NewImage {
+            id: Uuid::now_v7(),
+            filename: Filename::sanitise(raw_filename).into_string(),
+            content_type: info.format.mime_type().to_owned(),
+            file_size: upload.len,
+            width: info.width,
+            height: info.height,
+            blob: upload.key.clone(),
+            created_at: now_in_micros(),
+        };
+        if let Some(record) = self.metadata.insert_image_for_live_blob(&image).await? {
+            tracing::info!(id = %record.id, blob = %record.blob, "stored as a reference to an existing blob");
+            return Ok(record);
+        }
+        self.store_new_blob(&image, &upload.body).await
+    }
+
+    /// Writes the bytes, then records them under the blob's lock.
+    ///
+    /// The write happens before the lock so that a slow upload does not hold it. Meanwhile a
+    /// deletion of the same blob (its last reference going away) may remove the copy just
+    /// written; deletions hold the same lock while they remove a copy, so once the lock is ours
+    /// a check that the copy exists is final, and the commit makes the blob referenced again.
+    async fn store_new_blob(&self, image: &NewImage, body: &BlobBody) -> Result<ImageRecord> {
+        for _ in 0..STORE_ATTEMPTS {
+            let receipt = self
+                .router
+                .write_to_first_available(&image.blob, body)
+                .await
+                .map_err(ImageError::StorageUnavailable)?;
+            let guard = self.metadata.lock_blob_for_upload(&image.blob, image.file_size).await?;
+            match self.router.fetch_len_on(&receipt.shard, &image.blob).await {
+                Ok(len) if len == image.file_size => {
+                    let record = guard.commit(image, &copies_after_write(&receipt)).await?;
+                    tracing::info!(id = %record.id, blob = %record.blob, shard = %receipt.shard, "stored a new blob");
+                    return Ok(record);
+                }
+                outcome => {
+                    tracing::warn!(shard = %receipt.shard, blob = %image.blob, ?outcome, "the copy just written is gone; writing again")
+                }
+            }
+        }
+        Err(ImageError::Internal {
+            context: "storing the blob: its copy kept disappearing",
+            source: format!("{STORE_ATTEMPTS} attempts raced with deletions").into(),
+        })
+    }
+
+    pub async fn find(&self, id: &str) -> Result<ImageRecord> {
+        // Any id that is not a UUID names no image: 404, like an unknown UUID.
+        let id = Uuid::try_parse(id).map_err(|_| ImageError::NotFound)?;
+        self.metadata.find_image(id).await?.ok_or(ImageError::NotFound)
+    }
+
+    pub async fn list(&self, limit: Option<&str>, cursor: Option<&str>) -> Result<ImagePage> {
+        let limit = parse_limit(limit)?;
+        let after = cursor.map(cursor::decode).transpose().map_err(|_| ImageError::InvalidCursor)?;
+        // One extra row tells whether another page follows, without a count query.
+        let mut items = self.metadata.list_images(limit + 1, after.as_ref()).await?;
+        let next_cursor = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items
+                .last()
+                .map(|last| cursor::encode(&crate::metadata::ListPosition { created_at: last.created_at, id: last.id }))
+        } else {
+            None
+        };
+        Ok(ImagePage { items, next_cursor })
+    }
+
+    /// Opens the image's bytes from the first stored copy that answers, in read order.
+    pub async fn open_file(&self, record: ImageRecord) -> Result<ImageFile> {
+        let holders: Vec<&str> =
+            record.replicas.iter().filter(|r| r.state == ReplicaState::Stored).map(|r| r.shard.as_str()).collect();
+        let OpenedBlob { reader, lacking, .. } =
+            self.router.open_from_holders(&record.blob, &holders).await.map_err(ImageError::StorageUnavailable)?;
+        self.mark_missing(&record, &lacking).await;
+        Ok(ImageFile { record, reader })
+    }
+
+    /// Records copies that a read found absent, so they are not tried first again and repair
+    /// can restore them. Best effort: the read itself already succeeded.
+    async fn mark_missing(&self, record: &ImageRecord, lacking: &[String]) {
+        for shard in lacking {
+            let copy = crate::metadata::CopyRef { blob: record.blob.clone(), shard: shard.clone() };
+            if let Err(error) = self.metadata.set_replica_state(&copy, ReplicaState::Missing).await {
+                tracing::warn!(%shard, blob = %record.blob, error = %error, "could not record a missing copy");
+            }
+        }
+    }
+
+    /// Deletes the image. When it held the blob's last reference every copy is deleted now;
+    /// copies on shards that are down stay `Deleting` until the background sweep removes them.
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        let id = Uuid::try_parse(id).map_err(|_| ImageError::NotFound)?;
+        let deleted = self.metadata.delete_image(id).await?.ok_or(ImageError::NotFound)?;
+        if deleted.blob_unreferenced {
+            deletion::delete_copies_of(self.metadata.as_ref(), &self.router, &deleted.blob).await;
+        }
+        Ok(())
+    }
+}
+
+/// The copies to record after a write: the one written is stored, the rest of the write set
+/// is pending for replication.
+fn copies_after_write(receipt: &WriteReceipt) -> Vec<Replica> {
+    let written = Replica { shard: receipt.shard.clone(), state: ReplicaState::Stored };
+    let pending = receipt
+        .write_set
+        .iter()
+        .filter(|shard| **shard != receipt.shard)
+        .map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Pending });
+    std::iter::once(written).chain(pending).collect()
+}
+
+/// Reads the format and dimensions, off the async threads when the body is on disk.
+async fn inspect(upload: &SpooledBody) -> Result<ImageInfo> {
+    match &upload.body {
+        BlobBody::Bytes(bytes) => Ok(format::inspect_bytes(bytes)?),
+        BlobBody::File { path, .. } => {
+            let (head, path) = (upload.head.clone(), path.clone());
+            let inspected = tokio::task::spawn_blocking(move || format::inspect_file(&head, &path))
+                .await
+                .map_err(|join| ImageError::Internal { context: "inspecting the upload", source: Box::new(join) })?;
+            Ok(inspected?)
+        }
+    }
+}
+
+fn parse_limit(limit: Option<&str>) -> Result<u32> {
+    let Some(text) = limit else { return Ok(DEFAULT_PAGE) };
+    match text.parse::<u32>() {
+        Ok(limit) if (1..=MAX_PAGE).contains(&limit) => Ok(limit),
+        _ => Err(ImageError::InvalidLimit),
+    }
+}
+
+/// Both databases keep microseconds; truncating here makes the record read back equal the
+/// one written, and keeps the list order identical on both.
+fn now_in_micros() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_outside_one_to_a_hundred_are_rejected() {
+        assert_eq!(parse_limit(None).unwrap(), DEFAULT_PAGE);
+        assert_eq!(parse_limit(Some("100")).unwrap(), 100);
+        for bad in ["0", "101", "-1", "ten", ""] {
+            assert!(matches!(parse_limit(Some(bad)), Err(ImageError::InvalidLimit)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_written_copy_is_stored_and_the_rest_of_the_write_set_pending() {
+        let receipt = WriteReceipt { shard: "c".into(), write_set: vec!["a".into(), "b".into()] };
+        let copies = copies_after_write(&receipt);
+        assert_eq!(copies[0], Replica { shard: "c".into(), state: ReplicaState::Stored });
+        assert_eq!(
+            copies[1..],
+            [
+                Replica { shard: "a".into(), state: ReplicaState::Pending },
+                Replica { shard: "b".into(), state: ReplicaState::Pending }
+            ]
+        );
+    }
+}

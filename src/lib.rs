@@ -1,0 +1,16 @@
+//! Chitram: an image-hosting HTTP API over a sharded, replicated object store.
+//!
+//! Dependencies point one way (see DESIGN.md):
+//! `api` → `images` → `storage::router` → storage backends, with `images` also using
+//! `metadata`, and the router using `placement`. `app` assembles them; `main` is a thin CLI.
+
+pub mod api;
+pub mod app;
+pub mod blob;
+pub mod config;
+pub mod images;
+pub mod maintenance;
+pub mod metadata;
+pub mod placement;
+pub mod storage;
+pub mod telemetry;

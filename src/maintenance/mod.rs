@@ -1,0 +1,3 @@
+//! Background upkeep that uses the same layers as the request path.
+
+pub mod deletion;

@@ -1,0 +1,333 @@
+//! A shard that is a directory on a local filesystem.
+//!
+//! Layout: `ROOT/ab/cd/abcd…` (the key's first two byte pairs fan the objects out so no
+//! directory grows huge), and `ROOT/.tmp/` for writes in progress. A write goes to a temporary
+//! file in the same filesystem, is fsynced, renamed into place and the directory fsynced, so a
+//! crash leaves the old object, the new one, or a stray temporary file, never a torn object.
+//!
+//! The root is created when the shard is opened and never again: if it disappears (an
+//! unmounted disk, a removed volume) the shard reports itself unavailable instead of silently
+//! writing into an empty directory on the wrong disk.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio_util::io::ReaderStream;
+
+use super::{BlobBody, BlobReader, BlobStore, StorageError, StorageResult, StoredObject};
+use crate::blob::BlobKey;
+
+const TEMP_DIR: &str = ".tmp";
+/// Read buffer for streaming an object out; large enough to keep syscalls rare.
+const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct FsStore {
+    root: PathBuf,
+}
+
+impl FsStore {
+    /// Opens (creating if needed) the shard rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(root.join(TEMP_DIR))?;
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a key lives. Keys are 64 hex digits (see [`BlobKey`]), so the path never leaves
+    /// the root.
+    fn object_path(&self, key: &BlobKey) -> PathBuf {
+        let key = key.as_str();
+        self.root.join(&key[0..2]).join(&key[2..4]).join(key)
+    }
+
+    /// Fails with `Unavailable` unless the root is an existing directory.
+    fn check_root(&self) -> StorageResult<()> {
+        match fs::metadata(&self.root) {
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(StorageError::Unavailable {
+                reason: format!("shard root {} is not a directory", self.root.display()),
+                source: None,
+            }),
+            Err(err) => Err(StorageError::unavailable(
+                format!("shard root {} is not accessible (unmounted or removed?)", self.root.display()),
+                err,
+            )),
+        }
+    }
+
+    /// Sorts an I/O error on `key`, checking the root so a vanished shard is not mistaken for
+    /// a missing object.
+    fn classify(&self, key: &BlobKey, doing: &str, err: io::Error) -> StorageError {
+        if let Err(root_error) = self.check_root() {
+            return root_error;
+        }
+        match err.kind() {
+            io::ErrorKind::NotFound => StorageError::NotFound(key.clone()),
+            io::ErrorKind::PermissionDenied => {
+                StorageError::AccessDenied(format!("{doing} {key} under {}: {err}", self.root.display()))
+            }
+            io::ErrorKind::StorageFull | io::ErrorKind::ReadOnlyFilesystem | io::ErrorKind::QuotaExceeded => {
+                StorageError::unavailable(format!("{doing} {key} under {}", self.root.display()), err)
+            }
+            _ => StorageError::other(format!("{doing} {key} under {}", self.root.display()), err),
+        }
+    }
+
+    fn write_blocking(&self, key: &BlobKey, body: &BlobBody) -> StorageResult<()> {
+        self.check_root()?;
+        let target = self.object_path(key);
+        let directory = target.parent().expect("object paths have a parent");
+        create_fanout_dirs(&self.root, directory).map_err(|e| self.classify(key, "creating the directory of", e))?;
+        let temp = TempFile::create(&self.root.join(TEMP_DIR), key).map_err(|e| self.classify(key, "writing", e))?;
+        temp.fill(body).map_err(|e| self.classify(key, "writing", e))?;
+        temp.persist(&target).map_err(|e| self.classify(key, "renaming into place", e))?;
+        File::open(directory)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| self.classify(key, "syncing the directory of", e))
+    }
+
+    fn list_blocking(&self, after: Option<&BlobKey>, limit: usize) -> StorageResult<Vec<StoredObject>> {
+        self.check_root()?;
+        let mut found = Vec::new();
+        let io_error = |err: io::Error| StorageError::other(format!("listing {}", self.root.display()), err);
+        // Fan-out directories are key prefixes, so walking them in sorted order yields keys in
+        // order. Prefixes entirely below `after` are skipped without being read.
+        let after_str = after.map(BlobKey::as_str).unwrap_or("");
+        for first in sorted_entries(&self.root).map_err(io_error)? {
+            if first.len() != 2 || first.as_str() < after_str.get(0..2).unwrap_or("") {
+                continue;
+            }
+            for second in sorted_entries(&self.root.join(&first)).map_err(io_error)? {
+                let prefix = format!("{first}{second}");
+                if second.len() != 2 || prefix.as_str() < after_str.get(0..4).unwrap_or("") {
+                    continue;
+                }
+                let directory = self.root.join(&first).join(&second);
+                for name in sorted_entries(&directory).map_err(io_error)? {
+                    let Ok(key) = BlobKey::parse(&name) else { continue };
+                    if after.is_some_and(|after| &key <= after) {
+                        continue;
+                    }
+                    let meta = fs::metadata(directory.join(&name)).map_err(io_error)?;
+                    found.push(StoredObject { key, len: meta.len(), modified: meta.modified().map_err(io_error)? });
+                    if found.len() == limit {
+                        return Ok(found);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsStore {
+    fn describe(&self) -> String {
+        format!("fs:{}", self.root.display())
+    }
+
+    async fn write_blob(&self, key: &BlobKey, body: &BlobBody) -> StorageResult<()> {
+        let (store, key, body) = (self.clone(), key.clone(), body.clone());
+        run_blocking(move || store.write_blocking(&key, &body)).await
+    }
+
+    async fn read_blob(&self, key: &BlobKey) -> StorageResult<BlobReader> {
+        let path = self.object_path(key);
+        let opened = async {
+            let file = tokio::fs::File::open(&path).await?;
+            let len = file.metadata().await?.len();
+            Ok::<_, io::Error>((file, len))
+        };
+        let (file, len) = opened.await.map_err(|e| self.classify(key, "opening", e))?;
+        Ok(BlobReader { len, stream: Box::pin(ReaderStream::with_capacity(file, READ_CHUNK)) })
+    }
+
+    async fn fetch_blob_len(&self, key: &BlobKey) -> StorageResult<u64> {
+        let meta = tokio::fs::metadata(self.object_path(key)).await.map_err(|e| self.classify(key, "inspecting", e))?;
+        Ok(meta.len())
+    }
+
+    async fn delete_blob(&self, key: &BlobKey) -> StorageResult<()> {
+        match tokio::fs::remove_file(self.object_path(key)).await {
+            Ok(()) => Ok(()),
+            Err(err) => match self.classify(key, "deleting", err) {
+                StorageError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list_blobs(&self, after: Option<&BlobKey>, limit: usize) -> StorageResult<Vec<StoredObject>> {
+        let (store, after) = (self.clone(), after.cloned());
+        run_blocking(move || store.list_blocking(after.as_ref(), limit)).await
+    }
+
+    async fn check_health(&self) -> StorageResult<()> {
+        let store = self.clone();
+        run_blocking(move || {
+            store.check_root()?;
+            // A probe write catches a read-only or full filesystem, which a stat does not.
+            let probe = store.root.join(TEMP_DIR).join(format!("health-{}", uuid::Uuid::new_v4().simple()));
+            let result = fs::write(&probe, b"ok").and_then(|()| fs::remove_file(&probe));
+            result.map_err(|err| {
+                StorageError::unavailable(format!("shard root {} does not accept writes", store.root.display()), err)
+            })
+        })
+        .await
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(work: impl FnOnce() -> StorageResult<T> + Send + 'static) -> StorageResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|join_error| StorageError::other("a filesystem task panicked", join_error))?
+}
+
+/// Creates `directory` and its parents below `root`, but never `root` itself (see module doc).
+fn create_fanout_dirs(root: &Path, directory: &Path) -> io::Result<()> {
+    let relative = directory.strip_prefix(root).expect("fan-out directories live under the root");
+    let mut current = root.to_path_buf();
+    for part in relative.components() {
+        current.push(part);
+        match fs::create_dir(&current) {
+            Err(err) if err.kind() != io::ErrorKind::AlreadyExists => return Err(err),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn sorted_entries(directory: &Path) -> io::Result<Vec<String>> {
+    let mut names: Vec<String> = fs::read_dir(directory)?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    names.sort_unstable();
+    Ok(names)
+}
+
+/// A temporary file that removes itself unless persisted.
+struct TempFile {
+    path: PathBuf,
+    persisted: bool,
+}
+
+impl TempFile {
+    fn create(temp_dir: &Path, key: &BlobKey) -> io::Result<Self> {
+        let path = temp_dir.join(format!("{key}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        File::create_new(&path)?;
+        Ok(Self { path, persisted: false })
+    }
+
+    /// Writes the whole body and fsyncs it.
+    fn fill(&self, body: &BlobBody) -> io::Result<()> {
+        match body {
+            BlobBody::Bytes(bytes) => {
+                let mut file = File::create(&self.path)?;
+                file.write_all(bytes)?;
+                file.sync_all()
+            }
+            BlobBody::File { path, len } => {
+                let copied = fs::copy(path, &self.path)?;
+                if copied != *len {
+                    return Err(io::Error::other(format!("spooled body is {copied} bytes, expected {len}")));
+                }
+                File::open(&self.path)?.sync_all()
+            }
+        }
+    }
+
+    fn persist(mut self, target: &Path) -> io::Result<()> {
+        fs::rename(&self.path, target)?;
+        self.persisted = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use futures::TryStreamExt;
+
+    fn key(byte: u8) -> BlobKey {
+        BlobKey::from_digest(&[byte; 32])
+    }
+
+    async fn read_all(store: &FsStore, key: &BlobKey) -> StorageResult<Vec<u8>> {
+        let reader = store.read_blob(key).await?;
+        let chunks: Vec<Bytes> = reader.stream.try_collect().await.expect("stream");
+        Ok(chunks.concat())
+    }
+
+    #[tokio::test]
+    async fn writes_read_back_and_fan_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path().join("a")).unwrap();
+        let k = key(0xab);
+        store.write_blob(&k, &BlobBody::Bytes(Bytes::from_static(b"hello"))).await.unwrap();
+        assert_eq!(read_all(&store, &k).await.unwrap(), b"hello");
+        assert_eq!(store.fetch_blob_len(&k).await.unwrap(), 5);
+        assert!(dir.path().join("a/ab/ab").join(k.as_str()).is_file());
+        assert_eq!(fs::read_dir(dir.path().join("a/.tmp")).unwrap().count(), 0, "no temporary file left");
+    }
+
+    #[tokio::test]
+    async fn a_missing_object_is_not_found_and_deleting_it_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        assert!(store.read_blob(&key(1)).await.unwrap_err().is_not_found());
+        store.delete_blob(&key(1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_vanished_root_is_unavailable_and_not_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("shard");
+        let store = FsStore::open(&root).unwrap();
+        fs::rename(&root, dir.path().join("unmounted")).unwrap();
+        let error = store.write_blob(&key(2), &BlobBody::Bytes(Bytes::from_static(b"x"))).await.unwrap_err();
+        assert!(error.is_unavailable(), "{error}");
+        assert!(store.read_blob(&key(2)).await.unwrap_err().is_unavailable());
+        assert!(store.check_health().await.is_err());
+        assert!(!root.exists(), "the write must not recreate the root");
+    }
+
+    #[tokio::test]
+    async fn lists_in_key_order_after_a_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        for byte in [9u8, 3, 7, 1] {
+            store.write_blob(&key(byte), &BlobBody::Bytes(Bytes::from_static(b"x"))).await.unwrap();
+        }
+        let all: Vec<BlobKey> = store.list_blobs(None, 10).await.unwrap().into_iter().map(|o| o.key).collect();
+        assert_eq!(all, vec![key(1), key(3), key(7), key(9)]);
+        let page: Vec<BlobKey> = store.list_blobs(Some(&key(3)), 1).await.unwrap().into_iter().map(|o| o.key).collect();
+        assert_eq!(page, vec![key(7)]);
+    }
+
+    #[tokio::test]
+    async fn copies_a_spooled_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path().join("s")).unwrap();
+        let spooled = dir.path().join("spool");
+        fs::write(&spooled, vec![7u8; 100_000]).unwrap();
+        store.write_blob(&key(5), &BlobBody::File { path: spooled, len: 100_000 }).await.unwrap();
+        assert_eq!(read_all(&store, &key(5)).await.unwrap(), vec![7u8; 100_000]);
+    }
+}

@@ -1,0 +1,142 @@
+//! Byte storage: one trait per backend, and the router that places blobs on shards.
+//!
+//! Backends move bytes and know nothing of metadata (DESIGN, "storage/"). Every backend sorts
+//! its failures into [`StorageError`], so the router decides failover on `is_not_found()` /
+//! `is_unavailable()` and never matches on a backend's own error types.
+
+pub mod fs;
+pub mod router;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+
+use crate::blob::BlobKey;
+
+/// The bytes of a blob about to be written. Both forms can be read more than once, so a write
+/// can be retried on another shard, and later replicated, without buffering a large upload in
+/// memory (DESIGN invariant 8).
+#[derive(Debug, Clone)]
+pub enum BlobBody {
+    /// A small body kept in memory.
+    Bytes(Bytes),
+    /// A body spooled to a file of known length.
+    File { path: PathBuf, len: u64 },
+}
+
+impl BlobBody {
+    pub fn len(&self) -> u64 {
+        match self {
+            BlobBody::Bytes(bytes) => bytes.len() as u64,
+            BlobBody::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A stream of a blob's bytes.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// An open blob: its length and a stream of its bytes.
+pub struct BlobReader {
+    pub len: u64,
+    pub stream: ByteStream,
+}
+
+impl fmt::Debug for BlobReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlobReader").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+/// One object found by listing a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub key: BlobKey,
+    pub len: u64,
+    pub modified: SystemTime,
+}
+
+/// Why a backend operation failed, sorted for the router.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The shard answered, and it does not hold this blob.
+    #[error("blob {0} is not on this shard")]
+    NotFound(BlobKey),
+    /// The shard could not be reached or is not serving (a missing root, a refused connection,
+    /// a timeout). The router tries another shard.
+    #[error("shard unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The shard refused our credentials. Also a reason to fail over, but one an operator must fix.
+    #[error("access denied by the shard: {0}")]
+    AccessDenied(String),
+    /// Anything else: the shard answered with an error we did not expect.
+    #[error("storage operation failed: {reason}")]
+    Other {
+        reason: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl StorageError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound(_))
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StorageError::Unavailable { .. } | StorageError::AccessDenied(_))
+    }
+
+    pub fn unavailable(reason: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        StorageError::Unavailable { reason: reason.into(), source: Some(source.into()) }
+    }
+
+    pub fn other(reason: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        StorageError::Other { reason: reason.into(), source: Some(source.into()) }
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// A place that stores blobs by key: a directory, an S3 bucket.
+///
+/// Every method goes over the network or touches disk. Writes are atomic (a reader sees the
+/// whole blob or none of it) and idempotent (writing the same key twice stores the same bytes);
+/// deleting an absent blob succeeds.
+#[async_trait]
+pub trait BlobStore: Send + Sync + fmt::Debug {
+    /// A short description for logs and health output, e.g. `fs:/var/lib/chitram/a`.
+    fn describe(&self) -> String;
+
+    /// Stores the body under the key, replacing any earlier object.
+    async fn write_blob(&self, key: &BlobKey, body: &BlobBody) -> StorageResult<()>;
+
+    /// Opens the blob for streaming.
+    async fn read_blob(&self, key: &BlobKey) -> StorageResult<BlobReader>;
+
+    /// The blob's length, without reading it.
+    async fn fetch_blob_len(&self, key: &BlobKey) -> StorageResult<u64>;
+
+    /// Removes the blob. Succeeds when it is already absent.
+    async fn delete_blob(&self, key: &BlobKey) -> StorageResult<()>;
+
+    /// Up to `limit` objects in key order, starting after `after`. Objects whose name is not a
+    /// blob key (temporary files, foreign objects) are skipped.
+    async fn list_blobs(&self, after: Option<&BlobKey>, limit: usize) -> StorageResult<Vec<StoredObject>>;
+
+    /// Checks that the shard answers and accepts requests.
+    async fn check_health(&self) -> StorageResult<()>;
+}

@@ -1,0 +1,153 @@
+//! Bad input: each gets its 4xx and code, and leaves no row, no object and no spooled file.
+
+mod common;
+
+use std::time::Duration;
+
+use common::database::DbKind;
+use common::images::{jpeg, png};
+use common::{TestApp, TestOptions, assert_error, spawn_app, spawn_app_with};
+use reqwest::StatusCode;
+use reqwest::multipart::{Form, Part};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIMIT: u64 = 1024 * 1024;
+
+async fn small_limit_app(db: DbKind) -> TestApp {
+    spawn_app_with(db, TestOptions { max_upload_bytes: LIMIT, ..TestOptions::default() }).await
+}
+
+both_databases!(
+    a_file_that_is_not_an_image_is_rejected,
+    a_truncated_header_is_rejected,
+    an_empty_file_is_rejected,
+    a_missing_file_field_is_rejected,
+    a_body_that_is_not_multipart_is_rejected,
+    a_file_over_the_limit_is_rejected_while_streaming,
+    a_declared_two_gigabyte_body_is_refused_unread,
+);
+
+async fn a_file_that_is_not_an_image_is_rejected(db: DbKind) {
+    let app = spawn_app(db).await;
+    // The Content-Type says PNG and the name says PNG: only the bytes count.
+    let response = app.upload("evil.png", b"<script>alert(1)</script>".to_vec()).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT").await;
+    let bmp = app.upload("old.bmp", b"BM\x3a\0\0\0\0\0\0\0\x36\0\0\0\x28\0\0\0".to_vec()).await;
+    assert_error(bmp, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT").await;
+    app.assert_nothing_stored().await;
+}
+
+async fn a_truncated_header_is_rejected(db: DbKind) {
+    let app = spawn_app(db).await;
+    let png = png(100, 100, 1);
+    assert_error(app.upload("cut.png", png[..16].to_vec()).await, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT").await;
+    let jpeg = jpeg(100, 100, 1);
+    assert_error(app.upload("cut.jpg", jpeg[..14].to_vec()).await, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT")
+        .await;
+    let zero_width = common::images::png(0, 100, 1);
+    assert_error(app.upload("zero.png", zero_width).await, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT").await;
+    app.assert_nothing_stored().await;
+}
+
+async fn an_empty_file_is_rejected(db: DbKind) {
+    let app = spawn_app(db).await;
+    assert_error(app.upload("empty.png", Vec::new()).await, StatusCode::BAD_REQUEST, "EMPTY_FILE").await;
+    app.assert_nothing_stored().await;
+}
+
+async fn a_missing_file_field_is_rejected(db: DbKind) {
+    let app = spawn_app(db).await;
+    let form = Form::new().part("image", Part::bytes(png(1, 1, 2)).file_name("a.png")).text("title", "cat");
+    assert_error(app.upload_form(form).await, StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE").await;
+    assert_error(app.upload_form(Form::new()).await, StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE").await;
+    app.assert_nothing_stored().await;
+}
+
+async fn a_body_that_is_not_multipart_is_rejected(db: DbKind) {
+    let app = spawn_app(db).await;
+    let json =
+        app.client.post(app.url("/api/v1/images/upload")).json(&serde_json::json!({"file": "x"})).send().await.unwrap();
+    assert_error(json, StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE").await;
+    let broken = app
+        .client
+        .post(app.url("/api/v1/images/upload"))
+        .header("content-type", "multipart/form-data; boundary=XYZ")
+        .body("--XYZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nno closing boundary")
+        .send()
+        .await
+        .unwrap();
+    assert_error(broken, StatusCode::BAD_REQUEST, "INVALID_MULTIPART").await;
+    app.assert_nothing_stored().await;
+}
+
+async fn a_file_over_the_limit_is_rejected_while_streaming(db: DbKind) {
+    let app = small_limit_app(db).await;
+    // Exactly at the limit is accepted; one byte more is not.
+    let at_limit = common::images::large_png(LIMIT as usize, 3);
+    let accepted = app.upload_ok("at-limit.png", at_limit).await;
+    assert_eq!(app.delete(accepted["id"].as_str().unwrap()).await.status(), StatusCode::NO_CONTENT);
+    app.assert_nothing_stored().await;
+
+    let over = common::images::large_png(LIMIT as usize + 1, 4);
+    assert_error(app.upload("over.png", over).await, StatusCode::PAYLOAD_TOO_LARGE, "FILE_TOO_LARGE").await;
+    app.assert_nothing_stored().await;
+
+    // Without a Content-Length (chunked), the limit still holds as the bytes stream in.
+    let response = send_chunked_upload(&app, 4 * LIMIT as usize).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("FILE_TOO_LARGE"), "{response}");
+    app.assert_nothing_stored().await;
+}
+
+/// Streams a chunked upload of `len` bytes over a raw connection, reading the answer while
+/// still sending: the server answers as soon as the limit is passed, and closes the connection.
+async fn send_chunked_upload(app: &TestApp, len: usize) -> String {
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        let head = format!(
+            "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary=B\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+        );
+        writer.write_all(head.as_bytes()).await?;
+        let mut part = b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.png\"\r\n\r\n".to_vec();
+        part.extend_from_slice(&png(1, 1, 6));
+        let mut sent = 0;
+        while sent < len {
+            let chunk = if sent == 0 { std::mem::take(&mut part) } else { vec![0u8; 64 * 1024] };
+            sent += chunk.len();
+            writer.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await?;
+            writer.write_all(&chunk).await?;
+            writer.write_all(b"\r\n").await?;
+        }
+        writer.write_all(b"0\r\n\r\n").await
+    });
+    let mut response = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(&mut response)).await.expect("answered");
+    // The send may fail with a broken pipe once the server has answered and closed: expected.
+    let _ = sender.await;
+    assert!(read.is_ok() || !response.is_empty(), "no answer: {read:?}");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+async fn a_declared_two_gigabyte_body_is_refused_unread(db: DbKind) {
+    let app = small_limit_app(db).await;
+    let address = app.address.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary=B\r\n\
+         Content-Length: 2147483648\r\n\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"huge.png\"\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&png(1, 1, 5)).await.unwrap();
+    // The answer comes without the client sending the other 2 GB.
+    let mut response = vec![0u8; 4096];
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), stream.read(&mut response)).await.expect("answered").unwrap();
+    let response = String::from_utf8_lossy(&response[..read]);
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("FILE_TOO_LARGE"), "{response}");
+    app.assert_nothing_stored().await;
+}
