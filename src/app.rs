@@ -15,8 +15,10 @@ use crate::images::spool::SpoolLimits;
 use crate::maintenance::deletion;
 use crate::metadata::{self, MetadataError, MetadataStore};
 use crate::placement::ring::{Ring, RingError};
+use crate::storage::BlobStore;
 use crate::storage::fs::FsStore;
 use crate::storage::router::{Shard, StorageRouter};
+use crate::storage::s3::{S3Settings, S3Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -56,7 +58,7 @@ impl Application {
     /// Connects and migrates the database, opens every shard, and binds the listener.
     pub async fn build(settings: &Settings) -> Result<Self, StartError> {
         let metadata = open_metadata(&settings.database.url).await?;
-        let router = Arc::new(open_storage(settings)?);
+        let router = Arc::new(open_storage(settings).await?);
         let images = Arc::new(ImageService::new(metadata.clone(), router.clone()));
         let limits = Arc::new(UploadLimits {
             spool: SpoolLimits { max_bytes: settings.server.max_upload_bytes, dir: settings.server.spool_dir.clone() },
@@ -102,21 +104,31 @@ pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartErr
     Ok(metadata)
 }
 
-/// Builds the ring and opens every shard's backend.
-pub fn open_storage(settings: &Settings) -> Result<StorageRouter, StartError> {
+/// Builds the ring and opens every shard's backend. An S3 shard that cannot be reached is
+/// opened anyway (with a warning): it may come back, and `/health` names it meanwhile.
+pub async fn open_storage(settings: &Settings) -> Result<StorageRouter, StartError> {
     let ring = Ring::new(settings.ring_members(), settings.placement.vnodes_per_weight)?;
     let mut shards = Vec::with_capacity(settings.shards.len());
     for (index, shard) in settings.shards.iter().enumerate() {
-        let store = match shard.backend(index)? {
-            BackendSettings::Fs { path } => FsStore::open(&path).map_err(|source| StartError::Shard {
+        let store: Arc<dyn BlobStore> = match shard.backend(index)? {
+            BackendSettings::Fs { path } => Arc::new(FsStore::open(&path).map_err(|source| StartError::Shard {
                 name: shard.name.clone(),
                 location: path.display().to_string(),
                 source,
-            })?,
+            })?),
+            BackendSettings::S3(s3) => Arc::new(open_s3_shard(&shard.name, &s3).await),
         };
-        shards.push(Shard { name: shard.name.clone(), store: Arc::new(store) });
+        shards.push(Shard { name: shard.name.clone(), store });
     }
     Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor))
+}
+
+async fn open_s3_shard(name: &str, settings: &S3Settings) -> S3Store {
+    let store = S3Store::connect(settings).await;
+    if let Err(error) = store.prepare_bucket(settings.create_bucket).await {
+        tracing::warn!(shard = name, error = %crate::telemetry::error_chain(&error), "shard is not ready");
+    }
+    store
 }
 
 /// A database URL fit for logs: the password, if any, replaced by `***`.

@@ -6,12 +6,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::ring::{MAX_SHARDS, RingMember};
+use crate::storage::s3::S3Settings;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +92,30 @@ pub struct ShardSettings {
     /// `fs`: the directory that holds the shard's objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// `s3`: the server, `http://host:9000` or `https://…` (AWS itself when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// `s3`: the bucket that holds the shard's objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// `s3`: the region to sign for (`us-east-1` by default; MinIO accepts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `s3`: static credentials. Without them the standard AWS chain applies
+    /// (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, then the shared profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<String>,
+    /// `s3`: create the bucket at start-up when it is missing (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_bucket: Option<bool>,
+    /// `s3`: how long to wait for a connection, in milliseconds (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    /// `s3`: bound on one request, in seconds (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
 }
 
 fn default_weight() -> u32 {
@@ -100,6 +126,7 @@ fn default_weight() -> u32 {
 #[serde(rename_all = "lowercase")]
 pub enum ShardKind {
     Fs,
+    S3,
 }
 
 /// Where a shard keeps its objects.
@@ -107,19 +134,99 @@ pub enum ShardKind {
 pub enum BackendSettings {
     /// A directory on a local filesystem.
     Fs { path: PathBuf },
+    /// A bucket on an S3-compatible server.
+    S3(S3Settings),
 }
 
 impl ShardSettings {
     /// The backend this entry describes; `index` is its position, for error messages.
     pub fn backend(&self, index: usize) -> Result<BackendSettings, ConfigError> {
+        let key = |field: &str| format!("shards[{index}].{field}");
         match self.kind {
-            ShardKind::Fs => match &self.path {
-                Some(path) if !path.as_os_str().is_empty() => Ok(BackendSettings::Fs { path: path.clone() }),
-                _ => Err(invalid(
-                    format!("shards[{index}].path"),
-                    "an fs shard needs the directory it stores objects in",
-                )),
-            },
+            ShardKind::Fs => {
+                let s3_field = [
+                    ("endpoint", self.endpoint.is_some()),
+                    ("bucket", self.bucket.is_some()),
+                    ("access_key_id", self.access_key_id.is_some()),
+                ]
+                .into_iter()
+                .find(|(_, set)| *set);
+                if let Some((field, _)) = s3_field {
+                    return Err(invalid(key(field), "only s3 shards take this key (this one has kind = \"fs\")"));
+                }
+                match &self.path {
+                    Some(path) if !path.as_os_str().is_empty() => Ok(BackendSettings::Fs { path: path.clone() }),
+                    _ => Err(invalid(key("path"), "an fs shard needs the directory it stores objects in")),
+                }
+            }
+            ShardKind::S3 => self.s3_settings(&key).map(BackendSettings::S3),
+        }
+    }
+
+    fn s3_settings(&self, key: &dyn Fn(&str) -> String) -> Result<S3Settings, ConfigError> {
+        if self.path.is_some() {
+            return Err(invalid(key("path"), "only fs shards take a path (this one has kind = \"s3\")"));
+        }
+        let bucket = match &self.bucket {
+            Some(bucket) if !bucket.is_empty() => bucket.clone(),
+            _ => return Err(invalid(key("bucket"), "an s3 shard needs the bucket it stores objects in")),
+        };
+        if let Some(endpoint) = &self.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(key("endpoint"), format!("{endpoint:?} must start with http:// or https://")));
+        }
+        let credentials = match (&self.access_key_id, &self.secret_access_key) {
+            (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid(key("secret_access_key"), "is required with access_key_id")),
+            (None, Some(_)) => return Err(invalid(key("access_key_id"), "is required with secret_access_key")),
+        };
+        Ok(S3Settings {
+            endpoint: self.endpoint.clone(),
+            bucket,
+            region: self.region.clone().unwrap_or_else(|| "us-east-1".to_owned()),
+            credentials,
+            create_bucket: self.create_bucket.unwrap_or(true),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms.unwrap_or(1000).max(1)),
+            operation_timeout: Duration::from_secs(self.timeout_secs.unwrap_or(60).max(1)),
+        })
+    }
+
+    /// An `fs` shard at `path`.
+    pub fn fs(name: &str, path: impl Into<PathBuf>) -> Self {
+        Self { path: Some(path.into()), ..Self::empty(name, ShardKind::Fs) }
+    }
+
+    /// An `s3` shard from its settings.
+    pub fn s3(name: &str, s3: &S3Settings) -> Self {
+        Self {
+            endpoint: s3.endpoint.clone(),
+            bucket: Some(s3.bucket.clone()),
+            region: Some(s3.region.clone()),
+            access_key_id: s3.credentials.as_ref().map(|(id, _)| id.clone()),
+            secret_access_key: s3.credentials.as_ref().map(|(_, secret)| secret.clone()),
+            create_bucket: Some(s3.create_bucket),
+            connect_timeout_ms: Some(s3.connect_timeout.as_millis() as u64),
+            timeout_secs: Some(s3.operation_timeout.as_secs()),
+            ..Self::empty(name, ShardKind::S3)
+        }
+    }
+
+    fn empty(name: &str, kind: ShardKind) -> Self {
+        Self {
+            name: name.to_owned(),
+            weight: 1,
+            kind,
+            path: None,
+            endpoint: None,
+            bucket: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            create_bucket: None,
+            connect_timeout_ms: None,
+            timeout_secs: None,
         }
     }
 }
@@ -141,12 +248,7 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 
 impl Default for Settings {
     fn default() -> Self {
-        let shard = |name: &str| ShardSettings {
-            name: name.to_owned(),
-            weight: 1,
-            kind: ShardKind::Fs,
-            path: Some(PathBuf::from("data/shards").join(name)),
-        };
+        let shard = |name: &str| ShardSettings::fs(name, PathBuf::from("data/shards").join(name));
         Self {
             server: ServerSettings::default(),
             database: DatabaseSettings::default(),
@@ -282,6 +384,12 @@ mod tests {
         let zero =
             "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"a\"\nweight = 0\nkind = \"fs\"\npath = \"a\"\n";
         assert!(error_of(zero).contains("weight"), "{}", error_of(zero));
+        let no_bucket = "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"m\"\nkind = \"s3\"\n";
+        assert!(error_of(no_bucket).contains("shards[0].bucket"), "{}", error_of(no_bucket));
+        let half_keys = "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"m\"\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"k\"\n";
+        assert!(error_of(half_keys).contains("shards[0].secret_access_key"), "{}", error_of(half_keys));
+        let bad_endpoint = "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"m\"\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"minio:9000\"\n";
+        assert!(error_of(bad_endpoint).contains("shards[0].endpoint"), "{}", error_of(bad_endpoint));
         let typo = "[server]\nmax_upload_byte = 1\n";
         assert!(error_of(typo).contains("max_upload_byte"), "{}", error_of(typo));
     }

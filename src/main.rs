@@ -39,7 +39,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", chitram::api::error::error_chain(error.as_ref()));
+            eprintln!("error: {}", chitram::telemetry::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }

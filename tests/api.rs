@@ -3,15 +3,14 @@
 
 mod common;
 
-use common::database::DbKind;
 use common::images::{jpeg, large_png, png, sha256_hex};
-use common::{TestOptions, assert_error, spawn_app, spawn_app_with};
+use common::{Backends, TestOptions, assert_error, spawn_app, spawn_app_with};
 use reqwest::StatusCode;
 use reqwest::header;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 
-both_databases!(
+behaviours!(
     upload_round_trips_byte_for_byte,
     large_uploads_spool_and_round_trip,
     download_headers_and_revalidation,
@@ -26,8 +25,8 @@ both_databases!(
     filenames_are_sanitised,
 );
 
-async fn upload_round_trips_byte_for_byte(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn upload_round_trips_byte_for_byte(b: Backends) {
+    let app = spawn_app(b).await;
     let bytes = png(640, 480, 1);
     let response = app.upload("cat.png", bytes.clone()).await;
     assert_eq!(response.status(), StatusCode::CREATED);
@@ -56,8 +55,8 @@ async fn upload_round_trips_byte_for_byte(db: DbKind) {
     assert_eq!(download.bytes().await.unwrap().to_vec(), bytes);
 }
 
-async fn large_uploads_spool_and_round_trip(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn large_uploads_spool_and_round_trip(b: Backends) {
+    let app = spawn_app(b).await;
     let bytes = large_png(5 * 1024 * 1024 + 17, 2);
     let image = app.upload_ok("big.png", bytes.clone()).await;
     assert_eq!(image["width"], 4000);
@@ -66,8 +65,8 @@ async fn large_uploads_spool_and_round_trip(db: DbKind) {
     assert_eq!(app.spool_files(), 0, "the spooled upload is removed");
 }
 
-async fn download_headers_and_revalidation(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn download_headers_and_revalidation(b: Backends) {
+    let app = spawn_app(b).await;
     let bytes = jpeg(30, 20, 3);
     let image = app.upload_ok("photo.jpg", bytes.clone()).await;
     let path = format!("/api/v1/images/{}/file", image["id"].as_str().unwrap());
@@ -96,8 +95,8 @@ async fn download_headers_and_revalidation(db: DbKind) {
     assert_eq!(stale.status(), StatusCode::OK);
 }
 
-async fn identical_uploads_share_one_blob_until_the_last_delete(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn identical_uploads_share_one_blob_until_the_last_delete(b: Backends) {
+    let app = spawn_app(b).await;
     let bytes = png(10, 10, 4);
     let first = app.upload_ok("one.png", bytes.clone()).await;
     let second = app.upload_ok("two.png", bytes.clone()).await;
@@ -120,8 +119,8 @@ async fn identical_uploads_share_one_blob_until_the_last_delete(db: DbKind) {
     assert_eq!(app.download(third["id"].as_str().unwrap()).await.bytes().await.unwrap().to_vec(), bytes);
 }
 
-async fn deleted_images_are_gone(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn deleted_images_are_gone(b: Backends) {
+    let app = spawn_app(b).await;
     let image = app.upload_ok("x.png", png(5, 5, 5)).await;
     let id = image["id"].as_str().unwrap();
     assert_eq!(app.delete(id).await.status(), StatusCode::NO_CONTENT);
@@ -132,8 +131,8 @@ async fn deleted_images_are_gone(db: DbKind) {
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
 }
 
-async fn unknown_ids_are_not_found(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn unknown_ids_are_not_found(b: Backends) {
+    let app = spawn_app(b).await;
     for id in ["not-a-uuid", "00000000-0000-0000-0000-000000000000", "12345"] {
         assert_error(app.get(&format!("/api/v1/images/{id}")).await, StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND").await;
         assert_error(app.download(id).await, StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND").await;
@@ -142,8 +141,8 @@ async fn unknown_ids_are_not_found(db: DbKind) {
     assert_error(app.get("/api/v1/nothing-here").await, StatusCode::NOT_FOUND, "NOT_FOUND").await;
 }
 
-async fn list_pages_newest_first_without_repeats(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn list_pages_newest_first_without_repeats(b: Backends) {
+    let app = spawn_app(b).await;
     let mut uploaded = Vec::new();
     for seed in 0..7 {
         uploaded.push(app.upload_ok("p.png", png(2, 2, 100 + seed)).await["id"].as_str().unwrap().to_owned());
@@ -171,8 +170,8 @@ async fn list_pages_newest_first_without_repeats(db: DbKind) {
     assert!(default["next_cursor"].is_null());
 }
 
-async fn list_rejects_bad_cursors_and_limits(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn list_rejects_bad_cursors_and_limits(b: Backends) {
+    let app = spawn_app(b).await;
     for bad in ["garbage", "AAAA", "bm90LWEtY3Vyc29y"] {
         assert_error(app.get(&format!("/api/v1/images?cursor={bad}")).await, StatusCode::BAD_REQUEST, "INVALID_CURSOR")
             .await;
@@ -183,8 +182,8 @@ async fn list_rejects_bad_cursors_and_limits(db: DbKind) {
     }
 }
 
-async fn batch_reports_each_file(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn batch_reports_each_file(b: Backends) {
+    let app = spawn_app(b).await;
     let files = vec![
         ("a.png", png(3, 3, 7)),
         ("notes.png", b"just some text, named like an image".to_vec()),
@@ -205,16 +204,16 @@ async fn batch_reports_each_file(db: DbKind) {
     assert_eq!(app.image_count().await, 2);
 }
 
-async fn batch_without_files_is_rejected(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn batch_without_files_is_rejected(b: Backends) {
+    let app = spawn_app(b).await;
     let form = Form::new().part("file", Part::bytes(png(1, 1, 9)).file_name("a.png"));
     let response = app.client.post(app.url("/api/v1/images/batch")).multipart(form).send().await.unwrap();
     assert_error(response, StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE").await;
     app.assert_nothing_stored().await;
 }
 
-async fn filenames_are_sanitised(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn filenames_are_sanitised(b: Backends) {
+    let app = spawn_app(b).await;
     let image = app.upload_ok("../../etc/pass\twd.png", png(1, 1, 10)).await;
     assert_eq!(image["filename"], "passwd.png");
     let long = format!("{}.png", "x".repeat(1000));
@@ -225,7 +224,7 @@ async fn filenames_are_sanitised(db: DbKind) {
 
 #[tokio::test]
 async fn openapi_and_docs_are_served_offline() {
-    let app = spawn_app(DbKind::Sqlite).await;
+    let app = spawn_app(Backends::SQLITE_FS).await;
     let spec: Value = app.get("/openapi.json").await.json().await.unwrap();
     for path in [
         "/api/v1/images/upload",
@@ -246,7 +245,8 @@ async fn openapi_and_docs_are_served_offline() {
 
 #[tokio::test]
 async fn health_reports_each_component() {
-    let app = spawn_app_with(DbKind::Sqlite, TestOptions { replication_factor: 1, ..TestOptions::default() }).await;
+    let app =
+        spawn_app_with(Backends::SQLITE_FS, TestOptions { replication_factor: 1, ..TestOptions::default() }).await;
     let response = app.get("/health").await;
     assert_eq!(response.status(), StatusCode::OK);
     let health: Value = response.json().await.unwrap();
@@ -255,22 +255,22 @@ async fn health_reports_each_component() {
     assert_eq!(health["shards"].as_array().unwrap().len(), 3);
     assert!(health["shards"][0]["latency_ms"].as_f64().is_some());
 
-    app.take_shard_offline("s1");
+    app.take_shard_offline("s1").await;
     let health: Value = app.get("/health").await.json().await.unwrap();
     assert_eq!(health["status"], "degraded");
     let down = &health["shards"][1];
     assert_eq!((down["name"].as_str(), down["status"].as_str()), (Some("s1"), Some("down")));
     assert!(down["error"].as_str().unwrap().contains("not accessible"), "{down}");
 
-    app.take_shard_offline("s0");
-    app.take_shard_offline("s2");
+    app.take_shard_offline("s0").await;
+    app.take_shard_offline("s2").await;
     let response = app.get("/health").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.json::<Value>().await.unwrap()["status"], "unavailable");
 }
 
-async fn paging_while_uploads_happen_neither_repeats_nor_skips(db: DbKind) {
-    let app = std::sync::Arc::new(spawn_app(db).await);
+async fn paging_while_uploads_happen_neither_repeats_nor_skips(b: Backends) {
+    let app = std::sync::Arc::new(spawn_app(b).await);
     let mut existing = std::collections::HashSet::new();
     for seed in 0..12 {
         existing.insert(app.upload_ok("e.png", png(2, 2, 500 + seed)).await["id"].as_str().unwrap().to_owned());

@@ -9,11 +9,11 @@ use chitram::placement::ring::{Ring, key_hash};
 use common::database::DbKind;
 use common::images::{large_png, png};
 use common::proxy::TcpProxy;
-use common::{TestApp, TestOptions, assert_error, spawn_app, spawn_app_with};
+use common::{Backends, TestApp, TestOptions, assert_error, spawn_app, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-both_databases!(
+behaviours!(
     uploads_go_to_the_next_shard_while_one_is_down,
     reads_fail_over_to_another_holder,
     with_every_shard_down_requests_get_503_and_nothing_is_recorded,
@@ -35,9 +35,9 @@ fn replicas(image: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn uploads_go_to_the_next_shard_while_one_is_down(db: DbKind) {
-    let app = spawn_app(db).await;
-    app.take_shard_offline("s0");
+async fn uploads_go_to_the_next_shard_while_one_is_down(b: Backends) {
+    let app = spawn_app(b).await;
+    app.take_shard_offline("s0").await;
     let mut images = Vec::new();
     for seed in 0..24 {
         let bytes = png(8, 8, 1000 + seed);
@@ -56,7 +56,7 @@ async fn uploads_go_to_the_next_shard_while_one_is_down(db: DbKind) {
         images.iter().any(|(image, _)| preference_list(&app, image["checksum"].as_str().unwrap())[0] == "s0"),
         "some uploads had the down shard as primary"
     );
-    app.bring_shard_online("s0");
+    app.bring_shard_online("s0").await;
     for (image, bytes) in &images {
         let download = app.download(image["id"].as_str().unwrap()).await;
         assert_eq!(download.bytes().await.unwrap().to_vec(), *bytes);
@@ -77,17 +77,17 @@ async fn replicate_by_hand(app: &TestApp, image: &Value) -> (String, String) {
     (stored, pending)
 }
 
-async fn reads_fail_over_to_another_holder(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn reads_fail_over_to_another_holder(b: Backends) {
+    let app = spawn_app(b).await;
     let bytes = large_png(600 * 1024, 7);
     let image = app.upload_ok("r.png", bytes.clone()).await;
     let id = image["id"].as_str().unwrap();
     let (first, second) = replicate_by_hand(&app, &image).await;
 
     // A holder that is down is skipped.
-    app.take_shard_offline(&first);
+    app.take_shard_offline(&first).await;
     assert_eq!(app.download(id).await.bytes().await.unwrap().to_vec(), bytes);
-    app.bring_shard_online(&first);
+    app.bring_shard_online(&first).await;
 
     // A holder that lacks the blob is skipped, and recorded as missing for repair.
     std::fs::remove_file(app.object_path(&first, image["checksum"].as_str().unwrap())).unwrap();
@@ -104,15 +104,15 @@ async fn reads_fail_over_to_another_holder(db: DbKind) {
     }
 
     // With every holder down, the read is a 503 with a code.
-    app.take_shard_offline(&second);
+    app.take_shard_offline(&second).await;
     assert_error(app.download(id).await, StatusCode::SERVICE_UNAVAILABLE, "STORAGE_UNAVAILABLE").await;
 }
 
-async fn with_every_shard_down_requests_get_503_and_nothing_is_recorded(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn with_every_shard_down_requests_get_503_and_nothing_is_recorded(b: Backends) {
+    let app = spawn_app(b).await;
     let stored = app.upload_ok("before.png", png(3, 3, 8)).await;
     for shard in ["s0", "s1", "s2"] {
-        app.take_shard_offline(shard);
+        app.take_shard_offline(shard).await;
     }
     let response = app.upload("during.png", png(3, 3, 9)).await;
     assert_eq!(response.headers()["retry-after"], "5");
@@ -128,17 +128,17 @@ async fn with_every_shard_down_requests_get_503_and_nothing_is_recorded(db: DbKi
     assert_eq!(app.get(&format!("/api/v1/images/{}", stored["id"].as_str().unwrap())).await.status(), StatusCode::OK);
 }
 
-async fn copies_on_a_down_shard_are_deleted_once_it_returns(db: DbKind) {
-    let app = spawn_app_with(db, TestOptions { replication_factor: 1, ..TestOptions::default() }).await;
+async fn copies_on_a_down_shard_are_deleted_once_it_returns(b: Backends) {
+    let app = spawn_app_with(b, TestOptions { replication_factor: 1, ..TestOptions::default() }).await;
     let image = app.upload_ok("d.png", png(4, 4, 10)).await;
     let (holder, _) = replicas(&image).remove(0);
-    app.take_shard_offline(&holder);
+    app.take_shard_offline(&holder).await;
     assert_eq!(app.delete(image["id"].as_str().unwrap()).await.status(), StatusCode::NO_CONTENT);
     assert_eq!(app.metadata.count_replicas_by_state().await.unwrap().deleting, 1, "the copy waits, recorded");
 
-    app.bring_shard_online(&holder);
+    app.bring_shard_online(&holder).await;
     assert_eq!(app.all_objects().len(), 1);
-    let router = chitram::app::open_storage(&app.settings).unwrap();
+    let router = chitram::app::open_storage(&app.settings).await.unwrap();
     assert_eq!(chitram::maintenance::deletion::sweep_once(app.metadata.as_ref(), &router).await, 1);
     assert!(app.all_objects().is_empty());
     assert_eq!(app.metadata.count_replicas_by_state().await.unwrap().deleting, 0);
@@ -150,7 +150,8 @@ async fn a_database_outage_gets_503_and_the_service_recovers() {
     let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = database.url.replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
     assert_ne!(url, database.url, "the test database is reached through the proxy");
-    let app = spawn_app_with(DbKind::Sqlite, TestOptions { database_url: Some(url), ..TestOptions::default() }).await;
+    let app =
+        spawn_app_with(Backends::SQLITE_FS, TestOptions { database_url: Some(url), ..TestOptions::default() }).await;
     let before = app.upload_ok("a.png", png(2, 2, 11)).await;
 
     proxy.cut().await;

@@ -4,20 +4,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::database::DbKind;
 use common::images::{jpeg, png};
-use common::{TestApp, TestOptions, assert_error, spawn_app, spawn_app_with};
+use common::{Backends, TestApp, TestOptions, assert_error, spawn_app, spawn_app_with};
 use reqwest::StatusCode;
 use reqwest::multipart::{Form, Part};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIMIT: u64 = 1024 * 1024;
 
-async fn small_limit_app(db: DbKind) -> TestApp {
-    spawn_app_with(db, TestOptions { max_upload_bytes: LIMIT, ..TestOptions::default() }).await
+async fn small_limit_app(b: Backends) -> TestApp {
+    spawn_app_with(b, TestOptions { max_upload_bytes: LIMIT, ..TestOptions::default() }).await
 }
 
-both_databases!(
+behaviours!(
     a_file_that_is_not_an_image_is_rejected,
     a_truncated_header_is_rejected,
     an_empty_file_is_rejected,
@@ -27,8 +26,8 @@ both_databases!(
     a_declared_two_gigabyte_body_is_refused_unread,
 );
 
-async fn a_file_that_is_not_an_image_is_rejected(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn a_file_that_is_not_an_image_is_rejected(b: Backends) {
+    let app = spawn_app(b).await;
     // The Content-Type says PNG and the name says PNG: only the bytes count.
     let response = app.upload("evil.png", b"<script>alert(1)</script>".to_vec()).await;
     assert_error(response, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT").await;
@@ -37,8 +36,8 @@ async fn a_file_that_is_not_an_image_is_rejected(db: DbKind) {
     app.assert_nothing_stored().await;
 }
 
-async fn a_truncated_header_is_rejected(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn a_truncated_header_is_rejected(b: Backends) {
+    let app = spawn_app(b).await;
     let png = png(100, 100, 1);
     assert_error(app.upload("cut.png", png[..16].to_vec()).await, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT").await;
     let jpeg = jpeg(100, 100, 1);
@@ -49,22 +48,22 @@ async fn a_truncated_header_is_rejected(db: DbKind) {
     app.assert_nothing_stored().await;
 }
 
-async fn an_empty_file_is_rejected(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn an_empty_file_is_rejected(b: Backends) {
+    let app = spawn_app(b).await;
     assert_error(app.upload("empty.png", Vec::new()).await, StatusCode::BAD_REQUEST, "EMPTY_FILE").await;
     app.assert_nothing_stored().await;
 }
 
-async fn a_missing_file_field_is_rejected(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn a_missing_file_field_is_rejected(b: Backends) {
+    let app = spawn_app(b).await;
     let form = Form::new().part("image", Part::bytes(png(1, 1, 2)).file_name("a.png")).text("title", "cat");
     assert_error(app.upload_form(form).await, StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE").await;
     assert_error(app.upload_form(Form::new()).await, StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE").await;
     app.assert_nothing_stored().await;
 }
 
-async fn a_body_that_is_not_multipart_is_rejected(db: DbKind) {
-    let app = spawn_app(db).await;
+async fn a_body_that_is_not_multipart_is_rejected(b: Backends) {
+    let app = spawn_app(b).await;
     let json =
         app.client.post(app.url("/api/v1/images/upload")).json(&serde_json::json!({"file": "x"})).send().await.unwrap();
     assert_error(json, StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE").await;
@@ -80,8 +79,8 @@ async fn a_body_that_is_not_multipart_is_rejected(db: DbKind) {
     app.assert_nothing_stored().await;
 }
 
-async fn a_file_over_the_limit_is_rejected_while_streaming(db: DbKind) {
-    let app = small_limit_app(db).await;
+async fn a_file_over_the_limit_is_rejected_while_streaming(b: Backends) {
+    let app = small_limit_app(b).await;
     // Exactly at the limit is accepted; one byte more is not.
     let at_limit = common::images::large_png(LIMIT as usize, 3);
     let accepted = app.upload_ok("at-limit.png", at_limit).await;
@@ -132,8 +131,8 @@ async fn send_chunked_upload(app: &TestApp, len: usize) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
-async fn a_declared_two_gigabyte_body_is_refused_unread(db: DbKind) {
-    let app = small_limit_app(db).await;
+async fn a_declared_two_gigabyte_body_is_refused_unread(b: Backends) {
+    let app = small_limit_app(b).await;
     let address = app.address.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let head = format!(

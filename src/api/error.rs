@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::images::error::ImageError;
+use crate::telemetry::error_chain;
 
 /// An error as the API reports it.
 #[derive(Debug)]
@@ -97,16 +98,4 @@ pub fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
         "an internal error occurred; the server log has the cause",
     )
     .into_response()
-}
-
-/// `error: cause: cause of cause`, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::error_chain;
+use crate::telemetry::error_chain;
 
 /// How long one component may take to answer before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);

@@ -130,7 +130,7 @@ fn batch_item(filename: String, outcome: Result<ImageRecord, ApiError>) -> Batch
         Err(error) => {
             let (status, code, message) = error.parts();
             if status.is_server_error() {
-                tracing::error!(code, error = %super::error::error_chain(&error.0), "batch item failed");
+                tracing::error!(code, error = %crate::telemetry::error_chain(&error.0), "batch item failed");
             }
             let detail = super::error::ErrorDetail { code: code.to_owned(), message };
             BatchItem { filename, status: status.as_u16(), image: None, error: Some(detail) }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::blob::BlobKey;
 use crate::metadata::{CopyRef, MetadataStore};
 use crate::storage::router::StorageRouter;
+use crate::telemetry::error_chain;
 
 /// How many copies one sweep pass handles.
 const SWEEP_BATCH: u32 = 100;
@@ -33,7 +34,7 @@ pub async fn try_delete_copy(metadata: &dyn MetadataStore, router: &StorageRoute
         Err(error) => return DeletionOutcome::Failed(error.to_string()),
     };
     if let Err(error) = router.delete_on(&copy.shard, &copy.blob).await {
-        return DeletionOutcome::Failed(format!("{error}: {}", error_chain(&error)));
+        return DeletionOutcome::Failed(error_chain(&error));
     }
     match guard.commit().await {
         Ok(()) => DeletionOutcome::Deleted,
@@ -88,14 +89,4 @@ pub async fn run_sweeper(
             tracing::info!(deleted, "deletion sweep removed copies");
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        parts.push(cause.to_string());
-        source = cause.source();
-    }
-    parts.join(": ")
 }

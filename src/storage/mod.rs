@@ -6,6 +6,7 @@
 
 pub mod fs;
 pub mod router;
+pub mod s3;
 
 use std::fmt;
 use std::path::PathBuf;

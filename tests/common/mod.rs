@@ -8,45 +8,89 @@
 pub mod database;
 pub mod images;
 pub mod proxy;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chitram::app::Application;
-use chitram::config::{Settings, ShardKind, ShardSettings};
+use chitram::config::{Settings, ShardSettings};
 use chitram::metadata::MetadataStore;
 use database::{DbKind, TestDatabase};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Response, StatusCode};
+use s3::S3Server;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-/// Runs a test body once per database: `both_databases!(name, body_fn)` defines
-/// `name::sqlite` and `name::postgres`.
+/// Where a test app keeps its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageKind {
+    /// Every shard a directory.
+    Fs,
+    /// Every shard a bucket on its own in-process S3 server.
+    S3,
+    /// Even shards directories, odd shards S3 buckets.
+    Mixed,
+}
+
+/// The database and storage a test runs against.
+#[derive(Clone, Copy, Debug)]
+pub struct Backends {
+    pub db: DbKind,
+    pub storage: StorageKind,
+}
+
+impl Backends {
+    pub const SQLITE_FS: Backends = Backends { db: DbKind::Sqlite, storage: StorageKind::Fs };
+    pub const POSTGRES_S3: Backends = Backends { db: DbKind::Postgres, storage: StorageKind::S3 };
+}
+
+/// Runs each named test body (an `async fn(Backends)`) over every database and every kind of
+/// storage: `behaviours!(name)` defines `name::sqlite_fs`, `name::postgres_fs`,
+/// `name::sqlite_s3`, `name::postgres_s3` and `name::postgres_mixed`.
 #[macro_export]
-macro_rules! both_databases {
+macro_rules! behaviours {
     ($($name:ident),+ $(,)?) => {
         $(
             mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::$name($crate::common::database::DbKind::Sqlite).await;
+                use $crate::common::database::DbKind;
+                use $crate::common::{Backends, StorageKind};
+                async fn run(db: DbKind, storage: StorageKind) {
+                    super::$name(Backends { db, storage }).await;
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name($crate::common::database::DbKind::Postgres).await;
-                }
+                async fn sqlite_fs() { run(DbKind::Sqlite, StorageKind::Fs).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_fs() { run(DbKind::Postgres, StorageKind::Fs).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite_s3() { run(DbKind::Sqlite, StorageKind::S3).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_s3() { run(DbKind::Postgres, StorageKind::S3).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_mixed() { run(DbKind::Postgres, StorageKind::Mixed).await }
             }
         )+
     };
 }
+
+/// One shard's backend, as the test sees it.
+pub enum TestShard {
+    Fs(PathBuf),
+    S3(Arc<S3Server>),
+}
+
+/// The bucket every S3 shard of a test app uses.
+pub const BUCKET: &str = "chitram";
 
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub metadata: Arc<dyn MetadataStore>,
     pub settings: Settings,
-    /// Holds the shard directories and the spool directory.
+    /// Indexed like `settings.shards`.
+    pub shards: Vec<TestShard>,
+    /// Holds the shard directories, the S3 servers' roots and the spool directory.
     pub dir: tempfile::TempDir,
     pub database: TestDatabase,
     shutdown: Option<oneshot::Sender<()>>,
@@ -60,23 +104,25 @@ pub struct TestOptions {
     pub max_upload_bytes: u64,
     /// Overrides the database URL (to route it through a proxy, say).
     pub database_url: Option<String>,
+    /// Changes the settings after the shards are made (wrong credentials, say).
+    pub adjust: Option<fn(&mut Settings)>,
 }
 
 impl Default for TestOptions {
     fn default() -> Self {
-        Self { shards: 3, replication_factor: 2, max_upload_bytes: 8 * 1024 * 1024, database_url: None }
+        Self { shards: 3, replication_factor: 2, max_upload_bytes: 8 * 1024 * 1024, database_url: None, adjust: None }
     }
 }
 
-pub async fn spawn_app(kind: DbKind) -> TestApp {
-    spawn_app_with(kind, TestOptions::default()).await
+pub async fn spawn_app(backends: Backends) -> TestApp {
+    spawn_app_with(backends, TestOptions::default()).await
 }
 
-pub async fn spawn_app_with(kind: DbKind, options: TestOptions) -> TestApp {
+pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
         chitram::telemetry::init();
     }
-    let database = TestDatabase::create(kind).await;
+    let database = TestDatabase::create(backends.db).await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut settings = Settings::default();
     settings.server.bind = "127.0.0.1:0".parse().unwrap();
@@ -85,19 +131,29 @@ pub async fn spawn_app_with(kind: DbKind, options: TestOptions) -> TestApp {
     std::fs::create_dir_all(dir.path().join("spool")).unwrap();
     settings.database.url = options.database_url.clone().unwrap_or_else(|| database.url.clone());
     settings.placement.replication_factor = options.replication_factor;
-    settings.shards = (0..options.shards)
-        .map(|i| ShardSettings {
-            name: shard_name(i),
-            weight: 1,
-            kind: ShardKind::Fs,
-            path: Some(dir.path().join("shards").join(shard_name(i))),
-        })
-        .collect();
+    let mut shards = Vec::new();
+    settings.shards.clear();
+    for i in 0..options.shards {
+        let name = shard_name(i);
+        let s3 = backends.storage == StorageKind::S3 || (backends.storage == StorageKind::Mixed && i % 2 == 1);
+        if s3 {
+            let server = S3Server::start(&dir.path().join("s3").join(&name)).await;
+            settings.shards.push(ShardSettings::s3(&name, &server.settings(BUCKET)));
+            shards.push(TestShard::S3(server));
+        } else {
+            let path = dir.path().join("shards").join(&name);
+            settings.shards.push(ShardSettings::fs(&name, &path));
+            shards.push(TestShard::Fs(path));
+        }
+    }
+    if let Some(adjust) = options.adjust {
+        adjust(&mut settings);
+    }
     settings.validate().expect("test settings are valid");
-    start(settings, dir, database).await
+    start(settings, shards, dir, database).await
 }
 
-async fn start(settings: Settings, dir: tempfile::TempDir, database: TestDatabase) -> TestApp {
+async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDir, database: TestDatabase) -> TestApp {
     let app = Application::build(&settings).await.expect("the app builds");
     let address = format!("http://{}", app.local_addr());
     let metadata = app.metadata();
@@ -110,6 +166,7 @@ async fn start(settings: Settings, dir: tempfile::TempDir, database: TestDatabas
         client: reqwest::Client::new(),
         metadata,
         settings,
+        shards,
         dir,
         database,
         shutdown: Some(shutdown),
@@ -173,29 +230,50 @@ impl TestApp {
         self.get(&format!("/api/v1/images/{id}/file")).await
     }
 
-    pub fn shard_dir(&self, name: &str) -> PathBuf {
-        self.dir.path().join("shards").join(name)
+    pub fn shard(&self, name: &str) -> &TestShard {
+        let index = self.settings.shards.iter().position(|shard| shard.name == name).expect("a shard of this app");
+        &self.shards[index]
     }
 
-    /// Takes a shard down the way a failed disk does: its root disappears.
-    pub fn take_shard_offline(&self, name: &str) {
-        std::fs::rename(self.shard_dir(name), self.dir.path().join(format!("offline-{name}"))).unwrap();
+    /// Takes a shard really down: a directory disappears the way an unmounted disk does; an S3
+    /// server stops, refusing connections and cutting open ones.
+    pub async fn take_shard_offline(&self, name: &str) {
+        match self.shard(name) {
+            TestShard::Fs(path) => std::fs::rename(path, offline_path(path)).unwrap(),
+            TestShard::S3(server) => server.stop().await,
+        }
     }
 
-    pub fn bring_shard_online(&self, name: &str) {
-        std::fs::rename(self.dir.path().join(format!("offline-{name}")), self.shard_dir(name)).unwrap();
+    pub async fn bring_shard_online(&self, name: &str) {
+        match self.shard(name) {
+            TestShard::Fs(path) => std::fs::rename(offline_path(path), path).unwrap(),
+            TestShard::S3(server) => server.restart().await,
+        }
     }
 
-    /// The path of a blob's object on a shard.
+    /// The file that holds a blob's object on a shard (S3 servers here keep objects as files).
     pub fn object_path(&self, shard: &str, key: &str) -> PathBuf {
-        self.shard_dir(shard).join(&key[0..2]).join(&key[2..4]).join(key)
+        match self.shard(shard) {
+            TestShard::Fs(path) => path.join(&key[0..2]).join(&key[2..4]).join(key),
+            TestShard::S3(server) => server.object_path(BUCKET, key),
+        }
     }
 
-    /// Every object stored on any shard (temporary files excluded).
+    /// Every object stored on any shard (temporary and bookkeeping files excluded).
     pub fn all_objects(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
-        walk(&self.dir.path().join("shards"), &mut found);
-        found.retain(|path| !path.components().any(|c| c.as_os_str() == ".tmp"));
+        for shard in &self.shards {
+            let root = match shard {
+                TestShard::Fs(path) => path.clone(),
+                TestShard::S3(server) => server.root.join(BUCKET),
+            };
+            let mut objects = Vec::new();
+            walk(&root, &mut objects);
+            let hidden = |path: &PathBuf| {
+                path.strip_prefix(&root).unwrap().components().any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+            };
+            found.extend(objects.into_iter().filter(|path| !hidden(path)));
+        }
         found
     }
 
@@ -215,6 +293,10 @@ impl TestApp {
         let counts = self.metadata.count_replicas_by_state().await.unwrap();
         assert_eq!(counts.stored + counts.pending + counts.missing + counts.deleting, 0, "no replica row");
     }
+}
+
+fn offline_path(path: &Path) -> PathBuf {
+    path.with_file_name(format!("{}.offline", path.file_name().unwrap().to_string_lossy()))
 }
 
 fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
