@@ -6,16 +6,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, UploadLimits};
 use crate::config::{BackendSettings, Settings};
 use crate::images::service::ImageService;
 use crate::images::spool::SpoolLimits;
-use crate::maintenance::deletion;
 use crate::metadata::{self, MetadataError, MetadataStore};
 use crate::placement::ring::{Ring, RingError};
+use crate::replication::backoff::RetryPolicy;
+use crate::replication::worker::{Replicator, WorkerSettings, run_workers};
 use crate::storage::BlobStore;
+use crate::storage::breaker::BreakerSettings;
 use crate::storage::fs::FsStore;
 use crate::storage::router::{Shard, StorageRouter};
 use crate::storage::s3::{S3Settings, S3Store};
@@ -51,7 +55,8 @@ pub enum StartError {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
-    deletion_sweep: Duration,
+    workers: Vec<Replicator>,
+    shutdown_grace: Duration,
 }
 
 impl Application {
@@ -59,18 +64,16 @@ impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartError> {
         let metadata = open_metadata(&settings.database.url).await?;
         let router = Arc::new(open_storage(settings).await?);
-        let images = Arc::new(ImageService::new(metadata.clone(), router.clone()));
+        let images = Arc::new(ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum));
         let limits = Arc::new(UploadLimits {
             spool: SpoolLimits { max_bytes: settings.server.max_upload_bytes, dir: settings.server.spool_dir.clone() },
             max_batch_files: settings.server.max_batch_files,
         });
+        let workers = replicators(settings, &metadata, &router);
         let addr = settings.server.bind;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-        Ok(Self {
-            listener,
-            state: AppState { images, metadata, router, limits },
-            deletion_sweep: Duration::from_secs(settings.server.deletion_sweep_secs.max(1)),
-        })
+        let state = AppState { images, metadata, router, limits, replication_workers: workers.len() };
+        Ok(Self { listener, state, workers, shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_secs) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -81,19 +84,62 @@ impl Application {
         self.state.metadata.clone()
     }
 
-    /// Starts the background workers and serves until `shutdown` resolves; requests in flight
-    /// then finish before this returns.
+    pub fn router(&self) -> Arc<StorageRouter> {
+        self.state.router.clone()
+    }
+
+    /// Starts the replication workers and serves until `shutdown` resolves. Then it stops
+    /// accepting, lets requests in flight finish (for up to `server.shutdown_grace_secs`), and
+    /// stops the workers, whose unfinished tasks stay in the queue.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let sweeper = tokio::spawn(deletion::run_sweeper(
-            self.state.metadata.clone(),
-            self.state.router.clone(),
-            self.deletion_sweep,
-        ));
-        tracing::info!(addr = %self.local_addr(), "serving");
-        let served = axum::serve(self.listener, api::app(self.state)).with_graceful_shutdown(shutdown).await;
-        sweeper.abort();
+        let stopping = CancellationToken::new();
+        let workers = tokio::spawn(run_workers(self.workers, stopping.clone()));
+        let signalled = stopping.clone();
+        let shutdown = async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections; finishing requests in flight");
+            signalled.cancel();
+        };
+        tracing::info!(addr = %self.listener.local_addr()?, "serving");
+        // Small responses (metadata, 304s) must not wait on the client's delayed ACK.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY");
+            }
+        });
+        let serve = axum::serve(listener, api::app(self.state)).with_graceful_shutdown(shutdown);
+        let grace = self.shutdown_grace;
+        let served = tokio::select! {
+            served = serve => served,
+            () = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period; stopping anyway");
+                Ok(())
+            }
+        };
+        stopping.cancel();
+        let _ = workers.await;
         served
     }
+}
+
+fn replicators(settings: &Settings, metadata: &Arc<dyn MetadataStore>, router: &Arc<StorageRouter>) -> Vec<Replicator> {
+    let replication = &settings.replication;
+    let worker_settings = WorkerSettings {
+        lease: Duration::from_secs(replication.lease_secs),
+        retry: RetryPolicy {
+            min: Duration::from_millis(replication.retry_min_ms),
+            max: Duration::from_secs(replication.retry_max_secs),
+        },
+        idle_poll: Duration::from_millis(replication.idle_poll_ms.max(1)),
+        spool_dir: settings.server.spool_dir.clone(),
+    };
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    (0..replication.workers)
+        .map(|n| {
+            let id = format!("{}-{}-{n}", std::process::id(), &instance[..8]);
+            Replicator::new(metadata.clone(), router.clone(), worker_settings.clone(), id)
+        })
+        .collect()
 }
 
 /// Connects to the metadata database and applies its migrations.
@@ -108,6 +154,10 @@ pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartErr
 /// opened anyway (with a warning): it may come back, and `/health` names it meanwhile.
 pub async fn open_storage(settings: &Settings) -> Result<StorageRouter, StartError> {
     let ring = Ring::new(settings.ring_members(), settings.placement.vnodes_per_weight)?;
+    let breaker = BreakerSettings {
+        failure_threshold: settings.replication.breaker_failures,
+        cooldown: Duration::from_millis(settings.replication.breaker_cooldown_ms),
+    };
     let mut shards = Vec::with_capacity(settings.shards.len());
     for (index, shard) in settings.shards.iter().enumerate() {
         let store: Arc<dyn BlobStore> = match shard.backend(index)? {
@@ -118,7 +168,7 @@ pub async fn open_storage(settings: &Settings) -> Result<StorageRouter, StartErr
             })?),
             BackendSettings::S3(s3) => Arc::new(open_s3_shard(&shard.name, &s3).await),
         };
-        shards.push(Shard { name: shard.name.clone(), store });
+        shards.push(Shard::new(shard.name.clone(), store, breaker));
     }
     Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor))
 }

@@ -21,6 +21,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub placement: PlacementSettings,
+    pub replication: ReplicationSettings,
     pub shards: Vec<ShardSettings>,
 }
 
@@ -35,8 +36,8 @@ pub struct ServerSettings {
     /// Where uploads larger than a few hundred KiB spool while they are checked (the system
     /// temporary directory when unset).
     pub spool_dir: Option<PathBuf>,
-    /// Seconds between passes of the sweep that deletes copies of unreferenced blobs.
-    pub deletion_sweep_secs: u64,
+    /// On shutdown, how long requests in flight may take to finish.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerSettings {
@@ -46,7 +47,7 @@ impl Default for ServerSettings {
             max_upload_bytes: 50 * 1024 * 1024,
             max_batch_files: 20,
             spool_dir: None,
-            deletion_sweep_secs: 30,
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -71,11 +72,50 @@ pub struct PlacementSettings {
     pub replication_factor: usize,
     /// Ring tokens per unit of shard weight.
     pub vnodes_per_weight: u32,
+    /// Copies that must be stored before an upload is acknowledged (1 to
+    /// `replication_factor`). 1 is asynchronous replication; more is synchronous durability.
+    pub write_quorum: usize,
 }
 
 impl Default for PlacementSettings {
     fn default() -> Self {
-        Self { replication_factor: 2, vnodes_per_weight: 256 }
+        Self { replication_factor: 2, vnodes_per_weight: 256, write_quorum: 1 }
+    }
+}
+
+/// The background workers that create, restore and delete copies, and the circuit breakers
+/// that keep a dead shard from costing a timeout per request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSettings {
+    /// Concurrent replication workers in this instance (0 runs none: another instance on the
+    /// same Postgres does the work).
+    pub workers: usize,
+    /// How long a claimed task stays reserved for its worker; a worker renews it while it
+    /// works, so this bounds how long a crashed worker's task waits.
+    pub lease_secs: u64,
+    /// First retry delay of a failed task; doubles per failure (with jitter) up to the max.
+    pub retry_min_ms: u64,
+    pub retry_max_secs: u64,
+    /// How often an idle worker looks for due tasks.
+    pub idle_poll_ms: u64,
+    /// Consecutive failures that open a shard's circuit.
+    pub breaker_failures: u32,
+    /// How long an open circuit skips its shard before one trial call, in milliseconds.
+    pub breaker_cooldown_ms: u64,
+}
+
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            lease_secs: 60,
+            retry_min_ms: 500,
+            retry_max_secs: 300,
+            idle_poll_ms: 500,
+            breaker_failures: 3,
+            breaker_cooldown_ms: 10_000,
+        }
     }
 }
 
@@ -253,6 +293,7 @@ impl Default for Settings {
             server: ServerSettings::default(),
             database: DatabaseSettings::default(),
             placement: PlacementSettings::default(),
+            replication: ReplicationSettings::default(),
             shards: vec![shard("a"), shard("b"), shard("c")],
         }
     }
@@ -307,6 +348,23 @@ impl Settings {
                 "placement.replication_factor",
                 format!("{rf} must be between 1 and the number of shards with weight above 0 ({weighted})"),
             ));
+        }
+        let quorum = self.placement.write_quorum;
+        if quorum == 0 || quorum > rf {
+            return Err(invalid(
+                "placement.write_quorum",
+                format!("{quorum} must be between 1 and replication_factor ({rf})"),
+            ));
+        }
+        if self.replication.lease_secs == 0 {
+            return Err(invalid("replication.lease_secs", "must be above 0"));
+        }
+        if self.replication.breaker_failures == 0 {
+            return Err(invalid("replication.breaker_failures", "must be above 0"));
+        }
+        if self.replication.retry_min_ms == 0 || self.replication.retry_min_ms > self.replication.retry_max_secs * 1000
+        {
+            return Err(invalid("replication.retry_min_ms", "must be above 0 and at most retry_max_secs"));
         }
         if self.placement.vnodes_per_weight == 0 || self.placement.vnodes_per_weight > 65_536 {
             return Err(invalid("placement.vnodes_per_weight", "must be between 1 and 65536"));

@@ -12,5 +12,6 @@ pub mod images;
 pub mod maintenance;
 pub mod metadata;
 pub mod placement;
+pub mod replication;
 pub mod storage;
 pub mod telemetry;

@@ -4,15 +4,16 @@
 #[path = "common/database.rs"]
 mod database;
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chitram::blob::BlobKey;
 use chitram::metadata::{
-    self, CopyRef, DeletedImage, ImageRecord, ListPosition, MetadataStore, NewImage, Replica, ReplicaCounts,
-    ReplicaState,
+    self, BlobCopies, CopyRef, DeletedImage, ImageRecord, ListPosition, MetadataStore, NewImage, QueueStats, Replica,
+    ReplicaCounts, ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind,
 };
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
@@ -23,6 +24,12 @@ use database::{DbKind, TestDatabase};
 /// How long a concurrency test gives a second task to (wrongly) get past a lock. The tests
 /// pass or fail on the order of events, not on this delay; it only gives a bug its chance.
 const OVERTAKING_CHANCE: Duration = Duration::from_millis(300);
+
+/// A lease no test outlives.
+const LEASE: Duration = Duration::from_secs(3600);
+
+/// Long enough for a zero lease to have run out on either database's clock.
+const EXPIRY: Duration = Duration::from_millis(10);
 
 /// Declares, for each behaviour, a module with one test per database kind: `NAME::sqlite`
 /// and `NAME::postgres`.
@@ -61,11 +68,30 @@ on_both_databases!(with_store:
     a_dropped_guard_changes_nothing,
     a_copy_deletion_lock_holds_back_an_upload_of_its_blob,
     an_upload_lock_holds_back_the_deletion_of_a_copy,
+    an_upload_queues_a_copy_task_for_each_pending_copy,
+    a_claim_takes_the_oldest_due_task_and_skips_claimed_ones,
+    an_expired_claim_passes_to_another_worker,
+    a_failed_task_waits_before_its_next_attempt,
+    completing_a_copy_task_records_the_copy_stored,
+    a_copy_task_made_moot_by_a_deletion_cannot_complete,
+    completing_a_copy_task_of_an_unreferenced_blob_queues_its_deletion,
+    deleting_the_last_reference_queues_delete_tasks_and_drops_copy_tasks,
+    a_resurrected_blob_keeps_its_new_copies,
+    a_missing_copy_is_queued_for_repair_once,
+    released_claims_go_to_other_workers,
+    queue_stats_count_tasks_and_failures,
+    record_stored_copy_records_the_copy_or_its_deletion,
+    a_surplus_copy_is_removable_only_once_its_replacements_are_stored,
+    shard_usage_sums_copies_and_bytes,
+    stranded_blobs_are_referenced_blobs_stored_only_on_unknown_shards,
+    job_cursors_round_trip,
+    blob_copies_are_listed_in_key_order,
 );
 
 on_both_databases!(with_store_and_url:
     deleting_every_copy_forgets_the_blob,
     an_unreferenced_blob_without_copies_is_forgotten_at_once,
+    a_copy_deletion_forgets_the_tasks_of_its_copy,
 );
 
 async fn with_store<F, Fut>(kind: DbKind, behaviour: F)
@@ -362,7 +388,440 @@ async fn an_upload_lock_holds_back_the_deletion_of_a_copy(store: Arc<dyn Metadat
     assert!(!deletable, "a copy of a blob referenced again must not be deleted");
 }
 
+// ---- the replication queue ----
+
+async fn an_upload_queues_a_copy_task_for_each_pending_copy(store: Arc<dyn MetadataStore>) {
+    let copies = [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending), copy("c", ReplicaState::Pending)];
+    upload(&*store, &new_image(&blob(1), now()), &copies).await;
+
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [copy_task(&blob(1), "b"), copy_task(&blob(1), "c")]);
+    assert!(tasks.iter().all(|task| task.attempts == 0 && task.last_error.is_none()), "{tasks:?}");
+
+    // Another upload of the same bytes: a stored copy listed as pending needs no task, and a
+    // copy with a task already keeps that one task.
+    upload(&*store, &new_image(&blob(1), now()), &[copy("a", ReplicaState::Pending), copy("b", ReplicaState::Pending)])
+        .await;
+    assert_eq!(stats(&*store).await.copy_tasks, 2);
+}
+
+async fn a_claim_takes_the_oldest_due_task_and_skips_claimed_ones(store: Arc<dyn MetadataStore>) {
+    assert_eq!(claim(&*store, "w1").await, None);
+    for n in [1, 2] {
+        upload(
+            &*store,
+            &new_image(&blob(n), now()),
+            &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)],
+        )
+        .await;
+    }
+
+    let first = claim(&*store, "w1").await.expect("a task is due");
+    assert_eq!((first.kind, first.copy), copy_task(&blob(1), "b"));
+    let second = claim(&*store, "w2").await.expect("another task is due");
+    assert_eq!((second.kind, second.copy), copy_task(&blob(2), "b"));
+    assert_eq!(claim(&*store, "w3").await, None, "both tasks are claimed");
+}
+
+async fn an_expired_claim_passes_to_another_worker(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+
+    // A heartbeat keeps a claim alive...
+    let task = store.claim_task("w1", Duration::ZERO).await.unwrap().expect("a task is due");
+    assert!(store.extend_claim(task.id, "w1", LEASE).await.unwrap());
+    tokio::time::sleep(EXPIRY).await;
+    assert_eq!(claim(&*store, "w2").await, None, "an extended claim holds");
+
+    // ...and once it runs out, another worker takes the task over.
+    assert!(store.extend_claim(task.id, "w1", Duration::ZERO).await.unwrap());
+    tokio::time::sleep(EXPIRY).await;
+    let taken = claim(&*store, "w2").await.expect("the expired claim is free");
+    assert_eq!(taken, task);
+
+    // The first worker lost the task: nothing it does to it counts.
+    assert!(!store.extend_claim(task.id, "w1", LEASE).await.unwrap());
+    assert!(!store.fail_task(task.id, "w1", "too late", Duration::ZERO).await.unwrap());
+    assert!(!store.complete_copy_task(&task, "w1").await.unwrap());
+    assert!(!store.finish_task(task.id, "w1").await.unwrap());
+    assert_eq!(replicas_of(&*store, image.id).await[1], copy("b", ReplicaState::Pending));
+    assert_eq!(claim(&*store, "w3").await, None, "the second worker still holds it");
+
+    assert!(store.complete_copy_task(&taken, "w2").await.unwrap());
+    assert_eq!(replicas_of(&*store, image.id).await[1], copy("b", ReplicaState::Stored));
+}
+
+async fn a_failed_task_waits_before_its_next_attempt(store: Arc<dyn MetadataStore>) {
+    upload(&*store, &new_image(&blob(1), now()), &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)])
+        .await;
+    upload(&*store, &new_image(&blob(2), now()), &[copy("a", ReplicaState::Stored), copy("c", ReplicaState::Pending)])
+        .await;
+    let later = claim(&*store, "w").await.expect("the task for b");
+    let soon = claim(&*store, "w").await.expect("the task for c");
+
+    assert!(store.fail_task(later.id, "w", "shard b is down", Duration::from_secs(3600)).await.unwrap());
+    assert!(store.fail_task(soon.id, "w", "shard c is down", Duration::ZERO).await.unwrap());
+    // The claim went with the failure.
+    assert!(!store.fail_task(later.id, "w", "again", Duration::ZERO).await.unwrap());
+
+    let again = claim(&*store, "w").await.expect("a task failed with no delay is due again");
+    let expected = ReplicationTask { attempts: 1, last_error: Some("shard c is down".into()), ..soon };
+    assert_eq!(again, expected);
+    assert_eq!(claim(&*store, "w").await, None, "the task for b waits an hour");
+    assert_eq!(stats(&*store).await.copy_tasks, 2, "a failing task is kept");
+}
+
+async fn completing_a_copy_task_records_the_copy_stored(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+    let task = claim(&*store, "w").await.expect("the task for b");
+
+    assert!(store.complete_copy_task(&task, "w").await.unwrap());
+    assert_eq!(
+        replicas_of(&*store, image.id).await,
+        [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Stored)]
+    );
+    assert_eq!(stats(&*store).await, QueueStats::default());
+    assert!(!store.complete_copy_task(&task, "w").await.unwrap(), "the task is gone");
+}
+
+async fn a_copy_task_made_moot_by_a_deletion_cannot_complete(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+    let task = claim(&*store, "w").await.expect("the task for b");
+    store.delete_image(image.id).await.unwrap();
+
+    assert!(!store.complete_copy_task(&task, "w").await.unwrap());
+    assert_eq!(awaiting_deletion(&*store).await, [copy_ref(&blob(1), "a"), copy_ref(&blob(1), "b")]);
+    assert_eq!(stats(&*store).await.copy_tasks, 0);
+}
+
+async fn completing_a_copy_task_of_an_unreferenced_blob_queues_its_deletion(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored)]).await;
+    store.delete_image(image.id).await.unwrap();
+    // A copy task on a blob without references takes an odd history: here, its copy was
+    // marked stored again by hand and then found missing.
+    store.set_replica_state(&copy_ref(&blob(1), "a"), ReplicaState::Stored).await.unwrap();
+    store.record_missing_copy(&copy_ref(&blob(1), "a")).await.unwrap();
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [copy_task(&blob(1), "a"), delete_task(&blob(1), "a")]);
+    let repair = tasks.iter().find(|task| task.kind == TaskKind::Copy).expect("the copy task");
+
+    assert!(store.complete_copy_task(repair, "w").await.unwrap());
+    assert_eq!(awaiting_deletion(&*store).await, [copy_ref(&blob(1), "a")]);
+    let stats = stats(&*store).await;
+    assert_eq!((stats.copy_tasks, stats.delete_tasks), (0, 1));
+}
+
+async fn deleting_the_last_reference_queues_delete_tasks_and_drops_copy_tasks(store: Arc<dyn MetadataStore>) {
+    let first = new_image(&blob(1), now());
+    upload(&*store, &first, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+    let second = new_image(&blob(1), now());
+    store.insert_image_for_live_blob(&second).await.unwrap().expect("the blob is live");
+
+    store.delete_image(first.id).await.unwrap();
+    let stats_after_first = stats(&*store).await;
+    assert_eq!((stats_after_first.copy_tasks, stats_after_first.delete_tasks), (1, 0));
+
+    store.delete_image(second.id).await.unwrap();
+    let stats_after_last = stats(&*store).await;
+    assert_eq!((stats_after_last.copy_tasks, stats_after_last.delete_tasks), (0, 2));
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [delete_task(&blob(1), "a"), delete_task(&blob(1), "b")]);
+}
+
+async fn a_resurrected_blob_keeps_its_new_copies(store: Arc<dyn MetadataStore>) {
+    let first = new_image(&blob(1), now());
+    upload(&*store, &first, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Stored)]).await;
+    store.delete_image(first.id).await.unwrap();
+    assert_eq!(stats(&*store).await.delete_tasks, 2);
+
+    // Copy a is revived, b forgotten, c new: no delete task may remain for any of them.
+    let second = new_image(&blob(1), now());
+    upload(&*store, &second, &[copy("a", ReplicaState::Stored), copy("c", ReplicaState::Pending)]).await;
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [copy_task(&blob(1), "c")]);
+}
+
+async fn a_copy_deletion_forgets_the_tasks_of_its_copy(store: Arc<dyn MetadataStore>, url: String) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Stored)]).await;
+    store.delete_image(image.id).await.unwrap();
+
+    for remaining in [1, 0] {
+        let task = claim(&*store, "w").await.expect("a delete task");
+        delete_copy(&*store, &task.copy).await;
+        assert!(!store.finish_task(task.id, "w").await.unwrap(), "the deletion took its task along");
+        assert_eq!(stats(&*store).await.delete_tasks, remaining);
+    }
+    assert_eq!(stats(&*store).await, QueueStats::default());
+    assert!(!blob_row_exists(&url, &blob(1)).await, "the blob goes with its last copy and task");
+}
+
+async fn a_missing_copy_is_queued_for_repair_once(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+
+    store.record_missing_copy(&copy_ref(&blob(1), "a")).await.unwrap();
+    store.record_missing_copy(&copy_ref(&blob(1), "a")).await.unwrap();
+    // Copies in another state, or not recorded, are left alone.
+    store.record_missing_copy(&copy_ref(&blob(1), "b")).await.unwrap();
+    store.record_missing_copy(&copy_ref(&blob(1), "z")).await.unwrap();
+    store.record_missing_copy(&copy_ref(&blob(9), "a")).await.unwrap();
+    assert_eq!(
+        replicas_of(&*store, image.id).await,
+        [copy("a", ReplicaState::Missing), copy("b", ReplicaState::Pending)]
+    );
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [copy_task(&blob(1), "a"), copy_task(&blob(1), "b")]);
+
+    // A repair that failed and waits is made due now when the copy is found missing again;
+    // it stays one task and keeps its attempts.
+    let repair = tasks.iter().find(|task| task.copy.shard == "a").expect("the repair of a").clone();
+    assert!(store.fail_task(repair.id, "w", "no source answers", Duration::from_secs(3600)).await.unwrap());
+    store.set_replica_state(&copy_ref(&blob(1), "a"), ReplicaState::Stored).await.unwrap();
+    store.record_missing_copy(&copy_ref(&blob(1), "a")).await.unwrap();
+    let again = claim(&*store, "w2").await.expect("the repair is due now");
+    assert_eq!((again.id, again.attempts), (repair.id, 1));
+    assert_eq!(stats(&*store).await.copy_tasks, 2);
+}
+
+async fn released_claims_go_to_other_workers(store: Arc<dyn MetadataStore>) {
+    let copies = [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending), copy("c", ReplicaState::Pending)];
+    upload(&*store, &new_image(&blob(1), now()), &copies).await;
+    let tasks = claim_all(&*store, "w1").await;
+    assert_eq!(tasks.len(), 2);
+
+    assert_eq!(store.release_claims("w2").await.unwrap(), 0);
+    assert_eq!(store.release_claims("w1").await.unwrap(), 2);
+    assert_eq!(store.release_claims("w1").await.unwrap(), 0);
+    assert!(!store.finish_task(tasks[0].id, "w1").await.unwrap());
+    assert_eq!(claim_all(&*store, "w2").await, tasks, "released tasks are due at once, in the same order");
+}
+
+async fn queue_stats_count_tasks_and_failures(store: Arc<dyn MetadataStore>) {
+    assert_eq!(stats(&*store).await, QueueStats::default());
+    let started = Instant::now();
+    let copies = [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending), copy("c", ReplicaState::Pending)];
+    upload(&*store, &new_image(&blob(1), now()), &copies).await;
+    upload(&*store, &new_image(&blob(2), now()), &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)])
+        .await;
+    let doomed = new_image(&blob(3), now());
+    upload(&*store, &doomed, &[copy("a", ReplicaState::Stored)]).await;
+    store.delete_image(doomed.id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let queued = stats(&*store).await;
+    assert_eq!((queued.copy_tasks, queued.delete_tasks), (3, 1));
+    assert!(queued.failing.is_empty());
+    let age = queued.oldest_task_age.expect("tasks are queued");
+    assert!(age >= Duration::from_millis(40), "oldest task age {age:?}");
+    assert!(age <= started.elapsed() + Duration::from_millis(100), "oldest task age {age:?}");
+
+    let tasks = claim_all(&*store, "w").await;
+    let task_for = |blob: &BlobKey, shard: &str| -> i64 {
+        tasks.iter().find(|task| task.copy == copy_ref(blob, shard)).expect("the task is claimed").id
+    };
+    let fail = |id: i64, error: &'static str, retry_after: Duration| {
+        let store = store.clone();
+        async move { assert!(store.fail_task(id, "w", error, retry_after).await.unwrap()) }
+    };
+    fail(task_for(&blob(1), "b"), "b: timed out", Duration::ZERO).await;
+    fail(task_for(&blob(2), "b"), "b: refused", Duration::from_secs(3600)).await;
+    fail(task_for(&blob(1), "c"), "c: refused", Duration::from_secs(3600)).await;
+    let retry = claim(&*store, "w").await.expect("the first failure is due again");
+    assert_eq!(retry.copy, copy_ref(&blob(1), "b"));
+    fail(retry.id, "b: timed out again", Duration::from_secs(3600)).await;
+
+    let failing = stats(&*store).await.failing;
+    let expected = [
+        ShardFailures {
+            shard: "b".into(),
+            failing_tasks: 2,
+            failed_attempts: 3,
+            last_error: Some("b: timed out again".into()),
+        },
+        ShardFailures {
+            shard: "c".into(),
+            failing_tasks: 1,
+            failed_attempts: 1,
+            last_error: Some("c: refused".into()),
+        },
+    ];
+    assert_eq!(failing, expected);
+}
+
+// ---- operator tools ----
+
+async fn record_stored_copy_records_the_copy_or_its_deletion(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+
+    assert!(store.record_stored_copy(&copy_ref(&blob(1), "b")).await.unwrap(), "an update");
+    assert!(store.record_stored_copy(&copy_ref(&blob(1), "c")).await.unwrap(), "an insert");
+    let stored = ["a", "b", "c"].map(|shard| copy(shard, ReplicaState::Stored));
+    assert_eq!(replicas_of(&*store, image.id).await, stored);
+    assert_eq!(stats(&*store).await.copy_tasks, 0, "the copy task of b is moot");
+
+    // A copy written for a blob that lost its references is deleted like the others.
+    store.delete_image(image.id).await.unwrap();
+    assert!(!store.record_stored_copy(&copy_ref(&blob(1), "d")).await.unwrap());
+    let copies = store.find_blob_copies(&blob(1)).await.unwrap().expect("the blob awaits deletion");
+    assert_eq!(copies.replicas, ["a", "b", "c", "d"].map(|shard| copy(shard, ReplicaState::Deleting)));
+    assert_eq!(stats(&*store).await.delete_tasks, 4);
+
+    // A blob without a row records nothing.
+    assert!(!store.record_stored_copy(&copy_ref(&blob(9), "a")).await.unwrap());
+    assert_eq!(store.find_blob_copies(&blob(9)).await.unwrap(), None);
+}
+
+async fn a_surplus_copy_is_removable_only_once_its_replacements_are_stored(store: Arc<dyn MetadataStore>) {
+    let copies = [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending), copy("c", ReplicaState::Stored)];
+    upload(&*store, &new_image(&blob(1), now()), &copies).await;
+    let keep = shards(&["a", "b"]);
+    let surplus = copy_ref(&blob(1), "c");
+
+    assert!(store.lock_surplus_copy(&surplus, &keep).await.unwrap().is_none(), "b is not stored yet");
+    store.record_stored_copy(&copy_ref(&blob(1), "b")).await.unwrap();
+    assert!(store.lock_surplus_copy(&copy_ref(&blob(1), "a"), &keep).await.unwrap().is_none(), "a is kept");
+    assert!(store.lock_surplus_copy(&copy_ref(&blob(1), "z"), &keep).await.unwrap().is_none(), "z is not recorded");
+    assert!(store.lock_surplus_copy(&copy_ref(&blob(9), "c"), &keep).await.unwrap().is_none(), "no such blob");
+    assert!(store.lock_surplus_copy(&surplus, &[]).await.unwrap().is_none(), "nothing would be kept");
+
+    // The surplus copy has a task of its own, which goes with it.
+    store.record_missing_copy(&surplus).await.unwrap();
+    drop(store.lock_surplus_copy(&surplus, &keep).await.unwrap().expect("c is surplus"));
+    assert_eq!(store.find_blob_copies(&blob(1)).await.unwrap().unwrap().replicas.len(), 3, "a dropped guard");
+    let guard = store.lock_surplus_copy(&surplus, &shards(&["b", "a", "a"])).await.unwrap();
+    guard.expect("c is surplus").commit().await.unwrap();
+
+    let remaining = store.find_blob_copies(&blob(1)).await.unwrap().expect("the blob is referenced");
+    assert_eq!(remaining.replicas, [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Stored)]);
+    assert_eq!(stats(&*store).await, QueueStats::default());
+}
+
+async fn shard_usage_sums_copies_and_bytes(store: Arc<dyn MetadataStore>) {
+    assert!(store.shard_usage().await.unwrap().is_empty());
+    let small = NewImage { file_size: 100, ..new_image(&blob(1), now()) };
+    upload(&*store, &small, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+    let large = NewImage { file_size: 5_000_000_000, ..new_image(&blob(2), now()) };
+    upload(&*store, &large, &[copy("b", ReplicaState::Stored), copy("a", ReplicaState::Stored)]).await;
+
+    let expected = [
+        usage("a", ReplicaState::Stored, 2, 5_000_000_100),
+        usage("b", ReplicaState::Pending, 1, 100),
+        usage("b", ReplicaState::Stored, 1, 5_000_000_000),
+    ];
+    assert_eq!(store.shard_usage().await.unwrap(), expected);
+}
+
+async fn stranded_blobs_are_referenced_blobs_stored_only_on_unknown_shards(store: Arc<dyn MetadataStore>) {
+    let uploads: [&[Replica]; 4] = [
+        &[copy("a", ReplicaState::Stored), copy("x", ReplicaState::Stored)], // safe on a
+        &[copy("x", ReplicaState::Stored)],                                  // stranded
+        &[copy("x", ReplicaState::Stored), copy("a", ReplicaState::Pending)], // stranded
+        &[copy("a", ReplicaState::Pending)],                                 // lost, not stranded
+    ];
+    for (n, copies) in (1..).zip(uploads) {
+        upload(&*store, &new_image(&blob(n), now()), copies).await;
+    }
+    let doomed = new_image(&blob(5), now());
+    upload(&*store, &doomed, &[copy("x", ReplicaState::Stored)]).await;
+    store.delete_image(doomed.id).await.unwrap();
+
+    assert_eq!(store.count_stranded_blobs(&shards(&["a", "b"])).await.unwrap(), 2);
+    assert_eq!(store.count_stranded_blobs(&shards(&["a", "b", "x"])).await.unwrap(), 0);
+    assert_eq!(store.count_stranded_blobs(&[]).await.unwrap(), 3);
+}
+
+async fn job_cursors_round_trip(store: Arc<dyn MetadataStore>) {
+    assert_eq!(store.load_job_cursor("rebalance").await.unwrap(), None);
+    store.save_job_cursor("rebalance", Some(&blob(1))).await.unwrap();
+    store.save_job_cursor("rebalance", Some(&blob(2))).await.unwrap();
+    assert_eq!(store.load_job_cursor("rebalance").await.unwrap(), Some(blob(2)));
+    assert_eq!(store.load_job_cursor("scrub").await.unwrap(), None);
+
+    store.save_job_cursor("rebalance", None).await.unwrap();
+    assert_eq!(store.load_job_cursor("rebalance").await.unwrap(), None);
+}
+
+async fn blob_copies_are_listed_in_key_order(store: Arc<dyn MetadataStore>) {
+    upload(&*store, &new_image(&blob(3), now()), &[copy("b", ReplicaState::Stored), copy("a", ReplicaState::Pending)])
+        .await;
+    upload(&*store, &new_image(&blob(1), now()), &[copy("a", ReplicaState::Stored)]).await;
+    upload(&*store, &new_image(&blob(4), now()), &[]).await;
+    let doomed = new_image(&blob(2), now());
+    upload(&*store, &doomed, &[copy("c", ReplicaState::Stored)]).await;
+    store.delete_image(doomed.id).await.unwrap();
+
+    let expected = [
+        blob_copies(&blob(1), 1, vec![copy("a", ReplicaState::Stored)]),
+        blob_copies(&blob(2), 0, vec![copy("c", ReplicaState::Deleting)]),
+        blob_copies(&blob(3), 1, vec![copy("a", ReplicaState::Pending), copy("b", ReplicaState::Stored)]),
+        blob_copies(&blob(4), 1, vec![]),
+    ];
+    assert_eq!(store.list_blob_copies(None, 100).await.unwrap(), expected);
+    assert_eq!(store.list_blob_copies(None, 2).await.unwrap(), expected[..2]);
+    assert_eq!(store.list_blob_copies(Some(&blob(2)), 2).await.unwrap(), expected[2..]);
+    assert!(store.list_blob_copies(Some(&blob(4)), 2).await.unwrap().is_empty());
+    assert!(store.list_blob_copies(None, 0).await.unwrap().is_empty());
+
+    assert_eq!(store.find_blob_copies(&blob(3)).await.unwrap(), Some(expected[2].clone()));
+    assert_eq!(store.find_blob_copies(&blob(9)).await.unwrap(), None);
+}
+
 // ---- tests outside the shared suite ----
+
+/// Two instances (two pools) on one Postgres database, four workers each, drain one queue.
+/// A claim that let two workers take the same task (say, without `FOR UPDATE` in the claim's
+/// subquery, both would pick the same row from their snapshots and the second update would
+/// overwrite the first claim) shows up as a task running twice at once, or twice in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_instances_never_run_a_task_twice() {
+    const TASKS: u8 = 60;
+    const WORKERS_PER_INSTANCE: usize = 4;
+    let db = TestDatabase::create(DbKind::Postgres).await;
+    let first = open_store(&db).await;
+    let second = metadata::connect(&db.url).await.expect("opening a second instance");
+    for n in 0..TASKS {
+        let copies = [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)];
+        upload(&*first, &new_image(&blob(n), now()), &copies).await;
+    }
+
+    let running = Arc::new(Mutex::new(HashSet::new()));
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for (instance, store) in [first.clone(), second].into_iter().enumerate() {
+        for n in 0..WORKERS_PER_INSTANCE {
+            let worker = format!("instance-{instance}-worker-{n}");
+            let (store, running, ran) = (store.clone(), running.clone(), ran.clone());
+            workers.push(tokio::spawn(async move {
+                while let Some(task) = store.claim_task(&worker, Duration::from_secs(30)).await.unwrap() {
+                    assert!(running.lock().unwrap().insert(task.id), "task {} is running twice at once", task.id);
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    running.lock().unwrap().remove(&task.id);
+                    ran.lock().unwrap().push(task.id);
+                    assert!(store.complete_copy_task(&task, &worker).await.unwrap(), "{worker} lost task {}", task.id);
+                }
+            }));
+        }
+    }
+    let all_done = async {
+        for worker in workers {
+            worker.await.expect("a worker failed");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all_done).await.expect("the workers drain the queue within a minute");
+
+    let mut ran = ran.lock().unwrap().clone();
+    ran.sort_unstable();
+    let distinct: HashSet<i64> = ran.iter().copied().collect();
+    assert_eq!((ran.len(), distinct.len()), (usize::from(TASKS), usize::from(TASKS)), "every task ran exactly once");
+    assert_eq!(stats(&*first).await, QueueStats::default());
+    let counts = first.count_replicas_by_state().await.unwrap();
+    assert_eq!(counts, ReplicaCounts { stored: 2 * u64::from(TASKS), ..Default::default() });
+}
 
 #[tokio::test]
 async fn an_unreachable_postgres_is_unavailable_within_seconds() {
@@ -441,6 +900,52 @@ fn ids(records: &[ImageRecord]) -> Vec<Uuid> {
 async fn upload(store: &dyn MetadataStore, image: &NewImage, copies: &[Replica]) -> ImageRecord {
     let guard = store.lock_blob_for_upload(&image.blob, image.file_size).await.expect("locking the blob");
     guard.commit(image, copies).await.expect("committing the upload")
+}
+
+fn copy_task(blob: &BlobKey, shard: &str) -> (TaskKind, CopyRef) {
+    (TaskKind::Copy, copy_ref(blob, shard))
+}
+
+fn delete_task(blob: &BlobKey, shard: &str) -> (TaskKind, CopyRef) {
+    (TaskKind::Delete, copy_ref(blob, shard))
+}
+
+/// What the tasks are about, sorted by kind, blob and shard.
+fn targets(tasks: &[ReplicationTask]) -> Vec<(TaskKind, CopyRef)> {
+    let mut targets: Vec<_> = tasks.iter().map(|task| (task.kind, task.copy.clone())).collect();
+    targets.sort_by(|a, b| (a.0.as_str(), &a.1.blob, &a.1.shard).cmp(&(b.0.as_str(), &b.1.blob, &b.1.shard)));
+    targets
+}
+
+fn shards(names: &[&str]) -> Vec<String> {
+    names.iter().map(|name| name.to_string()).collect()
+}
+
+fn usage(shard: &str, state: ReplicaState, copies: u64, bytes: u64) -> ShardUsage {
+    ShardUsage { shard: shard.into(), state, copies, bytes }
+}
+
+/// A blob of the size `new_image` gives its images.
+fn blob_copies(blob: &BlobKey, ref_count: u64, replicas: Vec<Replica>) -> BlobCopies {
+    BlobCopies { blob: blob.clone(), size: 1234, ref_count, replicas }
+}
+
+async fn claim(store: &dyn MetadataStore, worker: &str) -> Option<ReplicationTask> {
+    store.claim_task(worker, LEASE).await.expect("claiming a task")
+}
+
+/// Claims every due task, oldest first.
+async fn claim_all(store: &dyn MetadataStore, worker: &str) -> Vec<ReplicationTask> {
+    let mut tasks = Vec::new();
+    while let Some(task) = claim(store, worker).await {
+        assert!(tasks.len() < 100, "claims never run dry: claimed tasks are claimed again");
+        tasks.push(task);
+    }
+    tasks
+}
+
+async fn stats(store: &dyn MetadataStore) -> QueueStats {
+    store.queue_stats().await.expect("reading the queue statistics")
 }
 
 /// Deletes one copy as the deletion worker does.

@@ -18,8 +18,9 @@ use super::AppState;
         super::images::remove,
         super::images::download,
         super::health::health,
+        super::admin::replication,
     ),
-    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health"))
+    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health and replication"))
 )]
 pub struct ApiDoc;
 

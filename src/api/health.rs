@@ -11,6 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use crate::storage::breaker::CircuitState;
 use crate::telemetry::error_chain;
 
 /// How long one component may take to answer before it counts as down.
@@ -22,8 +23,9 @@ pub fn router() -> Router<AppState> {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`: everything answers. `degraded`: serving, but a shard is down or copies are below
-    /// the replication factor. `unavailable`: the database or every shard is down.
+    /// `ok`: everything answers. `degraded`: serving, but a shard is down, a shard's circuit
+    /// is open, or copies are below the replication factor (`replicas.pending` or
+    /// `replicas.missing` above 0). `unavailable`: the database or every shard is down.
     pub status: &'static str,
     pub database: ComponentHealth,
     pub shards: Vec<ComponentHealth>,
@@ -38,6 +40,9 @@ pub struct ComponentHealth {
     pub backend: String,
     /// `ok` or `down`.
     pub status: &'static str,
+    /// Shards only: the circuit breaker's state (`closed`, `open`, `half_open`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<CircuitState>,
     pub latency_ms: f64,
     /// Why it is down: the cause, for the operator.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,16 +68,20 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let (database, shards) = tokio::join!(check_database(&state), state.router.check_health(CHECK_TIMEOUT));
     let shards: Vec<ComponentHealth> = shards
         .into_iter()
-        .map(|shard| component(shard.name, shard.backend, shard.latency, shard.result.err().map(|e| error_chain(&e))))
+        .map(|shard| ComponentHealth {
+            circuit: Some(shard.circuit.state),
+            ..component(shard.name, shard.backend, shard.latency, shard.result.err().map(|e| error_chain(&e)))
+        })
         .collect();
     let replicas = if database.error.is_none() { state.metadata.count_replicas_by_state().await.ok() } else { None };
 
     let database_up = database.error.is_none();
     let shards_up = shards.iter().filter(|shard| shard.error.is_none()).count();
     let under_replicated = replicas.is_some_and(|counts| counts.pending > 0 || counts.missing > 0);
+    let circuit_open = shards.iter().any(|shard| shard.circuit != Some(CircuitState::Closed));
     let (code, status) = match (database_up, shards_up) {
         (false, _) | (_, 0) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-        _ if shards_up < shards.len() || under_replicated => (StatusCode::OK, "degraded"),
+        _ if shards_up < shards.len() || under_replicated || circuit_open => (StatusCode::OK, "degraded"),
         _ => (StatusCode::OK, "ok"),
     };
     let replicas = replicas.map(|c| ReplicaSummary {
@@ -97,5 +106,5 @@ async fn check_database(state: &AppState) -> ComponentHealth {
 
 fn component(name: String, backend: String, latency: Duration, error: Option<String>) -> ComponentHealth {
     let status = if error.is_none() { "ok" } else { "down" };
-    ComponentHealth { name, backend, status, latency_ms: latency.as_secs_f64() * 1000.0, error }
+    ComponentHealth { name, backend, status, circuit: None, latency_ms: latency.as_secs_f64() * 1000.0, error }
 }

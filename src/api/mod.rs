@@ -1,6 +1,7 @@
 //! HTTP: routes, extractors, JSON shapes, status codes and the OpenAPI document. No SQL, no
 //! S3: handlers call the use cases in `images` and map their errors in `error`.
 
+pub mod admin;
 pub mod docs;
 pub mod error;
 pub mod health;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub metadata: Arc<dyn MetadataStore>,
     pub router: Arc<StorageRouter>,
     pub limits: Arc<UploadLimits>,
+    /// Replication workers running in this instance.
+    pub replication_workers: usize,
 }
 
 /// Limits on what a client may send.
@@ -41,6 +44,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(images::router(&state.limits))
         .merge(health::router())
+        .merge(admin::router())
         .merge(docs::router())
         .fallback(unknown_route)
         .with_state(state)

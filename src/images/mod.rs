@@ -7,3 +7,4 @@ pub mod filename;
 pub mod format;
 pub mod service;
 pub mod spool;
+pub mod verify;

@@ -10,10 +10,12 @@ use super::error::{ImageError, Result};
 use super::filename::Filename;
 use super::format::{self, ImageInfo};
 use super::spool::SpooledBody;
+use super::verify::{self, ReadError};
+use crate::blob::BlobKey;
 use crate::maintenance::deletion;
-use crate::metadata::{ImageRecord, MetadataStore, NewImage, Replica, ReplicaState};
-use crate::storage::router::{OpenedBlob, StorageRouter, WriteReceipt};
-use crate::storage::{BlobBody, BlobReader};
+use crate::metadata::{CopyRef, ImageRecord, MetadataStore, NewImage, Replica, ReplicaState};
+use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
+use crate::storage::{BlobBody, BlobReader, ByteStream, StorageError};
 
 /// How often an upload retries when a concurrent deletion removed the copy it had just written
 /// (see [`ImageService::store_new_blob`]). Each retry needs another deletion racing with it.
@@ -40,11 +42,13 @@ pub struct ImageFile {
 pub struct ImageService {
     metadata: Arc<dyn MetadataStore>,
     router: Arc<StorageRouter>,
+    /// Copies stored before an upload is acknowledged (`placement.write_quorum`).
+    write_quorum: usize,
 }
 
 impl ImageService {
-    pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>) -> Self {
-        Self { metadata, router }
+    pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>, write_quorum: usize) -> Self {
+        Self { metadata, router, write_quorum }
     }
 
     /// Validates and stores an upload, and records it. The image is visible only once its bytes
@@ -74,32 +78,38 @@ impl ImageService {
     /// Writes the bytes, then records them under the blob's lock.
     ///
     /// The write happens before the lock so that a slow upload does not hold it. Meanwhile a
-    /// deletion of the same blob (its last reference going away) may remove the copy just
+    /// deletion of the same blob (its last reference going away) may remove a copy just
     /// written; deletions hold the same lock while they remove a copy, so once the lock is ours
-    /// a check that the copy exists is final, and the commit makes the blob referenced again.
+    /// a check that the copies exist is final, and the commit makes the blob referenced again.
     async fn store_new_blob(&self, image: &NewImage, body: &BlobBody) -> Result<ImageRecord> {
         for _ in 0..STORE_ATTEMPTS {
             let receipt = self
                 .router
-                .write_to_first_available(&image.blob, body)
+                .write_copies(&image.blob, body, self.write_quorum)
                 .await
                 .map_err(ImageError::StorageUnavailable)?;
             let guard = self.metadata.lock_blob_for_upload(&image.blob, image.file_size).await?;
-            match self.router.fetch_len_on(&receipt.shard, &image.blob).await {
-                Ok(len) if len == image.file_size => {
-                    let record = guard.commit(image, &copies_after_write(&receipt)).await?;
-                    tracing::info!(id = %record.id, blob = %record.blob, shard = %receipt.shard, "stored a new blob");
-                    return Ok(record);
-                }
-                outcome => {
-                    tracing::warn!(shard = %receipt.shard, blob = %image.blob, ?outcome, "the copy just written is gone; writing again")
-                }
+            if self.copies_still_exist(&receipt, image).await {
+                let record = guard.commit(image, &copies_after_write(&receipt)).await?;
+                tracing::info!(id = %record.id, blob = %record.blob, shards = ?receipt.stored, "stored a new blob");
+                return Ok(record);
             }
+            tracing::warn!(blob = %image.blob, "a copy just written is gone (a concurrent deletion); writing again");
         }
         Err(ImageError::Internal {
             context: "storing the blob: its copy kept disappearing",
             source: format!("{STORE_ATTEMPTS} attempts raced with deletions").into(),
         })
+    }
+
+    async fn copies_still_exist(&self, receipt: &WriteReceipt, image: &NewImage) -> bool {
+        for shard in &receipt.stored {
+            match self.router.fetch_len_on(shard, &image.blob).await {
+                Ok(len) if len == image.file_size => {}
+                _ => return false,
+            }
+        }
+        true
     }
 
     pub async fn find(&self, id: &str) -> Result<ImageRecord> {
@@ -124,25 +134,59 @@ impl ImageService {
         Ok(ImagePage { items, next_cursor })
     }
 
-    /// Opens the image's bytes from the first stored copy that answers, in read order.
+    /// Opens the image's bytes from the first stored copy that answers, in read order, and
+    /// checks them against the blob's SHA-256. A holder that lacks the blob or serves wrong
+    /// bytes is recorded `Missing` with a repair queued (read repair), and the next one is tried.
     pub async fn open_file(&self, record: ImageRecord) -> Result<ImageFile> {
         let holders: Vec<&str> =
             record.replicas.iter().filter(|r| r.state == ReplicaState::Stored).map(|r| r.shard.as_str()).collect();
-        let OpenedBlob { reader, lacking, .. } =
-            self.router.open_from_holders(&record.blob, &holders).await.map_err(ImageError::StorageUnavailable)?;
-        self.mark_missing(&record, &lacking).await;
-        Ok(ImageFile { record, reader })
-    }
-
-    /// Records copies that a read found absent, so they are not tried first again and repair
-    /// can restore them. Best effort: the read itself already succeeded.
-    async fn mark_missing(&self, record: &ImageRecord, lacking: &[String]) {
-        for shard in lacking {
-            let copy = crate::metadata::CopyRef { blob: record.blob.clone(), shard: shard.clone() };
-            if let Err(error) = self.metadata.set_replica_state(&copy, ReplicaState::Missing).await {
-                tracing::warn!(%shard, blob = %record.blob, error = %error, "could not record a missing copy");
+        let mut attempts = Vec::new();
+        for shard in self.router.read_order(&record.blob, &holders) {
+            match self.open_checked(&record, shard).await {
+                Ok(stream) => return Ok(ImageFile { reader: BlobReader { len: record.file_size, stream }, record }),
+                Err(HolderFailure::Bad(problem)) => {
+                    tracing::warn!(%shard, blob = %record.blob, %problem, "bad copy; reading the next holder");
+                    self.queue_repair(&record.blob, shard).await;
+                    attempts.push((shard.to_owned(), StorageError::Other { reason: problem, source: None }));
+                }
+                Err(HolderFailure::Unreachable(error)) => {
+                    tracing::warn!(%shard, blob = %record.blob, %error, "holder failed; reading the next one");
+                    attempts.push((shard.to_owned(), error));
+                }
             }
         }
+        let error = RouterError::NoShardAvailable { operation: "read", key: record.blob.clone(), attempts };
+        Err(ImageError::StorageUnavailable(error))
+    }
+
+    /// Opens one holder's copy: small blobs are read and checked whole, large ones are checked
+    /// as they stream (a bad one then ends the response with an error, and is queued for repair).
+    async fn open_checked(&self, record: &ImageRecord, shard: &str) -> Result<ByteStream, HolderFailure> {
+        let reader = self.router.open_on(shard, &record.blob).await.map_err(|error| match error {
+            RouterError::Shard { source, .. } if source.is_not_found() => {
+                HolderFailure::Bad("the object is absent".into())
+            }
+            RouterError::Shard { source, .. } => HolderFailure::Unreachable(source),
+            other => HolderFailure::Unreachable(StorageError::Other { reason: other.to_string(), source: None }),
+        })?;
+        if record.file_size <= verify::CHECK_BEFORE_SENDING {
+            return match verify::read_checked(reader, &record.blob, record.file_size).await {
+                Ok(bytes) => Ok(Box::pin(futures::stream::once(async move { Ok(bytes) }))),
+                Err(ReadError::Corrupt(problem)) => Err(HolderFailure::Bad(problem)),
+                Err(ReadError::Io(error)) => {
+                    Err(HolderFailure::Unreachable(StorageError::other("reading the copy", error)))
+                }
+            };
+        }
+        let (metadata, copy) = (self.metadata.clone(), CopyRef { blob: record.blob.clone(), shard: shard.to_owned() });
+        Ok(verify::checked_stream(reader.stream, record.blob.clone(), record.file_size, move |problem| {
+            tracing::warn!(shard = %copy.shard, blob = %copy.blob, %problem, "a streamed copy was bad");
+            tokio::spawn(async move { queue_repair(metadata.as_ref(), &copy).await });
+        }))
+    }
+
+    async fn queue_repair(&self, blob: &BlobKey, shard: &str) {
+        queue_repair(self.metadata.as_ref(), &CopyRef { blob: blob.clone(), shard: shard.to_owned() }).await;
     }
 
     /// Deletes the image. When it held the blob's last reference every copy is deleted now;
@@ -157,16 +201,31 @@ impl ImageService {
     }
 }
 
-/// The copies to record after a write: the one written is stored, the rest of the write set
+/// Why one holder could not serve a read.
+enum HolderFailure {
+    /// The copy is absent or its bytes are wrong: repair it.
+    Bad(String),
+    /// The shard did not answer.
+    Unreachable(StorageError),
+}
+
+/// Records a copy as missing and queues its repair. Best effort: the read goes on regardless.
+async fn queue_repair(metadata: &dyn MetadataStore, copy: &CopyRef) {
+    if let Err(error) = metadata.record_missing_copy(copy).await {
+        tracing::warn!(shard = %copy.shard, blob = %copy.blob, %error, "could not queue the repair of a bad copy");
+    }
+}
+
+/// The copies to record after a write: those written are stored, the rest of the write set
 /// is pending for replication.
 fn copies_after_write(receipt: &WriteReceipt) -> Vec<Replica> {
-    let written = Replica { shard: receipt.shard.clone(), state: ReplicaState::Stored };
+    let stored = receipt.stored.iter().map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Stored });
     let pending = receipt
         .write_set
         .iter()
-        .filter(|shard| **shard != receipt.shard)
+        .filter(|shard| !receipt.stored.contains(shard))
         .map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Pending });
-    std::iter::once(written).chain(pending).collect()
+    stored.chain(pending).collect()
 }
 
 /// Reads the format and dimensions, off the async threads when the body is on disk.
@@ -212,7 +271,7 @@ mod tests {
 
     #[test]
     fn the_written_copy_is_stored_and_the_rest_of_the_write_set_pending() {
-        let receipt = WriteReceipt { shard: "c".into(), write_set: vec!["a".into(), "b".into()] };
+        let receipt = WriteReceipt { stored: vec!["c".into()], write_set: vec!["a".into(), "b".into()] };
         let copies = copies_after_write(&receipt);
         assert_eq!(copies[0], Replica { shard: "c".into(), state: ReplicaState::Stored });
         assert_eq!(

@@ -1,10 +1,11 @@
 //! Removing the copies of blobs that lost their last reference.
 //!
-//! The decision to delete is durable: `delete_image` marks every copy `Deleting` in the same
-//! transaction that drops the last reference. This module carries it out, right after the
-//! delete and again from a periodic sweep, so a copy on a shard that was down is removed once
-//! the shard is back. Each copy is removed under the blob's lock (see `metadata`), so an upload
-//! of the same bytes racing with the deletion never ends up pointing at a deleted copy.
+//! The decision to delete is durable: `delete_image` marks every copy `Deleting` and queues a
+//! `Delete` task per copy in the same transaction that drops the last reference. The copies are
+//! removed right after the delete, and whatever fails then (a shard that is down) is retried by
+//! the replication workers from the queue. Each copy is removed under the blob's lock (see
+//! `metadata`), so an upload of the same bytes racing with the deletion never ends up pointing
+//! at a deleted copy.
 
 use std::time::Duration;
 
@@ -13,8 +14,8 @@ use crate::metadata::{CopyRef, MetadataStore};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
-/// How many copies one sweep pass handles.
-const SWEEP_BATCH: u32 = 100;
+/// How long one object deletion may hold the blob's lock.
+const DELETE_UNDER_LOCK: Duration = Duration::from_secs(3);
 
 /// What one attempt to delete a copy did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +23,7 @@ pub enum DeletionOutcome {
     Deleted,
     /// The blob is referenced again, or another worker already removed the copy.
     NoLongerWanted,
-    /// The shard or the database failed; the copy stays `Deleting` for a later sweep.
+    /// The shard or the database failed; the copy stays `Deleting`, its task queued for a retry.
     Failed(String),
 }
 
@@ -33,8 +34,12 @@ pub async fn try_delete_copy(metadata: &dyn MetadataStore, router: &StorageRoute
         Ok(None) => return DeletionOutcome::NoLongerWanted,
         Err(error) => return DeletionOutcome::Failed(error.to_string()),
     };
-    if let Err(error) = router.delete_on(&copy.shard, &copy.blob).await {
-        return DeletionOutcome::Failed(error_chain(&error));
+    // The blob's lock is held meanwhile (on SQLite, the whole database's write lock), so a
+    // slow shard must not keep it long: give up and let the retry try again.
+    match tokio::time::timeout(DELETE_UNDER_LOCK, router.delete_on(&copy.shard, &copy.blob)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return DeletionOutcome::Failed(error_chain(&error)),
+        Err(_) => return DeletionOutcome::Failed(format!("no answer within {} s", DELETE_UNDER_LOCK.as_secs())),
     }
     match guard.commit().await {
         Ok(()) => DeletionOutcome::Deleted,
@@ -42,51 +47,12 @@ pub async fn try_delete_copy(metadata: &dyn MetadataStore, router: &StorageRoute
     }
 }
 
-/// Deletes every copy of an unreferenced blob, logging the ones that must wait for the sweep.
+/// Deletes every copy of an unreferenced blob, logging the ones left for the workers.
 pub async fn delete_copies_of(metadata: &dyn MetadataStore, router: &StorageRouter, blob: &BlobKey) {
     for shard in router.shards().iter().map(|shard| shard.name.clone()) {
         let copy = CopyRef { blob: blob.clone(), shard };
         if let DeletionOutcome::Failed(reason) = try_delete_copy(metadata, router, &copy).await {
-            tracing::warn!(blob = %copy.blob, shard = %copy.shard, %reason, "copy left for the deletion sweep");
-        }
-    }
-}
-
-/// One pass over the copies awaiting deletion. Returns how many were deleted.
-pub async fn sweep_once(metadata: &dyn MetadataStore, router: &StorageRouter) -> usize {
-    let copies = match metadata.copies_awaiting_deletion(SWEEP_BATCH).await {
-        Ok(copies) => copies,
-        Err(error) => {
-            tracing::warn!(%error, "deletion sweep could not read its work");
-            return 0;
-        }
-    };
-    let mut deleted = 0;
-    for copy in &copies {
-        match try_delete_copy(metadata, router, copy).await {
-            DeletionOutcome::Deleted => deleted += 1,
-            DeletionOutcome::NoLongerWanted => {}
-            DeletionOutcome::Failed(reason) => {
-                tracing::debug!(blob = %copy.blob, shard = %copy.shard, %reason, "deletion deferred")
-            }
-        }
-    }
-    deleted
-}
-
-/// Runs the sweep forever, every `interval`.
-pub async fn run_sweeper(
-    metadata: std::sync::Arc<dyn MetadataStore>,
-    router: std::sync::Arc<StorageRouter>,
-    interval: Duration,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let deleted = sweep_once(metadata.as_ref(), &router).await;
-        if deleted > 0 {
-            tracing::info!(deleted, "deletion sweep removed copies");
+            tracing::warn!(blob = %copy.blob, shard = %copy.shard, %reason, "copy left for the replication workers");
         }
     }
 }

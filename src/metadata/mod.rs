@@ -10,10 +10,12 @@
 //! reference to its blob has been committed, and no upload records a copy that a deleter removed.
 
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -118,6 +120,76 @@ pub struct DeletedImage {
     pub blob: BlobKey,
     /// True when this was the blob's last reference: every copy is now `Deleting`.
     pub blob_unreferenced: bool,
+}
+
+/// What a replication task does to its copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    /// Create (or restore) the copy from a stored holder, verify it, and record it `Stored`.
+    Copy,
+    /// Remove the copy of a blob that lost its last reference (under the blob's lock).
+    Delete,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Copy => "copy",
+            TaskKind::Delete => "delete",
+        }
+    }
+}
+
+/// One unit of background replication work, as claimed by a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationTask {
+    pub id: i64,
+    pub kind: TaskKind,
+    pub copy: CopyRef,
+    /// Failed attempts so far (a claim that expired because its worker died is not counted).
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// The replication queue at a glance, for `/api/v1/admin/replication` and health.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueStats {
+    pub copy_tasks: u64,
+    pub delete_tasks: u64,
+    /// Age of the oldest task (by creation), measured on the database's clock.
+    pub oldest_task_age: Option<std::time::Duration>,
+    /// Per target shard: tasks that have failed at least once.
+    pub failing: Vec<ShardFailures>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardFailures {
+    pub shard: String,
+    /// Tasks for this shard with at least one failed attempt.
+    pub failing_tasks: u64,
+    /// Failed attempts summed over those tasks.
+    pub failed_attempts: u64,
+    /// The most recent error recorded for this shard.
+    pub last_error: Option<String>,
+}
+
+/// A blob and every recorded copy of it, for workers and operator tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobCopies {
+    pub blob: BlobKey,
+    pub size: u64,
+    pub ref_count: u64,
+    /// Sorted by shard name.
+    pub replicas: Vec<Replica>,
+}
+
+/// Copies and bytes on one shard, by state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardUsage {
+    pub shard: String,
+    pub state: ReplicaState,
+    pub copies: u64,
+    pub bytes: u64,
 }
 
 /// How many copies are in each state, for health and metrics.
@@ -230,6 +302,89 @@ pub trait MetadataStore: Send + Sync {
     async fn set_replica_state(&self, copy: &CopyRef, state: ReplicaState) -> MetaResult<()>;
 
     async fn count_replicas_by_state(&self) -> MetaResult<ReplicaCounts>;
+
+    // ---- The replication queue (DESIGN invariant 3) -------------------------------------
+    //
+    // Tasks are rows committed in the same transaction as the change that needs them:
+    // `UploadGuard::commit` queues a `Copy` task for every copy it records `Pending`;
+    // `delete_image` queues a `Delete` task for every copy it marks `Deleting`;
+    // `record_missing_copy` queues a `Copy` task to restore the copy. There is at most one task
+    // per (blob, shard, kind): queueing one that exists makes it due now instead.
+    //
+    // A worker claims a due task for a lease; while the lease runs no other worker (in this
+    // process or another one on the same Postgres, claimed with `FOR UPDATE SKIP LOCKED`) can
+    // claim it. A worker that dies leaves its claim to expire. Every call that ends a task
+    // checks the claim is still the caller's, and does nothing (returning `false`) if not.
+
+    /// Claims the due task that has waited longest (`next_attempt_at <= now`, unclaimed or
+    /// with an expired claim), for `lease`, on behalf of `worker`.
+    async fn claim_task(&self, worker: &str, lease: Duration) -> MetaResult<Option<ReplicationTask>>;
+
+    /// Extends the caller's claim (a heartbeat during long copies). `false` if it was lost.
+    async fn extend_claim(&self, task: i64, worker: &str, lease: Duration) -> MetaResult<bool>;
+
+    /// A copy task succeeded: in one transaction, records the copy `Stored` and removes the
+    /// task. If the blob has lost every reference meanwhile, the copy is recorded `Deleting`
+    /// with a `Delete` task instead, so the new object is removed like the others.
+    async fn complete_copy_task(&self, task: &ReplicationTask, worker: &str) -> MetaResult<bool>;
+
+    /// Removes a task that is done or moot (a deletion carried out, a blob that no longer exists).
+    async fn finish_task(&self, task: i64, worker: &str) -> MetaResult<bool>;
+
+    /// Records a failed attempt: `attempts + 1`, the error, due again after `retry_after`, and
+    /// the claim released. A task is never dropped for failing.
+    async fn fail_task(&self, task: i64, worker: &str, error: &str, retry_after: Duration) -> MetaResult<bool>;
+
+    /// Releases every claim `worker` holds (graceful shutdown), so other workers take them now.
+    async fn release_claims(&self, worker: &str) -> MetaResult<u64>;
+
+    /// Read repair: a `Stored` copy found absent or corrupt becomes `Missing`, and a `Copy` task
+    /// to restore it is queued, in one transaction. Copies in another state are left alone.
+    async fn record_missing_copy(&self, copy: &CopyRef) -> MetaResult<()>;
+
+    async fn queue_stats(&self) -> MetaResult<QueueStats>;
+
+    // ---- Operator tools: rebalance, scrub, drain -------------------------------------------
+
+    /// One blob and its copies, or `None` if it is not recorded.
+    async fn find_blob_copies(&self, blob: &BlobKey) -> MetaResult<Option<BlobCopies>>;
+
+    /// Up to `limit` blobs in key order, strictly after `after`, with their copies.
+    async fn list_blob_copies(&self, after: Option<&BlobKey>, limit: u32) -> MetaResult<Vec<BlobCopies>>;
+
+    /// Records a copy that an operator tool wrote and verified as `Stored` (inserting or
+    /// updating its row), and removes any `Copy` task for it. If the blob has no reference
+    /// left, the copy is recorded `Deleting` with a `Delete` task instead and `false` is
+    /// returned. If the blob has no row at all, nothing is recorded (there is no size to record
+    /// it with) and `false` is returned: the object is an orphan for scrub.
+    async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool>;
+
+    /// Locks the blob's row to remove a surplus copy (one on a shard outside `keep`, the
+    /// blob's current write set). Returns `None`, changing nothing, unless the copy is recorded,
+    /// its shard is not in `keep`, `keep` is not empty, and every shard in `keep` holds a
+    /// `Stored` copy: a copy is never removed before its replacements are recorded. Hold the
+    /// guard while deleting the object, then commit it (which forgets the copy and any task
+    /// for it).
+    async fn lock_surplus_copy(
+        &self,
+        copy: &CopyRef,
+        keep: &[String],
+    ) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>>;
+
+    /// Copies and bytes per shard and state.
+    async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>>;
+
+    /// Referenced blobs that have at least one `Stored` copy, all of them on shards outside
+    /// `known_shards` (the shards of the config): removing those shards would lose them. A
+    /// blob with no `Stored` copy anywhere is lost already, not stranded, and is not counted.
+    async fn count_stranded_blobs(&self, known_shards: &[String]) -> MetaResult<u64>;
+
+    /// Where a resumable job (`"rebalance"`, `"scrub"`) stopped; `None` if it has not started
+    /// or finished.
+    async fn load_job_cursor(&self, job: &str) -> MetaResult<Option<BlobKey>>;
+
+    /// Saves (or, with `None`, clears) a job's position.
+    async fn save_job_cursor(&self, job: &str, cursor: Option<&BlobKey>) -> MetaResult<()>;
 }
 
 /// Holds the lock on a blob's row during an upload; see [`MetadataStore::lock_blob_for_upload`].
@@ -247,7 +402,8 @@ pub trait UploadGuard: Send {
 /// [`MetadataStore::lock_copy_for_deletion`].
 #[async_trait]
 pub trait CopyDeletionGuard: Send {
-    /// Forgets the copy, and the blob once it has no copy left, and commits.
+    /// Forgets the copy and every task for it, and the blob once it has no copy left, and
+    /// commits.
     async fn commit(self: Box<Self>) -> MetaResult<()>;
 }
 

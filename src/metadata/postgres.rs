@@ -3,9 +3,18 @@
 //! Dedup and deletion decide under a row lock on the blob (invariant 7): the upload lock, the
 //! copy-deletion lock, the dedup increment and the image deletion all lock `blobs.checksum`
 //! before they read what they decide on, so they take turns on the same blob.
+//!
+//! Lock order: a transaction that changes a blob's copies or replication tasks locks the blob's
+//! row first, then copy rows, then task rows. The claim and the statements that end one task
+//! touch task rows only, one statement each. So no two transactions wait for each other in a
+//! cycle. (Inserting a task also takes a key-share lock on its blob for the foreign key; the
+//! transaction already holds a stronger lock on that row.)
+//!
+//! Time is the database's: `now()` (the transaction's start) in the short transactions, and
+//! `clock_timestamp()` where a task is queued, since an upload guard queues at the end of a
+//! transaction that was open for the whole upload.
 
-use std::fmt::Display;
-use std::num::TryFromIntError;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,9 +23,14 @@ use sqlx::postgres::{PgConnection, PgExecutor, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use super::rows::{
+    BlobCopyRow, ShardFailuresRow, ShardUsageRow, TaskRow, age_from_micros, blob_copies_from_rows, duration_micros,
+    from_column, parse_blob_key, shard_failures_from_rows, shard_usage_from_rows, sql_error, to_column,
+};
 use super::{
-    CopyDeletionGuard, CopyRef, DeletedImage, ImageRecord, ListPosition, MetaResult, MetadataError, MetadataStore,
-    NewImage, Replica, ReplicaCounts, ReplicaState, UploadGuard,
+    BlobCopies, CopyDeletionGuard, CopyRef, DeletedImage, ImageRecord, ListPosition, MetaResult, MetadataError,
+    MetadataStore, NewImage, QueueStats, Replica, ReplicaCounts, ReplicaState, ReplicationTask, ShardUsage, TaskKind,
+    UploadGuard,
 };
 use crate::blob::BlobKey;
 
@@ -83,6 +97,129 @@ const RECORD_COPY: &str = "
 const FORGET_BARE_BLOB: &str = "
     DELETE FROM blobs
     WHERE checksum = $1 AND ref_count = 0
+      AND NOT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1)";
+
+/// Queues a task; queueing one that exists makes it due now if it was due later (its attempts
+/// and last error stay).
+const QUEUE_TASK: &str = "
+    INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at)
+    VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp())
+    ON CONFLICT (blob_checksum, shard, kind) DO UPDATE
+    SET next_attempt_at = excluded.next_attempt_at
+    WHERE replication_tasks.next_attempt_at > excluded.next_attempt_at";
+
+/// Queues a `copy` task for one copy, if it is `pending`.
+const QUEUE_COPY_IF_PENDING: &str = "
+    INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at)
+    SELECT blob_checksum, shard, 'copy', clock_timestamp(), clock_timestamp()
+    FROM replicas WHERE blob_checksum = $1 AND shard = $2 AND state = 'pending'
+    ON CONFLICT (blob_checksum, shard, kind) DO UPDATE
+    SET next_attempt_at = excluded.next_attempt_at
+    WHERE replication_tasks.next_attempt_at > excluded.next_attempt_at";
+
+/// Queues a `delete` task for every copy of a blob.
+const QUEUE_DELETE_FOR_EVERY_COPY: &str = "
+    INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at)
+    SELECT blob_checksum, shard, 'delete', clock_timestamp(), clock_timestamp()
+    FROM replicas WHERE blob_checksum = $1
+    ON CONFLICT (blob_checksum, shard, kind) DO UPDATE
+    SET next_attempt_at = excluded.next_attempt_at
+    WHERE replication_tasks.next_attempt_at > excluded.next_attempt_at";
+
+/// Claims the due task that has waited longest. `SKIP LOCKED` lets claimers pass each other
+/// instead of queueing on the same row; `FOR UPDATE` makes Postgres re-check the condition on
+/// the newest version of the row it locked, so a task another worker has just claimed is
+/// passed over rather than claimed twice.
+const CLAIM_TASK: &str = "
+    UPDATE replication_tasks
+    SET claimed_by = $1, claimed_until = now() + $2 * INTERVAL '1 microsecond'
+    WHERE id = (
+        SELECT id FROM replication_tasks
+        WHERE next_attempt_at <= now() AND (claimed_until IS NULL OR claimed_until < now())
+        ORDER BY next_attempt_at, id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED)
+    RETURNING id, kind, blob_checksum, shard, attempts::BIGINT AS attempts, last_error";
+
+const EXTEND_CLAIM: &str = "
+    UPDATE replication_tasks SET claimed_until = now() + $3 * INTERVAL '1 microsecond'
+    WHERE id = $1 AND claimed_by = $2";
+
+const FAIL_TASK: &str = "
+    UPDATE replication_tasks
+    SET attempts = attempts + 1, last_error = $3, last_failed_at = now(),
+        next_attempt_at = now() + $4 * INTERVAL '1 microsecond',
+        claimed_by = NULL, claimed_until = NULL
+    WHERE id = $1 AND claimed_by = $2";
+
+/// Removes the caller's claimed copy task, which must be the copy the caller names.
+const FINISH_CLAIMED_COPY_TASK: &str = "
+    DELETE FROM replication_tasks
+    WHERE id = $1 AND claimed_by = $2 AND kind = 'copy' AND blob_checksum = $3 AND shard = $4";
+
+const QUEUE_STATS: &str = "
+    SELECT COUNT(*) FILTER (WHERE kind = 'copy') AS copy_tasks,
+           COUNT(*) FILTER (WHERE kind = 'delete') AS delete_tasks,
+           (EXTRACT(EPOCH FROM clock_timestamp() - MIN(created_at)) * 1000000)::BIGINT AS oldest_age
+    FROM replication_tasks";
+
+/// Per shard, the tasks that failed at least once, and the error of the latest failure.
+const SHARD_FAILURES: &str = "
+    SELECT t.shard, COUNT(*) AS failing_tasks, SUM(t.attempts)::BIGINT AS failed_attempts,
+           (SELECT l.last_error FROM replication_tasks AS l
+            WHERE l.shard = t.shard AND l.attempts > 0
+            ORDER BY l.last_failed_at DESC NULLS LAST, l.id DESC
+            LIMIT 1) AS last_error
+    FROM replication_tasks AS t
+    WHERE t.attempts > 0
+    GROUP BY t.shard";
+
+const BLOB_COPIES: &str = "
+    SELECT b.checksum, b.size, b.ref_count, r.shard, r.state
+    FROM blobs AS b
+    LEFT JOIN replicas AS r ON r.blob_checksum = b.checksum
+    WHERE b.checksum = $1";
+
+/// Every key sorts after the empty string, so `$1 = ''` reads the first page.
+const BLOB_COPIES_PAGE: &str = "
+    SELECT b.checksum, b.size, b.ref_count, r.shard, r.state
+    FROM (SELECT checksum, size, ref_count FROM blobs
+          WHERE checksum > $1 ORDER BY checksum LIMIT $2) AS b
+    LEFT JOIN replicas AS r ON r.blob_checksum = b.checksum
+    ORDER BY b.checksum";
+
+/// Whether a copy is recorded and every shard of `$3` (distinct, `$4` of them) holds a
+/// `stored` copy of its blob.
+const SURPLUS_COPY_IS_REMOVABLE: &str = "
+    SELECT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND shard = $2)
+       AND (SELECT COUNT(*) FROM replicas
+            WHERE blob_checksum = $1 AND state = 'stored' AND shard = ANY($3)) = $4";
+
+const SHARD_USAGE: &str = "
+    SELECT r.shard, r.state, COUNT(*) AS copies, COALESCE(SUM(b.size), 0)::BIGINT AS bytes
+    FROM replicas AS r
+    JOIN blobs AS b ON b.checksum = r.blob_checksum
+    GROUP BY r.shard, r.state";
+
+/// Referenced blobs with a `stored` copy outside the known shards and none on them.
+const COUNT_STRANDED_BLOBS: &str = "
+    SELECT COUNT(*) FROM blobs AS b
+    WHERE b.ref_count > 0
+      AND EXISTS (SELECT 1 FROM replicas AS r
+                  WHERE r.blob_checksum = b.checksum AND r.state = 'stored' AND r.shard <> ALL($1))
+      AND NOT EXISTS (SELECT 1 FROM replicas AS r
+                      WHERE r.blob_checksum = b.checksum AND r.state = 'stored' AND r.shard = ANY($1))";
+
+const SAVE_JOB_CURSOR: &str = "
+    INSERT INTO maintenance_jobs (name, cursor, updated_at) VALUES ($1, $2, now())
+    ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at";
+
+/// Tasks can only be left on a blob without copies by a bug, but they must not keep the blob
+/// row (their foreign key) alive: they go with it.
+const FORGET_TASKS_OF_BARE_BLOB: &str = "
+    DELETE FROM replication_tasks
+    WHERE blob_checksum = $1
+      AND EXISTS (SELECT 1 FROM blobs WHERE checksum = $1 AND ref_count = 0)
       AND NOT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1)";
 
 pub struct PostgresStore {
@@ -204,11 +341,7 @@ impl MetadataStore for PostgresStore {
     async fn lock_copy_for_deletion(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>> {
         const CONTEXT: &str = "locking a copy for deletion";
         let mut tx = self.begin(CONTEXT).await?;
-        let ref_count: Option<i64> = sqlx::query_scalar("SELECT ref_count FROM blobs WHERE checksum = $1 FOR UPDATE")
-            .bind(copy.blob.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(sql_error(CONTEXT))?;
+        let ref_count = lock_blob(&mut tx, &copy.blob).await?;
         let deleting = ref_count == Some(0) && copy_is_deleting(&mut tx, copy).await?;
         if !deleting {
             tx.rollback().await.map_err(sql_error(CONTEXT))?;
@@ -248,6 +381,219 @@ impl MetadataStore for PostgresStore {
         }
         Ok(counts)
     }
+
+    async fn claim_task(&self, worker: &str, lease: Duration) -> MetaResult<Option<ReplicationTask>> {
+        const CONTEXT: &str = "claiming a replication task";
+        let row = sqlx::query_as::<_, TaskRow>(CLAIM_TASK)
+            .bind(worker)
+            .bind(duration_micros(lease, CONTEXT)?)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        row.map(TaskRow::into_task).transpose()
+    }
+
+    async fn extend_claim(&self, task: i64, worker: &str, lease: Duration) -> MetaResult<bool> {
+        const CONTEXT: &str = "extending the claim on a replication task";
+        let extended = sqlx::query(EXTEND_CLAIM)
+            .bind(task)
+            .bind(worker)
+            .bind(duration_micros(lease, CONTEXT)?)
+            .execute(&self.pool)
+            .await
+            .map_err(sql_error(CONTEXT))?
+            .rows_affected();
+        Ok(extended == 1)
+    }
+
+    async fn complete_copy_task(&self, task: &ReplicationTask, worker: &str) -> MetaResult<bool> {
+        const CONTEXT: &str = "completing a copy task";
+        let mut tx = self.begin(CONTEXT).await?;
+        let ref_count = lock_blob(&mut tx, &task.copy.blob).await?;
+        let finished = sqlx::query(FINISH_CLAIMED_COPY_TASK)
+            .bind(task.id)
+            .bind(worker)
+            .bind(task.copy.blob.as_str())
+            .bind(&task.copy.shard)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?
+            .rows_affected();
+        if finished == 0 {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(false);
+        }
+        record_written_copy(&mut tx, &task.copy, ref_count.is_some_and(|count| count > 0)).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(true)
+    }
+
+    async fn finish_task(&self, task: i64, worker: &str) -> MetaResult<bool> {
+        let finished = sqlx::query("DELETE FROM replication_tasks WHERE id = $1 AND claimed_by = $2")
+            .bind(task)
+            .bind(worker)
+            .execute(&self.pool)
+            .await
+            .map_err(sql_error("finishing a replication task"))?
+            .rows_affected();
+        Ok(finished == 1)
+    }
+
+    async fn fail_task(&self, task: i64, worker: &str, error: &str, retry_after: Duration) -> MetaResult<bool> {
+        const CONTEXT: &str = "recording a failed replication task";
+        let failed = sqlx::query(FAIL_TASK)
+            .bind(task)
+            .bind(worker)
+            .bind(error)
+            .bind(duration_micros(retry_after, CONTEXT)?)
+            .execute(&self.pool)
+            .await
+            .map_err(sql_error(CONTEXT))?
+            .rows_affected();
+        Ok(failed == 1)
+    }
+
+    async fn release_claims(&self, worker: &str) -> MetaResult<u64> {
+        let released =
+            sqlx::query("UPDATE replication_tasks SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = $1")
+                .bind(worker)
+                .execute(&self.pool)
+                .await
+                .map_err(sql_error("releasing the claims of a worker"))?;
+        Ok(released.rows_affected())
+    }
+
+    async fn record_missing_copy(&self, copy: &CopyRef) -> MetaResult<()> {
+        const CONTEXT: &str = "recording a missing copy";
+        let mut tx = self.begin(CONTEXT).await?;
+        lock_blob(&mut tx, &copy.blob).await?;
+        let marked = sqlx::query(
+            "UPDATE replicas SET state = 'missing', updated_at = now()
+             WHERE blob_checksum = $1 AND shard = $2 AND state = 'stored'",
+        )
+        .bind(copy.blob.as_str())
+        .bind(&copy.shard)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql_error(CONTEXT))?
+        .rows_affected();
+        if marked > 0 {
+            queue_task(&mut tx, copy, TaskKind::Copy).await?;
+        }
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(())
+    }
+
+    async fn queue_stats(&self) -> MetaResult<QueueStats> {
+        const CONTEXT: &str = "reading the replication queue statistics";
+        let (copy_tasks, delete_tasks, oldest_age): (i64, i64, Option<i64>) =
+            sqlx::query_as(QUEUE_STATS).fetch_one(&self.pool).await.map_err(sql_error(CONTEXT))?;
+        let failures = sqlx::query_as::<_, ShardFailuresRow>(SHARD_FAILURES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        Ok(QueueStats {
+            copy_tasks: from_column(copy_tasks, "copy task count")?,
+            delete_tasks: from_column(delete_tasks, "delete task count")?,
+            oldest_task_age: age_from_micros(oldest_age),
+            failing: shard_failures_from_rows(failures)?,
+        })
+    }
+
+    async fn find_blob_copies(&self, blob: &BlobKey) -> MetaResult<Option<BlobCopies>> {
+        let rows = sqlx::query_as::<_, BlobCopyRow>(BLOB_COPIES)
+            .bind(blob.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_error("reading the copies of a blob"))?;
+        Ok(blob_copies_from_rows(rows)?.into_iter().next())
+    }
+
+    async fn list_blob_copies(&self, after: Option<&BlobKey>, limit: u32) -> MetaResult<Vec<BlobCopies>> {
+        let rows = sqlx::query_as::<_, BlobCopyRow>(BLOB_COPIES_PAGE)
+            .bind(after.map_or("", BlobKey::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_error("listing blobs with their copies"))?;
+        blob_copies_from_rows(rows)
+    }
+
+    async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool> {
+        const CONTEXT: &str = "recording a stored copy";
+        let mut tx = self.begin(CONTEXT).await?;
+        let Some(ref_count) = lock_blob(&mut tx, &copy.blob).await? else {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(false);
+        };
+        let referenced = ref_count > 0;
+        record_written_copy(&mut tx, copy, referenced).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(referenced)
+    }
+
+    async fn lock_surplus_copy(
+        &self,
+        copy: &CopyRef,
+        keep: &[String],
+    ) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>> {
+        const CONTEXT: &str = "locking a surplus copy";
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect::<BTreeSet<_>>().into_iter().collect();
+        if keep.is_empty() || keep.contains(&copy.shard.as_str()) {
+            return Ok(None);
+        }
+        let mut tx = self.begin(CONTEXT).await?;
+        let removable = lock_blob(&mut tx, &copy.blob).await?.is_some()
+            && sqlx::query_scalar(SURPLUS_COPY_IS_REMOVABLE)
+                .bind(copy.blob.as_str())
+                .bind(&copy.shard)
+                .bind(&keep)
+                .bind(to_column::<_, i64>(keep.len(), CONTEXT)?)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(sql_error(CONTEXT))?;
+        if !removable {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(None);
+        }
+        Ok(Some(Box::new(PgCopyDeletionGuard { tx, copy: copy.clone() })))
+    }
+
+    async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>> {
+        let rows = sqlx::query_as::<_, ShardUsageRow>(SHARD_USAGE)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_error("summing copies and bytes per shard"))?;
+        shard_usage_from_rows(rows)
+    }
+
+    async fn count_stranded_blobs(&self, known_shards: &[String]) -> MetaResult<u64> {
+        let count: i64 = sqlx::query_scalar(COUNT_STRANDED_BLOBS)
+            .bind(known_shards)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_error("counting blobs stored only on unknown shards"))?;
+        from_column(count, "stranded blob count")
+    }
+
+    async fn load_job_cursor(&self, job: &str) -> MetaResult<Option<BlobKey>> {
+        let cursor: Option<Option<String>> = sqlx::query_scalar("SELECT cursor FROM maintenance_jobs WHERE name = $1")
+            .bind(job)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql_error("loading the position of a job"))?;
+        cursor.flatten().map(|checksum| parse_blob_key(&checksum)).transpose()
+    }
+
+    async fn save_job_cursor(&self, job: &str, cursor: Option<&BlobKey>) -> MetaResult<()> {
+        sqlx::query(SAVE_JOB_CURSOR)
+            .bind(job)
+            .bind(cursor.map(BlobKey::as_str))
+            .execute(&self.pool)
+            .await
+            .map_err(sql_error("saving the position of a job"))?;
+        Ok(())
+    }
 }
 
 /// Holds the lock `LOCK_BLOB_FOR_UPLOAD` took; dropping it rolls back.
@@ -264,8 +610,12 @@ impl UploadGuard for PgUploadGuard {
         // A reference to another blob would leave this blob's count wrong: a caller bug.
         assert_eq!(image.blob, blob, "an upload guard commits an image of the blob it locked");
         forget_deleting_copies(&mut tx, &blob).await?;
+        forget_tasks(&mut tx, &blob, TaskKind::Delete).await?;
         for copy in copies {
             record_copy(&mut tx, &blob, copy).await?;
+            if copy.state == ReplicaState::Pending {
+                queue_copy_if_pending(&mut tx, &blob, &copy.shard).await?;
+            }
         }
         add_reference(&mut tx, &blob).await?;
         insert_image(&mut tx, image).await?;
@@ -275,7 +625,7 @@ impl UploadGuard for PgUploadGuard {
     }
 }
 
-/// Holds the lock `lock_copy_for_deletion` took; dropping it rolls back.
+/// Holds the lock `lock_copy_for_deletion` or `lock_surplus_copy` took; dropping it rolls back.
 struct PgCopyDeletionGuard {
     tx: Transaction<'static, Postgres>,
     copy: CopyRef,
@@ -292,10 +642,26 @@ impl CopyDeletionGuard for PgCopyDeletionGuard {
             .execute(&mut *tx)
             .await
             .map_err(sql_error(CONTEXT))?;
+        sqlx::query("DELETE FROM replication_tasks WHERE blob_checksum = $1 AND shard = $2")
+            .bind(copy.blob.as_str())
+            .bind(&copy.shard)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error("forgetting the tasks of a deleted copy"))?;
         forget_bare_blob(&mut tx, &copy.blob).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
         Ok(())
     }
+}
+
+/// Takes the blob's row lock, which every transaction that changes the blob's copies or tasks
+/// takes first. Returns the blob's reference count, or `None` if it is not recorded.
+async fn lock_blob(conn: &mut PgConnection, blob: &BlobKey) -> MetaResult<Option<i64>> {
+    sqlx::query_scalar("SELECT ref_count FROM blobs WHERE checksum = $1 FOR UPDATE")
+        .bind(blob.as_str())
+        .fetch_optional(conn)
+        .await
+        .map_err(sql_error("locking a blob"))
 }
 
 async fn copy_is_deleting(conn: &mut PgConnection, copy: &CopyRef) -> MetaResult<bool> {
@@ -330,11 +696,23 @@ async fn drop_reference(conn: &mut PgConnection, blob: &BlobKey) -> MetaResult<b
         .execute(&mut *conn)
         .await
         .map_err(sql_error("marking the copies of an unreferenced blob for deletion"))?;
+    // Copying is moot now; deleting is what the copies need.
+    forget_tasks(conn, blob, TaskKind::Copy).await?;
+    sqlx::query(QUEUE_DELETE_FOR_EVERY_COPY)
+        .bind(blob.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(sql_error("queueing the deletion of the copies of an unreferenced blob"))?;
     forget_bare_blob(conn, blob).await?;
     Ok(true)
 }
 
 async fn forget_bare_blob(conn: &mut PgConnection, blob: &BlobKey) -> MetaResult<()> {
+    sqlx::query(FORGET_TASKS_OF_BARE_BLOB)
+        .bind(blob.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(sql_error("forgetting the tasks of a blob without copies"))?;
     sqlx::query(FORGET_BARE_BLOB)
         .bind(blob.as_str())
         .execute(conn)
@@ -361,6 +739,56 @@ async fn record_copy(conn: &mut PgConnection, blob: &BlobKey, copy: &Replica) ->
         .execute(conn)
         .await
         .map_err(sql_error("recording a copy"))?;
+    Ok(())
+}
+
+/// Records a copy a worker or an operator tool has just written and verified: `stored` while
+/// the blob is referenced, otherwise `deleting` with a `delete` task, so the new object is
+/// removed like the blob's other copies. Either way the copy needs no `copy` task any more.
+async fn record_written_copy(conn: &mut PgConnection, copy: &CopyRef, referenced: bool) -> MetaResult<()> {
+    let state = if referenced { ReplicaState::Stored } else { ReplicaState::Deleting };
+    record_copy(conn, &copy.blob, &Replica { shard: copy.shard.clone(), state }).await?;
+    sqlx::query("DELETE FROM replication_tasks WHERE blob_checksum = $1 AND shard = $2 AND kind = 'copy'")
+        .bind(copy.blob.as_str())
+        .bind(&copy.shard)
+        .execute(&mut *conn)
+        .await
+        .map_err(sql_error("forgetting the copy task of a stored copy"))?;
+    if !referenced {
+        queue_task(conn, copy, TaskKind::Delete).await?;
+    }
+    Ok(())
+}
+
+async fn queue_task(conn: &mut PgConnection, copy: &CopyRef, kind: TaskKind) -> MetaResult<()> {
+    sqlx::query(QUEUE_TASK)
+        .bind(copy.blob.as_str())
+        .bind(&copy.shard)
+        .bind(kind.as_str())
+        .execute(conn)
+        .await
+        .map_err(sql_error("queueing a replication task"))?;
+    Ok(())
+}
+
+async fn queue_copy_if_pending(conn: &mut PgConnection, blob: &BlobKey, shard: &str) -> MetaResult<()> {
+    sqlx::query(QUEUE_COPY_IF_PENDING)
+        .bind(blob.as_str())
+        .bind(shard)
+        .execute(conn)
+        .await
+        .map_err(sql_error("queueing the copy of a pending copy"))?;
+    Ok(())
+}
+
+/// Forgets every task of one kind for a blob.
+async fn forget_tasks(conn: &mut PgConnection, blob: &BlobKey, kind: TaskKind) -> MetaResult<()> {
+    sqlx::query("DELETE FROM replication_tasks WHERE blob_checksum = $1 AND kind = $2")
+        .bind(blob.as_str())
+        .bind(kind.as_str())
+        .execute(conn)
+        .await
+        .map_err(sql_error("forgetting moot replication tasks"))?;
     Ok(())
 }
 
@@ -465,30 +893,4 @@ fn records_from_rows(rows: Vec<ImageRow>) -> MetaResult<Vec<ImageRecord>> {
         record.replicas.sort_by(|a, b| a.shard.cmp(&b.shard));
     }
     Ok(records)
-}
-
-fn parse_blob_key(checksum: &str) -> MetaResult<BlobKey> {
-    BlobKey::parse(checksum).map_err(|e| MetadataError::Corrupt(e.to_string()))
-}
-
-/// Converts a value for a signed column; one past the column's range is refused as a query error.
-fn to_column<S, T>(value: S, context: &'static str) -> MetaResult<T>
-where
-    T: TryFrom<S, Error = TryFromIntError>,
-{
-    T::try_from(value).map_err(|e| MetadataError::from_sqlx(context, sqlx::Error::Encode(Box::new(e))))
-}
-
-/// Converts a column back; a value out of range means the row is malformed.
-fn from_column<S, T>(value: S, column: &str) -> MetaResult<T>
-where
-    S: Copy + Display,
-    T: TryFrom<S>,
-{
-    T::try_from(value).map_err(|_| MetadataError::Corrupt(format!("{column} {value} is out of range")))
-}
-
-/// Sorts a driver error, saying what was being done.
-fn sql_error(context: &'static str) -> impl FnOnce(sqlx::Error) -> MetadataError {
-    move |source| MetadataError::from_sqlx(context, source)
 }

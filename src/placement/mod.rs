@@ -2,5 +2,6 @@
 //! no I/O, no clocks, no randomness, and the same config gives the same answer in every
 //! process and every version.
 
+pub mod plan;
 pub mod report;
 pub mod ring;

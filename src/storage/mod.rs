@@ -4,6 +4,7 @@
 //! its failures into [`StorageError`], so the router decides failover on `is_not_found()` /
 //! `is_unavailable()` and never matches on a backend's own error types.
 
+pub mod breaker;
 pub mod fs;
 pub mod router;
 pub mod s3;

@@ -7,21 +7,35 @@
 //! - *read order*: the shards recorded as holding a copy, sorted by their position in the
 //!   preference list (holders outside it, such as draining shards, come last).
 //!
-//! The router never consults metadata: callers pass the recorded holders in and record what the
-//! router reports back (DESIGN, "storage/ knows nothing of metadata").
+//! Every call to a shard goes through its circuit breaker, so a dead shard is skipped at once
+//! instead of costing a timeout per request. The router never consults metadata: callers pass
+//! the recorded holders in and record what the router reports back (DESIGN, "storage/ knows
+//! nothing of metadata").
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BlobBody, BlobReader, BlobStore, StorageError};
+use super::breaker::{BreakerSettings, CircuitBreaker, CircuitStatus};
+use super::{BlobBody, BlobReader, BlobStore, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
 use crate::placement::ring::{Ring, key_hash};
 
-/// A shard: its stable name and the backend that holds its objects.
+/// A shard: its stable name, the backend that holds its objects, and its circuit breaker.
 #[derive(Debug, Clone)]
 pub struct Shard {
     pub name: String,
     pub store: Arc<dyn BlobStore>,
+    breaker: Arc<CircuitBreaker>,
+}
+
+impl Shard {
+    pub fn new(name: String, store: Arc<dyn BlobStore>, breaker: BreakerSettings) -> Self {
+        Self { name, store, breaker: Arc::new(CircuitBreaker::new(breaker)) }
+    }
+
+    pub fn circuit(&self) -> CircuitStatus {
+        self.breaker.status()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +54,13 @@ pub enum RouterError {
     },
 }
 
+impl RouterError {
+    /// True when the shard answered that it lacks the blob.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RouterError::Shard { source, .. } if source.is_not_found())
+    }
+}
+
 fn describe_attempts(attempts: &[(String, StorageError)]) -> String {
     if attempts.is_empty() {
         return "no shard holds a copy".to_owned();
@@ -51,20 +72,11 @@ fn describe_attempts(attempts: &[(String, StorageError)]) -> String {
 /// Where a write landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteReceipt {
-    /// The shard that stored the bytes.
-    pub shard: String,
-    /// The write set: the shards the blob's copies belong on (may not include `shard` when the
-    /// whole write set was down).
+    /// The shards that stored the bytes, in preference order.
+    pub stored: Vec<String>,
+    /// The write set: the shards the blob's copies belong on (it may not include every shard
+    /// in `stored` when part of the write set was down).
     pub write_set: Vec<String>,
-}
-
-/// A blob opened for reading.
-#[derive(Debug)]
-pub struct OpenedBlob {
-    pub shard: String,
-    pub reader: BlobReader,
-    /// Holders tried first that answered that they do not have the blob.
-    pub lacking: Vec<String>,
 }
 
 /// How one shard answered a health check.
@@ -73,6 +85,7 @@ pub struct ShardHealth {
     pub name: String,
     pub backend: String,
     pub latency: Duration,
+    pub circuit: CircuitStatus,
     pub result: Result<(), StorageError>,
 }
 
@@ -136,14 +149,27 @@ impl StorageRouter {
         self.shards.iter().find(|shard| shard.name == name).ok_or_else(|| RouterError::UnknownShard(name.to_owned()))
     }
 
-    /// Writes the blob to the first shard of its preference list that takes it (DESIGN
-    /// invariant 4): a shard that is down does not fail the write while another can take it.
-    pub async fn write_to_first_available(&self, key: &BlobKey, body: &BlobBody) -> Result<WriteReceipt, RouterError> {
+    /// Writes the blob to the first `copies` shards of its preference list that take it (DESIGN
+    /// invariant 4): a shard that is down does not fail the write while others can take it.
+    /// Fails only when fewer than `copies` shards could; copies written by then are orphans
+    /// that scrub collects.
+    pub async fn write_copies(
+        &self,
+        key: &BlobKey,
+        body: &BlobBody,
+        copies: usize,
+    ) -> Result<WriteReceipt, RouterError> {
         let mut attempts = Vec::new();
+        let mut stored = Vec::with_capacity(copies);
         for index in self.preference_list(key) {
             let shard = &self.shards[index];
-            match shard.store.write_blob(key, body).await {
-                Ok(()) => return Ok(WriteReceipt { shard: shard.name.clone(), write_set: self.write_set(key) }),
+            match shard.breaker.call(shard.store.write_blob(key, body)).await {
+                Ok(()) => {
+                    stored.push(shard.name.clone());
+                    if stored.len() == copies {
+                        return Ok(WriteReceipt { stored, write_set: self.write_set(key) });
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(shard = %shard.name, %key, %error, "write failed; trying the next shard");
                     attempts.push((shard.name.clone(), error));
@@ -153,51 +179,67 @@ impl StorageRouter {
         Err(RouterError::NoShardAvailable { operation: "store", key: key.clone(), attempts })
     }
 
-    /// Opens the blob from the first holder, in read order, that serves it (invariant 5).
-    pub async fn open_from_holders(&self, key: &BlobKey, holders: &[&str]) -> Result<OpenedBlob, RouterError> {
-        let mut attempts = Vec::new();
-        let mut lacking = Vec::new();
-        for name in self.read_order(key, holders) {
-            let shard = self.shard(name)?;
-            match shard.store.read_blob(key).await {
-                Ok(reader) => return Ok(OpenedBlob { shard: shard.name.clone(), reader, lacking }),
-                Err(error) => {
-                    tracing::warn!(shard = %name, %key, %error, "read failed; trying the next holder");
-                    if error.is_not_found() {
-                        lacking.push(name.to_owned());
-                    }
-                    attempts.push((name.to_owned(), error));
-                }
-            }
-        }
-        Err(RouterError::NoShardAvailable { operation: "read", key: key.clone(), attempts })
+    pub async fn write_on(&self, shard: &str, key: &BlobKey, body: &BlobBody) -> Result<(), RouterError> {
+        self.on_shard(shard, |store| store.write_blob(key, body)).await
+    }
+
+    pub async fn open_on(&self, shard: &str, key: &BlobKey) -> Result<BlobReader, RouterError> {
+        self.on_shard(shard, |store| store.read_blob(key)).await
     }
 
     pub async fn fetch_len_on(&self, shard: &str, key: &BlobKey) -> Result<u64, RouterError> {
-        let shard = self.shard(shard)?;
-        shard.store.fetch_blob_len(key).await.map_err(|source| RouterError::Shard { shard: shard.name.clone(), source })
+        self.on_shard(shard, |store| store.fetch_blob_len(key)).await
     }
 
     pub async fn delete_on(&self, shard: &str, key: &BlobKey) -> Result<(), RouterError> {
-        let shard = self.shard(shard)?;
-        shard.store.delete_blob(key).await.map_err(|source| RouterError::Shard { shard: shard.name.clone(), source })
+        self.on_shard(shard, |store| store.delete_blob(key)).await
     }
 
-    /// Checks every shard concurrently, each bounded by `timeout`.
+    pub async fn list_on(
+        &self,
+        shard: &str,
+        after: Option<&BlobKey>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>, RouterError> {
+        self.on_shard(shard, |store| store.list_blobs(after, limit)).await
+    }
+
+    /// Runs one operation on a named shard, through its circuit breaker.
+    async fn on_shard<'a, T, F>(
+        &'a self,
+        name: &str,
+        operation: impl FnOnce(&'a dyn BlobStore) -> F,
+    ) -> Result<T, RouterError>
+    where
+        F: std::future::Future<Output = StorageResult<T>>,
+    {
+        let shard = self.shard(name)?;
+        shard
+            .breaker
+            .call(operation(shard.store.as_ref()))
+            .await
+            .map_err(|source| RouterError::Shard { shard: shard.name.clone(), source })
+    }
+
+    /// Checks every shard concurrently, each bounded by `timeout`. An open circuit answers
+    /// for its shard until its cooldown ends; the check after that is the circuit's trial.
     pub async fn check_health(&self, timeout: Duration) -> Vec<ShardHealth> {
         let checks = self.shards.iter().map(|shard| async move {
             let started = Instant::now();
-            let result = match tokio::time::timeout(timeout, shard.store.check_health()).await {
-                Ok(result) => result,
-                Err(_) => Err(StorageError::Unavailable {
-                    reason: format!("no answer within {} ms", timeout.as_millis()),
-                    source: None,
-                }),
+            let bounded = async {
+                tokio::time::timeout(timeout, shard.store.check_health()).await.unwrap_or_else(|_| {
+                    Err(StorageError::Unavailable {
+                        reason: format!("no answer within {} ms", timeout.as_millis()),
+                        source: None,
+                    })
+                })
             };
+            let result = shard.breaker.call(bounded).await;
             ShardHealth {
                 name: shard.name.clone(),
                 backend: shard.store.describe(),
                 latency: started.elapsed(),
+                circuit: shard.circuit(),
                 result,
             }
         });

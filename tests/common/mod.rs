@@ -10,12 +10,17 @@ pub mod images;
 pub mod proxy;
 pub mod s3;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chitram::app::Application;
-use chitram::config::{Settings, ShardSettings};
+use chitram::config::{ReplicationSettings, Settings, ShardSettings};
 use chitram::metadata::MetadataStore;
+use chitram::replication::backoff::RetryPolicy;
+use chitram::replication::worker::{Replicator, StepOutcome, WorkerSettings};
+use chitram::storage::router::StorageRouter;
 use database::{DbKind, TestDatabase};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Response, StatusCode};
@@ -87,6 +92,7 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub metadata: Arc<dyn MetadataStore>,
+    pub router: Arc<StorageRouter>,
     pub settings: Settings,
     /// Indexed like `settings.shards`.
     pub shards: Vec<TestShard>,
@@ -106,11 +112,22 @@ pub struct TestOptions {
     pub database_url: Option<String>,
     /// Changes the settings after the shards are made (wrong credentials, say).
     pub adjust: Option<fn(&mut Settings)>,
+    /// Replication workers running in the background. The foundation suites run with none, so
+    /// what they see is what the request path did; replication tests turn them on, or drive
+    /// them one step at a time with [`TestApp::replicate_until_idle`].
+    pub workers: usize,
 }
 
 impl Default for TestOptions {
     fn default() -> Self {
-        Self { shards: 3, replication_factor: 2, max_upload_bytes: 8 * 1024 * 1024, database_url: None, adjust: None }
+        Self {
+            shards: 3,
+            replication_factor: 2,
+            max_upload_bytes: 8 * 1024 * 1024,
+            database_url: None,
+            adjust: None,
+            workers: 0,
+        }
     }
 }
 
@@ -131,6 +148,7 @@ pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp
     std::fs::create_dir_all(dir.path().join("spool")).unwrap();
     settings.database.url = options.database_url.clone().unwrap_or_else(|| database.url.clone());
     settings.placement.replication_factor = options.replication_factor;
+    settings.replication = fast_replication(options.workers);
     let mut shards = Vec::new();
     settings.shards.clear();
     for i in 0..options.shards {
@@ -157,6 +175,7 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
     let app = Application::build(&settings).await.expect("the app builds");
     let address = format!("http://{}", app.local_addr());
     let metadata = app.metadata();
+    let router = app.router();
     let (shutdown, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -165,6 +184,7 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
         address,
         client: reqwest::Client::new(),
         metadata,
+        router,
         settings,
         shards,
         dir,
@@ -174,8 +194,51 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
     }
 }
 
+/// Replication paced for tests: quick retries and polls, and a circuit that reopens for trials
+/// after a fifth of a second.
+pub fn fast_replication(workers: usize) -> ReplicationSettings {
+    ReplicationSettings {
+        workers,
+        lease_secs: 30,
+        retry_min_ms: 50,
+        retry_max_secs: 1,
+        idle_poll_ms: 50,
+        breaker_failures: 3,
+        breaker_cooldown_ms: 200,
+    }
+}
+
 pub fn shard_name(index: usize) -> String {
     format!("s{index}")
+}
+
+/// Another instance sharing a [`TestApp`]'s database and shards.
+pub struct SiblingApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    _shutdown: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl SiblingApp {
+    pub async fn upload_ok(&self, filename: &str, bytes: Vec<u8>) -> Value {
+        let part = Part::bytes(bytes).file_name(filename.to_owned());
+        let response = self
+            .client
+            .post(format!("{}/api/v1/images/upload", self.address))
+            .multipart(Form::new().part("file", part))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        response.json().await.unwrap()
+    }
+}
+
+impl Drop for SiblingApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
 }
 
 impl Drop for TestApp {
@@ -277,6 +340,59 @@ impl TestApp {
         found
     }
 
+    /// Runs replication steps in the test's own task until no task is due.
+    pub async fn replicate_until_idle(&self) -> Vec<StepOutcome> {
+        let settings = WorkerSettings {
+            lease: Duration::from_secs(30),
+            retry: RetryPolicy { min: Duration::from_millis(50), max: Duration::from_secs(1) },
+            idle_poll: Duration::from_millis(50),
+            spool_dir: self.settings.server.spool_dir.clone(),
+        };
+        let replicator = Replicator::new(self.metadata.clone(), self.router.clone(), settings, "test-driver".into());
+        let mut outcomes = Vec::new();
+        loop {
+            match replicator.try_run_next().await.expect("the database answers") {
+                StepOutcome::Idle => return outcomes,
+                outcome => outcomes.push(outcome),
+            }
+        }
+    }
+
+    /// The shard of a stored copy that a read of this image tries first, then the others.
+    pub fn read_order(&self, image: &Value) -> Vec<String> {
+        let key = chitram::blob::BlobKey::parse(image["checksum"].as_str().unwrap()).unwrap();
+        let states = replica_states(image);
+        let holders: Vec<&str> =
+            states.iter().filter(|(_, s)| s == "stored").map(|(shard, _)| shard.as_str()).collect();
+        self.router.read_order(&key, &holders).into_iter().map(str::to_owned).collect()
+    }
+
+    /// The in-process S3 server behind a shard.
+    pub fn shard_s3(&self, name: &str) -> &Arc<S3Server> {
+        match self.shard(name) {
+            TestShard::S3(server) => server,
+            TestShard::Fs(_) => panic!("shard {name} is not an S3 shard"),
+        }
+    }
+
+    /// A second instance of the app on the same database and shards, with its own workers.
+    pub async fn spawn_sibling(&self, workers: usize) -> SiblingApp {
+        let mut settings = self.settings.clone();
+        settings.replication.workers = workers;
+        let app = Application::build(&settings).await.expect("the sibling builds");
+        let address = format!("http://{}", app.local_addr());
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        SiblingApp { address, client: reqwest::Client::new(), _shutdown: shutdown, server }
+    }
+
+    /// The image as the API shows it now.
+    pub async fn image(&self, id: &str) -> Value {
+        self.get(&format!("/api/v1/images/{id}")).await.json().await.unwrap()
+    }
+
     pub fn spool_files(&self) -> usize {
         std::fs::read_dir(self.dir.path().join("spool")).unwrap().count()
     }
@@ -313,4 +429,27 @@ pub async fn assert_error(response: Response, status: StatusCode, code: &str) {
     let body: Value = response.json().await.expect("error bodies are JSON");
     assert_eq!(body["detail"]["code"], code, "{body}");
     assert!(body["detail"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+/// Polls `check` until it holds, failing the test after `limit` with `what` in the message.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The states of an image's copies, as `(shard, state)` pairs.
+pub fn replica_states(image: &Value) -> Vec<(String, String)> {
+    image["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["shard"].as_str().unwrap().to_owned(), r["state"].as_str().unwrap().to_owned()))
+        .collect()
 }

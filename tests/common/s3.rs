@@ -67,6 +67,8 @@ impl S3Server {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((socket, _)) = accepted else { continue };
+                        // As real S3 servers do: without it, small responses wait on delayed ACKs.
+                        let _ = socket.set_nodelay(true);
                         let service = service.clone();
                         connections.spawn(async move {
                             let _ = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service).await;
@@ -86,6 +88,21 @@ impl S3Server {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+    }
+
+    /// Makes the server hang, the way an overloaded or wedged node does: connections are
+    /// accepted and then never answered.
+    pub async fn hang(&self) {
+        self.stop().await;
+        let listener = TcpListener::bind(self.addr).await.expect("the server's port is free again");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        *self.running.lock().unwrap() = Some(tasks);
     }
 
     /// Brings the server back on the same port, with the same data.

@@ -1,0 +1,260 @@
+//! The replication worker: one task at a time, claimed from the durable queue.
+//!
+//! [`Replicator::try_run_next`] does one unit of work and says how it went; [`run_workers`]
+//! owns the loop, the idle sleep and shutdown (after Zero To Production's issue-delivery
+//! worker). Tests drive the single step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::backoff::RetryPolicy;
+use crate::blob::BlobKey;
+use crate::images::spool::{SpoolLimits, SpooledBody, spool_body};
+use crate::maintenance::deletion::{self, DeletionOutcome};
+use crate::metadata::{BlobCopies, CopyRef, MetadataError, MetadataStore, ReplicaState, ReplicationTask, TaskKind};
+use crate::storage::router::StorageRouter;
+use crate::telemetry::error_chain;
+
+/// How a worker's step went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// No task was due.
+    Idle,
+    /// The task is done (or turned out moot) and left the queue.
+    Done(TaskKind),
+    /// The task failed; it is due again later.
+    Failed { kind: TaskKind, error: String },
+    /// Another worker took the task over (this one's lease ran out): nothing was recorded.
+    LostClaim,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub lease: Duration,
+    pub retry: RetryPolicy,
+    pub idle_poll: Duration,
+    /// Where copies spool while they are checked (the system temporary directory when `None`).
+    pub spool_dir: Option<std::path::PathBuf>,
+}
+
+pub struct Replicator {
+    metadata: Arc<dyn MetadataStore>,
+    router: Arc<StorageRouter>,
+    settings: WorkerSettings,
+    /// This worker's identity in claims: unique per process and worker.
+    id: String,
+}
+
+/// Why a task failed, for its record.
+type TaskError = String;
+
+impl Replicator {
+    pub fn new(
+        metadata: Arc<dyn MetadataStore>,
+        router: Arc<StorageRouter>,
+        settings: WorkerSettings,
+        id: String,
+    ) -> Self {
+        Self { metadata, router, settings, id }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Claims one due task, carries it out while renewing its lease, and records the result.
+    pub async fn try_run_next(&self) -> Result<StepOutcome, MetadataError> {
+        let Some(task) = self.metadata.claim_task(&self.id, self.settings.lease).await? else {
+            return Ok(StepOutcome::Idle);
+        };
+        let result = tokio::select! {
+            result = self.execute(&task) => result,
+            lost = self.keep_claim(task.id) => return Ok(lost),
+        };
+        self.record(&task, result).await
+    }
+
+    /// Renews the lease at a third of its length; returns only if the claim is lost.
+    async fn keep_claim(&self, task: i64) -> StepOutcome {
+        let mut ticker = tokio::time::interval(self.settings.lease / 3);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            match self.metadata.extend_claim(task, &self.id, self.settings.lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(task, worker = %self.id, "lost the claim on a task; abandoning it");
+                    return StepOutcome::LostClaim;
+                }
+                // A database hiccup: the lease still has two thirds to run; try again next tick.
+                Err(error) => tracing::warn!(task, %error, "could not renew a claim"),
+            }
+        }
+    }
+
+    async fn record(
+        &self,
+        task: &ReplicationTask,
+        result: Result<Completion, TaskError>,
+    ) -> Result<StepOutcome, MetadataError> {
+        let held = match &result {
+            Ok(Completion::CopyStored) => self.metadata.complete_copy_task(task, &self.id).await?,
+            Ok(Completion::Finished) => {
+                // A deletion guard removes the task along with the copy, so the task may be
+                // gone already: either way it is finished.
+                self.metadata.finish_task(task.id, &self.id).await?;
+                true
+            }
+            Err(error) => {
+                let delay = self.settings.retry.delay_after(task.attempts + 1);
+                tracing::warn!(task = task.id, kind = task.kind.as_str(), shard = %task.copy.shard, blob = %task.copy.blob,
+                    attempts = task.attempts + 1, retry_in_ms = delay.as_millis() as u64, %error, "replication task failed");
+                self.metadata.fail_task(task.id, &self.id, error, delay).await?
+            }
+        };
+        Ok(match (held, result) {
+            (false, _) => StepOutcome::LostClaim,
+            (true, Ok(_)) => StepOutcome::Done(task.kind),
+            (true, Err(error)) => StepOutcome::Failed { kind: task.kind, error },
+        })
+    }
+
+    async fn execute(&self, task: &ReplicationTask) -> Result<Completion, TaskError> {
+        match task.kind {
+            TaskKind::Copy => self.copy(&task.copy).await,
+            TaskKind::Delete => match deletion::try_delete_copy(self.metadata.as_ref(), &self.router, &task.copy).await
+            {
+                DeletionOutcome::Deleted | DeletionOutcome::NoLongerWanted => Ok(Completion::Finished),
+                DeletionOutcome::Failed(reason) => Err(reason),
+            },
+        }
+    }
+
+    /// Copies the blob to `target` from a stored holder, checking the bytes on the way.
+    async fn copy(&self, target: &CopyRef) -> Result<Completion, TaskError> {
+        let Some(blob) = self.metadata.find_blob_copies(&target.blob).await.map_err(|e| error_chain(&e))? else {
+            return Ok(Completion::Finished); // The blob is gone: nothing to copy.
+        };
+        if blob.replicas.iter().any(|r| r.shard == target.shard && r.state == ReplicaState::Stored) {
+            return Ok(Completion::CopyStored);
+        }
+        if blob.ref_count == 0 {
+            return Ok(Completion::Finished); // Being deleted: its delete tasks handle it.
+        }
+        let spooled = self.fetch_checked_copy(&blob, &target.shard).await?;
+        self.router.write_on(&target.shard, &target.blob, &spooled.body).await.map_err(|e| error_chain(&e))?;
+        let written = self.router.fetch_len_on(&target.shard, &target.blob).await.map_err(|e| error_chain(&e))?;
+        if written != blob.size {
+            return Err(format!("the new copy on {} holds {written} bytes, expected {}", target.shard, blob.size));
+        }
+        Ok(Completion::CopyStored)
+    }
+
+    /// Reads the blob from the first stored holder (other than `target`) whose bytes match
+    /// its key, spooling them so memory stays bounded. A holder with bad bytes is recorded
+    /// `Missing` and queued for repair itself.
+    async fn fetch_checked_copy(&self, blob: &BlobCopies, target: &str) -> Result<SpooledBody, TaskError> {
+        let holders: Vec<&str> = blob
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Stored && r.shard != target)
+            .map(|r| r.shard.as_str())
+            .collect();
+        let limits = SpoolLimits { max_bytes: blob.size, dir: self.settings.spool_dir.clone() };
+        let mut problems = Vec::new();
+        for source in self.router.read_order(&blob.blob, &holders) {
+            match self.fetch_from(source, &blob.blob, &limits).await {
+                Ok(spooled) if spooled.key == blob.blob && spooled.len == blob.size => return Ok(spooled),
+                Ok(spooled) => {
+                    problems.push(format!("{source}: bad copy ({} bytes, SHA-256 {})", spooled.len, spooled.key));
+                    self.queue_repair(&blob.blob, source).await;
+                }
+                Err(FetchError::Absent) => {
+                    problems.push(format!("{source}: the object is absent"));
+                    self.queue_repair(&blob.blob, source).await;
+                }
+                Err(FetchError::Failed(problem)) => problems.push(format!("{source}: {problem}")),
+            }
+        }
+        if problems.is_empty() {
+            return Err("no stored copy to copy from".to_owned());
+        }
+        Err(format!("no source copy could be read: {}", problems.join("; ")))
+    }
+
+    async fn fetch_from(&self, source: &str, key: &BlobKey, limits: &SpoolLimits) -> Result<SpooledBody, FetchError> {
+        let reader = self.router.open_on(source, key).await.map_err(|error| {
+            if error.is_not_found() { FetchError::Absent } else { FetchError::Failed(error_chain(&error)) }
+        })?;
+        // A copy longer than the recorded size stops at the limit and counts as bad.
+        match spool_body(reader.stream, limits).await {
+            Ok(spooled) => Ok(spooled),
+            Err(crate::images::spool::SpoolError::TooLarge { .. }) => {
+                Err(FetchError::Failed("the copy is longer than the recorded size".to_owned()))
+            }
+            Err(error) => Err(FetchError::Failed(error_chain(&error))),
+        }
+    }
+
+    async fn queue_repair(&self, blob: &BlobKey, shard: &str) {
+        let copy = CopyRef { blob: blob.clone(), shard: shard.to_owned() };
+        if let Err(error) = self.metadata.record_missing_copy(&copy).await {
+            tracing::warn!(%shard, %blob, %error, "could not queue the repair of a bad source copy");
+        }
+    }
+}
+
+enum Completion {
+    CopyStored,
+    Finished,
+}
+
+enum FetchError {
+    Absent,
+    Failed(String),
+}
+
+/// Runs each replicator in its own task until `shutdown` is cancelled; then releases their
+/// claims so that unfinished tasks stay in the queue, free for the next instance.
+pub async fn run_workers(replicators: Vec<Replicator>, shutdown: CancellationToken) {
+    let handles: Vec<_> = replicators
+        .into_iter()
+        .map(|replicator| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { run_worker(replicator, shutdown).await })
+        })
+        .collect();
+    futures::future::join_all(handles).await;
+}
+
+async fn run_worker(replicator: Replicator, shutdown: CancellationToken) {
+    loop {
+        let step = tokio::select! {
+            () = shutdown.cancelled() => break,
+            step = replicator.try_run_next() => step,
+        };
+        let pause = match step {
+            Ok(StepOutcome::Idle) => replicator.settings.idle_poll,
+            Ok(_) => Duration::ZERO,
+            Err(error) => {
+                tracing::warn!(worker = %replicator.id, error = %error_chain(&error), "replication worker cannot reach the database");
+                replicator.settings.idle_poll * 4
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    match replicator.metadata.release_claims(&replicator.id).await {
+        Ok(released) if released > 0 => {
+            tracing::info!(worker = %replicator.id, released, "left unfinished tasks in the queue")
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::warn!(worker = %replicator.id, %error, "could not release claims; they expire with their lease")
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Durable asynchronous replication, read repair and circuit breakers, over in-process S3
+//! servers and Postgres.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::images::{large_png, png, sha256_hex};
+use common::{Backends, TestApp, TestOptions, assert_error, eventually, replica_states, spawn_app_with};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn with_workers(workers: usize) -> TestOptions {
+    TestOptions { workers, ..TestOptions::default() }
+}
+
+/// Every image has `rf` stored copies, and each stored copy's bytes hash to its checksum.
+async fn assert_fully_replicated(app: &TestApp, ids: &[String], rf: usize) {
+    for id in ids {
+        let image = app.image(id).await;
+        let stored: Vec<String> =
+            replica_states(&image).into_iter().filter(|(_, state)| state == "stored").map(|(shard, _)| shard).collect();
+        assert_eq!(stored.len(), rf, "{image}");
+        let checksum = image["checksum"].as_str().unwrap();
+        for shard in stored {
+            let bytes = std::fs::read(app.object_path(&shard, checksum)).unwrap();
+            assert_eq!(sha256_hex(&bytes), checksum, "the copy on {shard} is intact");
+        }
+    }
+}
+
+async fn queue_depth(app: &TestApp) -> u64 {
+    let status: Value = app.get("/api/v1/admin/replication").await.json().await.unwrap();
+    status["queue_depth"].as_u64().unwrap()
+}
+
+async fn converged(app: &TestApp, ids: &[String], rf: usize) -> bool {
+    if queue_depth(app).await > 0 {
+        return false;
+    }
+    for id in ids {
+        let image = app.image(id).await;
+        if replica_states(&image).iter().filter(|(_, state)| state == "stored").count() != rf {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_with_a_shard_down_converges_once_it_returns() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, with_workers(2)).await;
+    app.take_shard_offline("s1").await;
+
+    let mut uploaded = Vec::new();
+    for burst in 0..5u64 {
+        let uploads = (0..6u64).map(|i| {
+            let bytes = png(16, 16, 10_000 + burst * 10 + i);
+            let app = &app;
+            async move { (app.upload_ok("burst.png", bytes.clone()).await, bytes) }
+        });
+        uploaded.extend(futures::future::join_all(uploads).await);
+    }
+    for (image, bytes) in &uploaded {
+        let download = app.download(image["id"].as_str().unwrap()).await;
+        assert_eq!(download.bytes().await.unwrap().to_vec(), *bytes, "readable while the shard is down");
+    }
+    let status: Value = app.get("/api/v1/admin/replication").await.json().await.unwrap();
+    assert!(status["queue_depth"].as_u64().unwrap() > 0, "copies for s1 wait in the queue: {status}");
+    let health: Value = app.get("/health").await.json().await.unwrap();
+    assert_eq!(health["status"], "degraded", "{health}");
+
+    app.bring_shard_online("s1").await;
+    let ids: Vec<String> = uploaded.iter().map(|(image, _)| image["id"].as_str().unwrap().to_owned()).collect();
+    eventually(CONVERGE, "every image has two stored copies", || converged(&app, &ids, 2)).await;
+    assert_fully_replicated(&app, &ids, 2).await;
+    let health: Value = app.get("/health").await.json().await.unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failures_are_recorded_per_shard_and_retried() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, TestOptions::default()).await;
+    app.take_shard_offline("s2").await;
+    let mut ids = Vec::new();
+    for seed in 0..10 {
+        ids.push(app.upload_ok("f.png", png(4, 4, 20_000 + seed)).await["id"].as_str().unwrap().to_owned());
+    }
+    let outcomes = app.replicate_until_idle().await;
+    assert!(
+        outcomes.iter().any(|o| matches!(o, chitram::replication::worker::StepOutcome::Failed { .. })),
+        "{outcomes:?}"
+    );
+    let status: Value = app.get("/api/v1/admin/replication").await.json().await.unwrap();
+    let s2 = status["shards"].as_array().unwrap().iter().find(|s| s["name"] == "s2").unwrap();
+    assert!(s2["failing_tasks"].as_u64().unwrap() > 0, "{status}");
+    assert!(s2["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{status}");
+    assert!(status["oldest_task_age_secs"].as_f64().is_some(), "{status}");
+
+    app.bring_shard_online("s2").await;
+    eventually(CONVERGE, "the failed tasks are retried and succeed", || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        app.replicate_until_idle().await;
+        converged(&app, &ids, 2).await
+    })
+    .await;
+    assert_fully_replicated(&app, &ids, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_one_postgres_share_the_work() {
+    let first = spawn_app_with(Backends::POSTGRES_S3, with_workers(2)).await;
+    // A second instance: same database, same shards, its own workers.
+    let second = first.spawn_sibling(2).await;
+    first.take_shard_offline("s0").await;
+    let mut ids = Vec::new();
+    for seed in 0..16 {
+        let bytes = png(4, 4, 30_000 + seed);
+        let image = if seed % 2 == 0 {
+            first.upload_ok("two.png", bytes).await
+        } else {
+            second.upload_ok("two.png", bytes).await
+        };
+        ids.push(image["id"].as_str().unwrap().to_owned());
+    }
+    first.bring_shard_online("s0").await;
+    eventually(CONVERGE, "both instances drained the shared queue", || converged(&first, &ids, 2)).await;
+    assert_fully_replicated(&first, &ids, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_copy_is_detected_on_read_and_repaired() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, TestOptions::default()).await;
+    let small = png(8, 8, 40_000);
+    let large = large_png(3 * 1024 * 1024, 40_001);
+    let mut ids = Vec::new();
+    for bytes in [&small, &large] {
+        ids.push(app.upload_ok("c.png", bytes.clone()).await["id"].as_str().unwrap().to_owned());
+    }
+    app.replicate_until_idle().await;
+    assert_fully_replicated(&app, &ids, 2).await;
+
+    for (id, bytes) in ids.iter().zip([&small, &large]) {
+        let image = app.image(id).await;
+        let checksum = image["checksum"].as_str().unwrap();
+        // Corrupt the copy a read tries first: same length, one byte flipped.
+        let first = app.read_order(&image)[0].clone();
+        let path = app.object_path(&first, checksum);
+        let mut corrupt = std::fs::read(&path).unwrap();
+        let middle = corrupt.len() / 2;
+        corrupt[middle] ^= 0xff;
+        std::fs::write(&path, &corrupt).unwrap();
+
+        let read = app.download(id).await;
+        if bytes.len() <= 1024 * 1024 {
+            // Small blobs are checked before sending: the client gets the good copy.
+            assert_eq!(read.bytes().await.unwrap().to_vec(), *bytes);
+        } else {
+            // Large blobs stream; the corrupt copy ends the transfer with an error instead of
+            // passing off wrong bytes.
+            assert!(read.bytes().await.is_err(), "the transfer fails rather than deliver corrupt bytes");
+        }
+        eventually(Duration::from_secs(10), "the bad copy is recorded missing", || async {
+            replica_states(&app.image(id).await).contains(&(first.clone(), "missing".into()))
+        })
+        .await;
+        app.replicate_until_idle().await;
+        assert_eq!(sha256_hex(&std::fs::read(&path).unwrap()), checksum, "repaired from the good copy");
+        assert_eq!(app.download(id).await.bytes().await.unwrap().to_vec(), *bytes);
+    }
+    assert_fully_replicated(&app, &ids, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_shard_does_not_slow_reads_of_replicated_blobs() {
+    let options = TestOptions {
+        adjust: Some(|settings| {
+            settings.replication.breaker_cooldown_ms = 30_000;
+            for shard in &mut settings.shards {
+                shard.timeout_secs = Some(2);
+            }
+        }),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(Backends::POSTGRES_S3, options).await;
+    let mut ids = Vec::new();
+    for seed in 0..12 {
+        ids.push(app.upload_ok("h.png", png(8, 8, 50_000 + seed)).await["id"].as_str().unwrap().to_owned());
+    }
+    app.replicate_until_idle().await;
+    // Reads of blobs whose first holder is s0: those are the ones a dead s0 could slow.
+    let mut victims = Vec::new();
+    for id in &ids {
+        if app.read_order(&app.image(id).await)[0] == "s0" {
+            victims.push(id.clone());
+        }
+    }
+    assert!(!victims.is_empty(), "some blobs are read from s0 first");
+
+    let healthy = median_read(&app, &victims, 30).await;
+    app.shard_s3("s0").hang().await;
+    // The first reads pay a timeout each until the circuit opens (3 failures).
+    for id in victims.iter().cycle().take(3) {
+        assert_eq!(app.download(id).await.status(), StatusCode::OK);
+    }
+    let degraded = median_read(&app, &victims, 30).await;
+    let ratio = degraded.as_secs_f64() / healthy.as_secs_f64();
+    println!("median read: s0 up {healthy:?}, s0 hung {degraded:?}, ratio {ratio:.2}");
+    // Without the breaker every read would wait out the 2 s timeout (a ratio in the hundreds).
+    assert!(ratio < 5.0, "reads slowed {ratio:.1}x with a hung shard");
+    let health: Value = app.get("/health").await.json().await.unwrap();
+    assert_eq!(health["shards"][0]["circuit"], "open", "{health}");
+}
+
+async fn median_read(app: &TestApp, ids: &[String], reads: usize) -> Duration {
+    let mut times = Vec::with_capacity(reads);
+    for id in ids.iter().cycle().take(reads) {
+        let started = Instant::now();
+        let response = app.download(id).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.bytes().await.unwrap();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times[reads / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_quorum_stores_copies_before_the_answer() {
+    let options =
+        TestOptions { adjust: Some(|settings| settings.placement.write_quorum = 2), ..TestOptions::default() };
+    let app = spawn_app_with(Backends::POSTGRES_S3, options).await;
+    let image = app.upload_ok("q.png", png(4, 4, 60_000)).await;
+    let stored: HashSet<String> =
+        replica_states(&image).into_iter().filter(|(_, s)| s == "stored").map(|(shard, _)| shard).collect();
+    assert_eq!(stored.len(), 2, "{image}");
+    assert_eq!(queue_depth(&app).await, 0, "nothing left to replicate");
+
+    // One shard down: the third shard completes the quorum.
+    app.take_shard_offline("s0").await;
+    let image = app.upload_ok("q.png", png(4, 4, 60_001)).await;
+    assert_eq!(replica_states(&image).iter().filter(|(_, s)| s == "stored").count(), 2, "{image}");
+    // Two down: the quorum cannot be met, and nothing is recorded.
+    app.take_shard_offline("s1").await;
+    let before = app.image_count().await;
+    assert_error(app.upload("q.png", png(4, 4, 60_002)).await, StatusCode::SERVICE_UNAVAILABLE, "STORAGE_UNAVAILABLE")
+        .await;
+    assert_eq!(app.image_count().await, before);
+}
