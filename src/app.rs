@@ -11,9 +11,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, UploadLimits};
-use crate::config::{BackendSettings, Settings};
+use crate::config::{BackendSettings, MaintenanceSettings, Settings};
 use crate::images::service::ImageService;
 use crate::images::spool::SpoolLimits;
+use crate::maintenance::scrub::{self, ScrubOptions};
 use crate::metadata::{self, MetadataError, MetadataStore};
 use crate::placement::ring::{Ring, RingError};
 use crate::replication::backoff::RetryPolicy;
@@ -43,6 +44,13 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot build the placement ring")]
     Ring(#[from] RingError),
+    #[error(
+        "{count} blobs have their only stored copies on shards missing from the config ({shards}): put those \
+         shards back with `draining = true`, run `chitram rebalance` until they are empty, then remove them"
+    )]
+    StrandedBlobs { count: u64, shards: String },
+    #[error("cannot check the metadata before starting")]
+    Metadata(#[from] MetadataError),
     #[error("cannot listen on {addr} (is another process using it?)")]
     Bind {
         addr: SocketAddr,
@@ -57,12 +65,15 @@ pub struct Application {
     state: AppState,
     workers: Vec<Replicator>,
     shutdown_grace: Duration,
+    maintenance: MaintenanceSettings,
+    spool_dir: Option<std::path::PathBuf>,
 }
 
 impl Application {
     /// Connects and migrates the database, opens every shard, and binds the listener.
     pub async fn build(settings: &Settings) -> Result<Self, StartError> {
         let metadata = open_metadata(&settings.database.url).await?;
+        refuse_stranded_blobs(metadata.as_ref(), settings).await?;
         let router = Arc::new(open_storage(settings).await?);
         let images = Arc::new(ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum));
         let limits = Arc::new(UploadLimits {
@@ -73,7 +84,14 @@ impl Application {
         let addr = settings.server.bind;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let state = AppState { images, metadata, router, limits, replication_workers: workers.len() };
-        Ok(Self { listener, state, workers, shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_secs) })
+        Ok(Self {
+            listener,
+            state,
+            workers,
+            shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_secs),
+            maintenance: settings.maintenance.clone(),
+            spool_dir: settings.server.spool_dir.clone(),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -93,6 +111,7 @@ impl Application {
     /// stops the workers, whose unfinished tasks stay in the queue.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let stopping = CancellationToken::new();
+        let scrubber = self.periodic_scrub(stopping.clone());
         let workers = tokio::spawn(run_workers(self.workers, stopping.clone()));
         let signalled = stopping.clone();
         let shutdown = async move {
@@ -118,8 +137,50 @@ impl Application {
         };
         stopping.cancel();
         let _ = workers.await;
+        if let Some(scrubber) = scrubber {
+            let _ = scrubber.await;
+        }
         served
     }
+
+    /// The background scrub, paced so it does not starve traffic (`maintenance.*`).
+    fn periodic_scrub(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+        let settings = &self.maintenance;
+        if settings.scrub_interval_secs == 0 {
+            return None;
+        }
+        let options = ScrubOptions {
+            repair: true,
+            verify_checksums: false,
+            orphan_grace: Duration::from_secs(settings.orphan_grace_secs),
+            copies_per_sec: Some(settings.scrub_copies_per_sec),
+            spool_dir: self.spool_dir.clone(),
+            resume: true,
+            stop,
+        };
+        let interval = Duration::from_secs(settings.scrub_interval_secs);
+        let (metadata, router) = (self.state.metadata.clone(), self.state.router.clone());
+        Some(tokio::spawn(scrub::run_periodic(metadata, router, interval, options)))
+    }
+}
+
+/// Refuses to start when the config dropped a shard that holds the only stored copies of some
+/// blobs: serving would answer 503 for them, and nothing would ever copy them back.
+pub async fn refuse_stranded_blobs(metadata: &dyn MetadataStore, settings: &Settings) -> Result<(), StartError> {
+    let known = settings.shard_names();
+    let count = metadata.count_stranded_blobs(&known).await?;
+    if count == 0 {
+        return Ok(());
+    }
+    let mut missing: Vec<String> = metadata
+        .shard_usage()
+        .await?
+        .into_iter()
+        .map(|usage| usage.shard)
+        .filter(|shard| !known.contains(shard))
+        .collect();
+    missing.dedup();
+    Err(StartError::StrandedBlobs { count, shards: missing.join(", ") })
 }
 
 fn replicators(settings: &Settings, metadata: &Arc<dyn MetadataStore>, router: &Arc<StorageRouter>) -> Vec<Replicator> {

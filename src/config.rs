@@ -22,6 +22,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub placement: PlacementSettings,
     pub replication: ReplicationSettings,
+    pub maintenance: MaintenanceSettings,
     pub shards: Vec<ShardSettings>,
 }
 
@@ -119,6 +120,35 @@ impl Default for ReplicationSettings {
     }
 }
 
+/// Operator jobs: rebalance's limits and the periodic scrub.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceSettings {
+    /// Blobs `chitram rebalance` moves at once.
+    pub rebalance_concurrency: usize,
+    /// Bandwidth cap of a rebalance, in MiB/s of copied bytes (0: none).
+    pub rebalance_mib_per_sec: u64,
+    /// Seconds between the background scrubs that `serve` runs (0: never).
+    pub scrub_interval_secs: u64,
+    /// Copies the background scrub checks per second, so it never starves traffic.
+    pub scrub_copies_per_sec: u32,
+    /// Objects that no row references are orphans only once this old (younger ones may be
+    /// uploads between their write and their commit).
+    pub orphan_grace_secs: u64,
+}
+
+impl Default for MaintenanceSettings {
+    fn default() -> Self {
+        Self {
+            rebalance_concurrency: 4,
+            rebalance_mib_per_sec: 0,
+            scrub_interval_secs: 86_400,
+            scrub_copies_per_sec: 20,
+            orphan_grace_secs: 3_600,
+        }
+    }
+}
+
 /// One `[[shards]]` entry, as written. [`ShardSettings::backend`] checks that the fields its
 /// `kind` needs are there.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -128,6 +158,10 @@ pub struct ShardSettings {
     pub name: String,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// A draining shard takes no new data and `chitram rebalance` moves its copies away; once
+    /// it is empty it can leave the config.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
     pub kind: ShardKind,
     /// `fs`: the directory that holds the shard's objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -179,6 +213,11 @@ pub enum BackendSettings {
 }
 
 impl ShardSettings {
+    /// The weight the ring uses: 0 while draining.
+    pub fn effective_weight(&self) -> u32 {
+        if self.draining { 0 } else { self.weight }
+    }
+
     /// The backend this entry describes; `index` is its position, for error messages.
     pub fn backend(&self, index: usize) -> Result<BackendSettings, ConfigError> {
         let key = |field: &str| format!("shards[{index}].{field}");
@@ -257,6 +296,7 @@ impl ShardSettings {
         Self {
             name: name.to_owned(),
             weight: 1,
+            draining: false,
             kind,
             path: None,
             endpoint: None,
@@ -294,6 +334,7 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             placement: PlacementSettings::default(),
             replication: ReplicationSettings::default(),
+            maintenance: MaintenanceSettings::default(),
             shards: vec![shard("a"), shard("b"), shard("c")],
         }
     }
@@ -338,15 +379,20 @@ impl Settings {
         for (i, shard) in self.shards.iter().enumerate() {
             validate_shard(i, shard, &self.shards[..i])?;
         }
-        if self.shards.iter().all(|shard| shard.weight == 0) {
-            return Err(invalid("shards.weight", "every shard has weight 0: at least one must take data"));
+        if self.shards.iter().all(|shard| shard.effective_weight() == 0) {
+            return Err(invalid(
+                "shards.weight",
+                "every shard has weight 0 or is draining: at least one must take data",
+            ));
         }
         let rf = self.placement.replication_factor;
-        let weighted = self.shards.iter().filter(|shard| shard.weight > 0).count();
+        let weighted = self.shards.iter().filter(|shard| shard.effective_weight() > 0).count();
         if rf == 0 || rf > weighted {
             return Err(invalid(
                 "placement.replication_factor",
-                format!("{rf} must be between 1 and the number of shards with weight above 0 ({weighted})"),
+                format!(
+                    "{rf} must be between 1 and the number of shards taking data (weight above 0, not draining: {weighted})"
+                ),
             ));
         }
         let quorum = self.placement.write_quorum;
@@ -366,6 +412,12 @@ impl Settings {
         {
             return Err(invalid("replication.retry_min_ms", "must be above 0 and at most retry_max_secs"));
         }
+        if self.maintenance.rebalance_concurrency == 0 {
+            return Err(invalid("maintenance.rebalance_concurrency", "must be above 0"));
+        }
+        if self.maintenance.scrub_copies_per_sec == 0 {
+            return Err(invalid("maintenance.scrub_copies_per_sec", "must be above 0"));
+        }
         if self.placement.vnodes_per_weight == 0 || self.placement.vnodes_per_weight > 65_536 {
             return Err(invalid("placement.vnodes_per_weight", "must be between 1 and 65536"));
         }
@@ -378,8 +430,17 @@ impl Settings {
         Ok(())
     }
 
+    /// The ring's members: a draining shard is a member of weight 0, so it holds copies but
+    /// gets none.
     pub fn ring_members(&self) -> Vec<RingMember> {
-        self.shards.iter().map(|shard| RingMember { name: shard.name.clone(), weight: shard.weight }).collect()
+        self.shards
+            .iter()
+            .map(|shard| RingMember { name: shard.name.clone(), weight: shard.effective_weight() })
+            .collect()
+    }
+
+    pub fn shard_names(&self) -> Vec<String> {
+        self.shards.iter().map(|shard| shard.name.clone()).collect()
     }
 }
 
@@ -448,6 +509,10 @@ mod tests {
         assert!(error_of(half_keys).contains("shards[0].secret_access_key"), "{}", error_of(half_keys));
         let bad_endpoint = "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"m\"\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"minio:9000\"\n";
         assert!(error_of(bad_endpoint).contains("shards[0].endpoint"), "{}", error_of(bad_endpoint));
+        let all_draining = "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"a\"\ndraining = true\nkind = \"fs\"\npath = \"a\"\n";
+        assert!(error_of(all_draining).contains("draining"), "{}", error_of(all_draining));
+        let quorum = "[placement]\nwrite_quorum = 3\n";
+        assert!(error_of(quorum).contains("placement.write_quorum"), "{}", error_of(quorum));
         let typo = "[server]\nmax_upload_byte = 1\n";
         assert!(error_of(typo).contains("max_upload_byte"), "{}", error_of(typo));
     }

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod app;
 pub mod blob;
+pub mod commands;
 pub mod config;
 pub mod images;
 pub mod maintenance;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use chitram::app::{self, Application};
+use chitram::commands;
 use chitram::config::Settings;
-use chitram::placement::ring::Ring;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -24,8 +24,29 @@ enum Command {
     Serve,
     /// Apply the metadata migrations and exit.
     Migrate,
-    /// Show each shard's weight, vnodes and expected share of the keys.
-    Ring,
+    /// Show each shard's weight, vnodes, state and share of the keys; with --compare, what a
+    /// new config would move.
+    Ring {
+        /// A new config: print the expected movement and the exact rebalance plan.
+        #[arg(long, value_name = "NEW.toml")]
+        compare: Option<PathBuf>,
+    },
+    /// Move stored blobs onto their current write sets (copy, verify, record, then remove the
+    /// surplus copy), with a progress bar; safe while the service runs, and resumable.
+    Rebalance {
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check every recorded copy, restore blobs below the replication factor, and find orphans.
+    Scrub {
+        /// Record bad copies, restore under-replicated blobs, and delete orphans.
+        #[arg(long)]
+        repair: bool,
+        /// Read every copy and check its SHA-256 (slower), not just its size.
+        #[arg(long)]
+        checksums: bool,
+    },
 }
 
 #[tokio::main]
@@ -56,12 +77,20 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
             app::open_metadata(&settings.database.url).await?;
             println!("migrations applied to {}", settings.database.url.split('@').next_back().unwrap_or_default());
         }
-        Command::Ring => {
-            let ring = Ring::new(settings.ring_members(), settings.placement.vnodes_per_weight)?;
-            print!("{}", chitram::placement::report::ring_report(&ring));
+        Command::Ring { compare } => {
+            let new = compare.map(|path| Settings::load(Some(&path))).transpose()?;
+            return finish(commands::ring(&settings, new.as_ref()).await?);
         }
+        Command::Rebalance { dry_run } => return finish(commands::rebalance(&settings, dry_run).await?),
+        Command::Scrub { repair, checksums } => return finish(commands::scrub(&settings, repair, checksums).await?),
     }
     Ok(())
+}
+
+/// Prints a command's report; a report of problems left unresolved exits with status 1.
+fn finish(outcome: commands::Outcome) -> Result<(), Box<dyn std::error::Error>> {
+    print!("{}", outcome.report);
+    if outcome.ok { Ok(()) } else { Err("problems remain (see above)".into()) }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

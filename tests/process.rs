@@ -242,3 +242,89 @@ async fn sigterm_finishes_requests_in_flight_and_leaves_tasks_queued() {
     assert!(queued > 0, "unfinished tasks stay in the queue");
     assert_eq!(claimed, 0, "and are free for the next instance at once");
 }
+
+/// Runs the binary with a config and returns (success, stdout, stderr).
+fn run_cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_chitram")).arg("--config").arg(config).args(args).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn fs_config(dir: &std::path::Path, shards: &[&str], extra: &str) -> String {
+    let mut text =
+        format!("[database]\nurl = \"sqlite://{}/chitram.db\"\n[placement]\nreplication_factor = 1\n", dir.display());
+    for shard in shards {
+        text.push_str(&format!(
+            "[[shards]]\nname = \"{shard}\"\nkind = \"fs\"\npath = \"{}/{shard}\"\n",
+            dir.display()
+        ));
+    }
+    text.push_str(extra);
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_commands_plan_move_and_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old.toml"), dir.path().join("new.toml"));
+    std::fs::write(&old, fs_config(dir.path(), &["a", "b", "c"], "")).unwrap();
+    std::fs::write(&new, fs_config(dir.path(), &["a", "b", "c", "d"], "")).unwrap();
+
+    // Some images, stored through the library on the old config.
+    let mut settings = chitram::config::Settings::load(Some(&old)).unwrap();
+    settings.server.bind = "127.0.0.1:0".parse().unwrap();
+    let app = chitram::app::Application::build(&settings).await.unwrap();
+    let address = format!("http://{}", app.local_addr());
+    let server = tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let client = reqwest::Client::new();
+    for seed in 0..40 {
+        let form = Form::new().part("file", Part::bytes(png(3, 3, 90_000 + seed)).file_name("c.png"));
+        let response = client.post(format!("{address}/api/v1/images/upload")).multipart(form).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    server.abort();
+
+    let (ok, ring, _) = run_cli(&old, &["ring", "--compare", new.to_str().unwrap()]);
+    assert!(ok, "{ring}");
+    for expected in ["peak-to-mean", "expected movement", "plan (exactly, from the metadata)", "-> d"] {
+        assert!(ring.contains(expected), "`ring --compare` prints {expected:?}:\n{ring}");
+    }
+    let (ok, dry, _) = run_cli(&new, &["rebalance", "--dry-run"]);
+    assert!(ok && dry.contains("dry run"), "{dry}");
+    let (ok, moved, stderr) = run_cli(&new, &["rebalance"]);
+    assert!(ok, "{moved}\n{stderr}");
+    assert!(moved.contains("rebalance done"), "{moved}");
+    let (ok, again, _) = run_cli(&new, &["rebalance", "--dry-run"]);
+    assert!(ok && again.contains(": 0 of 40 blobs move"), "{again}");
+    let (ok, scrub, _) = run_cli(&new, &["scrub", "--checksums"]);
+    assert!(ok, "a clean store scrubs clean:\n{scrub}");
+    assert!(scrub.contains("40 blobs, 40 copies checked"), "{scrub}");
+
+    // A lost copy makes scrub exit non-zero and name it.
+    let victim = first_object(&dir.path().join("d")).expect("d received copies");
+    std::fs::remove_file(&victim).unwrap();
+    let (ok, scrub, _) = run_cli(&new, &["scrub"]);
+    assert!(!ok, "problems make scrub fail:\n{scrub}");
+    assert!(scrub.contains("LOST") && scrub.contains(victim.file_name().unwrap().to_str().unwrap()), "{scrub}");
+
+    let (bad_config_ok, _, stderr) = run_cli(&dir.path().join("missing.toml"), &["ring"]);
+    assert!(!bad_config_ok && stderr.contains("missing.toml"), "{stderr}");
+}
+
+fn first_object(dir: &std::path::Path) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_dir() && !name.starts_with('.') {
+            if let Some(found) = first_object(&path) {
+                return Some(found);
+            }
+        } else if name.len() == 64 {
+            return Some(path);
+        }
+    }
+    None
+}

@@ -209,7 +209,7 @@ enum HolderFailure {
     Unreachable(StorageError),
 }
 
-/// Records a copy as missing and queues its repair. Best effort: the read goes on regardless.
+/// Records a bad copy `Missing` and queues its repair. Best effort: the read goes on regardless.
 async fn queue_repair(metadata: &dyn MetadataStore, copy: &CopyRef) {
     if let Err(error) = metadata.record_missing_copy(copy).await {
         tracing::warn!(shard = %copy.shard, blob = %copy.blob, %error, "could not queue the repair of a bad copy");

@@ -1,3 +1,6 @@
 //! Background upkeep that uses the same layers as the request path.
 
 pub mod deletion;
+pub mod progress;
+pub mod rebalance;
+pub mod scrub;

@@ -9,4 +9,5 @@
 //! exponential backoff and jitter, its attempts and last error recorded; it is never dropped.
 
 pub mod backoff;
+pub mod copy;
 pub mod worker;

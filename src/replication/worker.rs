@@ -10,10 +10,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::RetryPolicy;
-use crate::blob::BlobKey;
-use crate::images::spool::{SpoolLimits, SpooledBody, spool_body};
+use super::copy::copy_blob;
 use crate::maintenance::deletion::{self, DeletionOutcome};
-use crate::metadata::{BlobCopies, CopyRef, MetadataError, MetadataStore, ReplicaState, ReplicationTask, TaskKind};
+use crate::metadata::{CopyRef, MetadataError, MetadataStore, ReplicaState, ReplicationTask, TaskKind};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
@@ -143,77 +142,15 @@ impl Replicator {
         if blob.ref_count == 0 {
             return Ok(Completion::Finished); // Being deleted: its delete tasks handle it.
         }
-        let spooled = self.fetch_checked_copy(&blob, &target.shard).await?;
-        self.router.write_on(&target.shard, &target.blob, &spooled.body).await.map_err(|e| error_chain(&e))?;
-        let written = self.router.fetch_len_on(&target.shard, &target.blob).await.map_err(|e| error_chain(&e))?;
-        if written != blob.size {
-            return Err(format!("the new copy on {} holds {written} bytes, expected {}", target.shard, blob.size));
-        }
+        let spool_dir = self.settings.spool_dir.clone();
+        copy_blob(self.metadata.as_ref(), &self.router, &blob, &target.shard, spool_dir).await?;
         Ok(Completion::CopyStored)
-    }
-
-    /// Reads the blob from the first stored holder (other than `target`) whose bytes match
-    /// its key, spooling them so memory stays bounded. A holder with bad bytes is recorded
-    /// `Missing` and queued for repair itself.
-    async fn fetch_checked_copy(&self, blob: &BlobCopies, target: &str) -> Result<SpooledBody, TaskError> {
-        let holders: Vec<&str> = blob
-            .replicas
-            .iter()
-            .filter(|r| r.state == ReplicaState::Stored && r.shard != target)
-            .map(|r| r.shard.as_str())
-            .collect();
-        let limits = SpoolLimits { max_bytes: blob.size, dir: self.settings.spool_dir.clone() };
-        let mut problems = Vec::new();
-        for source in self.router.read_order(&blob.blob, &holders) {
-            match self.fetch_from(source, &blob.blob, &limits).await {
-                Ok(spooled) if spooled.key == blob.blob && spooled.len == blob.size => return Ok(spooled),
-                Ok(spooled) => {
-                    problems.push(format!("{source}: bad copy ({} bytes, SHA-256 {})", spooled.len, spooled.key));
-                    self.queue_repair(&blob.blob, source).await;
-                }
-                Err(FetchError::Absent) => {
-                    problems.push(format!("{source}: the object is absent"));
-                    self.queue_repair(&blob.blob, source).await;
-                }
-                Err(FetchError::Failed(problem)) => problems.push(format!("{source}: {problem}")),
-            }
-        }
-        if problems.is_empty() {
-            return Err("no stored copy to copy from".to_owned());
-        }
-        Err(format!("no source copy could be read: {}", problems.join("; ")))
-    }
-
-    async fn fetch_from(&self, source: &str, key: &BlobKey, limits: &SpoolLimits) -> Result<SpooledBody, FetchError> {
-        let reader = self.router.open_on(source, key).await.map_err(|error| {
-            if error.is_not_found() { FetchError::Absent } else { FetchError::Failed(error_chain(&error)) }
-        })?;
-        // A copy longer than the recorded size stops at the limit and counts as bad.
-        match spool_body(reader.stream, limits).await {
-            Ok(spooled) => Ok(spooled),
-            Err(crate::images::spool::SpoolError::TooLarge { .. }) => {
-                Err(FetchError::Failed("the copy is longer than the recorded size".to_owned()))
-            }
-            Err(error) => Err(FetchError::Failed(error_chain(&error))),
-        }
-    }
-
-    async fn queue_repair(&self, blob: &BlobKey, shard: &str) {
-        let copy = CopyRef { blob: blob.clone(), shard: shard.to_owned() };
-        if let Err(error) = self.metadata.record_missing_copy(&copy).await {
-            tracing::warn!(%shard, %blob, %error, "could not queue the repair of a bad source copy");
-        }
     }
 }
 
 enum Completion {
     CopyStored,
     Finished,
-}
-
-enum FetchError {
-    Absent,
-    Failed(String),
 }
 
 /// Runs each replicator in its own task until `shutdown` is cancelled; then releases their

@@ -1,0 +1,334 @@
+//! Scrub: check every recorded copy, restore what is below the replication factor, and find
+//! objects no row references.
+//!
+//! 1. Copies: every `Stored` copy of every referenced blob is checked for existence and size,
+//!    and with `verify_checksums` for its SHA-256 (read through a spool file, so memory stays
+//!    bounded). A bad copy is reported; with `repair` it is recorded `Missing` (queueing its
+//!    repair) and the blob is restored right away onto the shards of its write set that lack a
+//!    good copy. A referenced blob with no good copy anywhere is reported as lost — never
+//!    dropped: its images keep their rows so an operator can restore the bytes from a backup.
+//! 2. Orphans: objects on a shard that no copy row names, older than the grace period (younger
+//!    ones may be uploads between their write and their commit). With `repair` they are deleted
+//!    under the blob's lock, so an upload of the same bytes racing with the scrub is safe.
+//!
+//! Shards that cannot be reached are reported and skipped: scrub judges no copy it cannot see.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::progress::Progress;
+use crate::blob::BlobKey;
+use crate::images::spool::{SpoolLimits, spool_body};
+use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, Replica, ReplicaState};
+use crate::replication::copy::copy_blob;
+use crate::storage::router::StorageRouter;
+use crate::telemetry::error_chain;
+
+/// Blobs read from the metadata per query; the background scrub saves its place after each.
+const PAGE: u32 = 200;
+/// Objects listed from a shard per request.
+const LIST_PAGE: usize = 1000;
+/// The job name under which the background scrub saves its place.
+pub const JOB: &str = "scrub";
+
+#[derive(Debug, Clone)]
+pub struct ScrubOptions {
+    pub repair: bool,
+    pub verify_checksums: bool,
+    pub orphan_grace: Duration,
+    /// Pace: at most this many copies checked per second (`None`: as fast as possible).
+    pub copies_per_sec: Option<u32>,
+    pub spool_dir: Option<PathBuf>,
+    /// Start where the last interrupted run stopped, and save the place as it goes.
+    pub resume: bool,
+    pub stop: CancellationToken,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub shard: String,
+    pub key: BlobKey,
+    pub len: u64,
+    pub age: Duration,
+}
+
+#[derive(Debug, Default)]
+pub struct ScrubReport {
+    pub blobs_checked: u64,
+    pub copies_checked: u64,
+    /// Copies found absent, of the wrong size, or with the wrong checksum.
+    pub bad_copies: Vec<(CopyRef, String)>,
+    /// Blobs with fewer good copies on their write set than the replication factor.
+    pub under_replicated: u64,
+    /// Copies made to restore them (with `repair`).
+    pub restored: u64,
+    /// Referenced blobs with no good copy anywhere, with their reference counts.
+    pub lost: Vec<(BlobKey, u64)>,
+    pub orphans: Vec<Orphan>,
+    pub orphans_deleted: u64,
+    /// Shards that could not be checked, with the reason.
+    pub unreachable: Vec<(String, String)>,
+    /// Problems while repairing.
+    pub repair_failures: Vec<(BlobKey, String)>,
+    pub interrupted: bool,
+    pub elapsed: Duration,
+}
+
+impl ScrubReport {
+    fn note_unreachable(&mut self, shard: &str, reason: String) {
+        if !self.unreachable.iter().any(|(name, _)| name == shard) {
+            self.unreachable.push((shard.to_owned(), reason));
+        }
+    }
+}
+
+/// How one copy looked.
+enum CopyCheck {
+    Good,
+    Bad(String),
+    Unreachable(String),
+}
+
+pub async fn scrub(
+    metadata: &dyn MetadataStore,
+    router: &StorageRouter,
+    options: &ScrubOptions,
+    progress: &dyn Progress,
+) -> MetaResult<ScrubReport> {
+    let started = Instant::now();
+    let mut report = ScrubReport::default();
+    let stored: u64 =
+        metadata.shard_usage().await?.iter().filter(|u| u.state == ReplicaState::Stored).map(|u| u.copies).sum();
+    progress.start("checking copies", stored, 0);
+    check_copies(metadata, router, options, progress, &mut report).await?;
+    progress.finish();
+    if !options.stop.is_cancelled() {
+        find_orphans(metadata, router, options, &mut report).await?;
+    }
+    report.interrupted = options.stop.is_cancelled();
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+async fn check_copies(
+    metadata: &dyn MetadataStore,
+    router: &StorageRouter,
+    options: &ScrubOptions,
+    progress: &dyn Progress,
+    report: &mut ScrubReport,
+) -> MetaResult<()> {
+    let mut after = if options.resume { metadata.load_job_cursor(JOB).await? } else { None };
+    let pace = options.copies_per_sec.map(|rate| Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    loop {
+        let page = metadata.list_blob_copies(after.as_ref(), PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.blob.clone());
+        for blob in page.iter().filter(|blob| blob.ref_count > 0) {
+            if options.stop.is_cancelled() {
+                return Ok(());
+            }
+            check_blob(metadata, router, blob, options, pace, progress, report).await?;
+        }
+        if options.resume {
+            metadata.save_job_cursor(JOB, after.as_ref()).await?;
+        }
+    }
+    if options.resume {
+        metadata.save_job_cursor(JOB, None).await?;
+    }
+    Ok(())
+}
+
+async fn check_blob(
+    metadata: &dyn MetadataStore,
+    router: &StorageRouter,
+    blob: &BlobCopies,
+    options: &ScrubOptions,
+    pace: Option<Duration>,
+    progress: &dyn Progress,
+    report: &mut ScrubReport,
+) -> MetaResult<()> {
+    report.blobs_checked += 1;
+    let mut good = Vec::new();
+    let mut unseen = 0;
+    for replica in blob.replicas.iter().filter(|r| r.state == ReplicaState::Stored) {
+        if let Some(pause) = pace {
+            tokio::time::sleep(pause).await;
+        }
+        report.copies_checked += 1;
+        progress.advance(1, 0);
+        let copy = CopyRef { blob: blob.blob.clone(), shard: replica.shard.clone() };
+        match check_copy(router, blob, &replica.shard, options).await {
+            CopyCheck::Good => good.push(replica.shard.clone()),
+            CopyCheck::Bad(problem) => {
+                if options.repair {
+                    metadata.record_missing_copy(&copy).await?;
+                }
+                report.bad_copies.push((copy, problem));
+            }
+            CopyCheck::Unreachable(reason) => {
+                unseen += 1;
+                report.note_unreachable(&replica.shard, reason);
+            }
+        }
+    }
+    if good.is_empty() && unseen == 0 {
+        report.lost.push((blob.blob.clone(), blob.ref_count));
+        return Ok(());
+    }
+    let wanted = router.write_set(&blob.blob);
+    let missing: Vec<&String> = wanted.iter().filter(|shard| !good.contains(shard)).collect();
+    if good.len() >= router.replication_factor() && missing.is_empty() {
+        return Ok(());
+    }
+    report.under_replicated += 1;
+    if options.repair && !good.is_empty() {
+        restore(metadata, router, blob, &good, &missing, options, report).await?;
+    }
+    Ok(())
+}
+
+async fn check_copy(router: &StorageRouter, blob: &BlobCopies, shard: &str, options: &ScrubOptions) -> CopyCheck {
+    if !options.verify_checksums {
+        return match router.fetch_len_on(shard, &blob.blob).await {
+            Ok(len) if len == blob.size => CopyCheck::Good,
+            Ok(len) => CopyCheck::Bad(format!("{len} bytes instead of {}", blob.size)),
+            Err(error) if error.is_not_found() => CopyCheck::Bad("the object is absent".to_owned()),
+            Err(error) => CopyCheck::Unreachable(error_chain(&error)),
+        };
+    }
+    let reader = match router.open_on(shard, &blob.blob).await {
+        Ok(reader) => reader,
+        Err(error) if error.is_not_found() => return CopyCheck::Bad("the object is absent".to_owned()),
+        Err(error) => return CopyCheck::Unreachable(error_chain(&error)),
+    };
+    let limits = SpoolLimits { max_bytes: blob.size, dir: options.spool_dir.clone() };
+    match spool_body(reader.stream, &limits).await {
+        Ok(spooled) if spooled.key == blob.blob && spooled.len == blob.size => CopyCheck::Good,
+        Ok(spooled) => CopyCheck::Bad(format!("{} bytes with SHA-256 {}", spooled.len, spooled.key)),
+        Err(crate::images::spool::SpoolError::TooLarge { .. }) => {
+            CopyCheck::Bad(format!("longer than the recorded {} bytes", blob.size))
+        }
+        Err(error) => CopyCheck::Unreachable(error_chain(&error)),
+    }
+}
+
+/// Copies the blob from its good holders onto the write-set shards that lack a good copy.
+async fn restore(
+    metadata: &dyn MetadataStore,
+    router: &StorageRouter,
+    blob: &BlobCopies,
+    good: &[String],
+    missing: &[&String],
+    options: &ScrubOptions,
+    report: &mut ScrubReport,
+) -> MetaResult<()> {
+    // Copy only from holders that passed the check.
+    let sources = BlobCopies {
+        replicas: good.iter().map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Stored }).collect(),
+        ..blob.clone()
+    };
+    for target in missing {
+        match copy_blob(metadata, router, &sources, target, options.spool_dir.clone()).await {
+            Ok(()) => {
+                if metadata.record_stored_copy(&CopyRef { blob: blob.blob.clone(), shard: (*target).clone() }).await? {
+                    report.restored += 1;
+                }
+            }
+            Err(problem) => {
+                report.repair_failures.push((blob.blob.clone(), format!("restoring onto {target}: {problem}")))
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn find_orphans(
+    metadata: &dyn MetadataStore,
+    router: &StorageRouter,
+    options: &ScrubOptions,
+    report: &mut ScrubReport,
+) -> MetaResult<()> {
+    for shard in router.shards() {
+        let mut after: Option<BlobKey> = None;
+        loop {
+            if options.stop.is_cancelled() {
+                return Ok(());
+            }
+            let objects = match router.list_on(&shard.name, after.as_ref(), LIST_PAGE).await {
+                Ok(objects) => objects,
+                Err(error) => {
+                    report.note_unreachable(&shard.name, error_chain(&error));
+                    break;
+                }
+            };
+            let Some(last) = objects.last() else { break };
+            after = Some(last.key.clone());
+            for object in objects {
+                let age = SystemTime::now().duration_since(object.modified).unwrap_or_default();
+                if age < options.orphan_grace || is_recorded(metadata, &object.key, &shard.name).await? {
+                    continue;
+                }
+                let orphan = Orphan { shard: shard.name.clone(), key: object.key, len: object.len, age };
+                if options.repair && delete_orphan(metadata, router, &orphan).await? {
+                    report.orphans_deleted += 1;
+                }
+                report.orphans.push(orphan);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn is_recorded(metadata: &dyn MetadataStore, key: &BlobKey, shard: &str) -> MetaResult<bool> {
+    let copies = metadata.find_blob_copies(key).await?;
+    Ok(copies.is_some_and(|blob| blob.replicas.iter().any(|r| r.shard == shard)))
+}
+
+/// Deletes an orphan while holding the blob's upload lock, after checking again that no copy
+/// row names it: an upload that wrote these bytes and is about to commit waits for the lock,
+/// then finds its copy gone and writes it again.
+async fn delete_orphan(metadata: &dyn MetadataStore, router: &StorageRouter, orphan: &Orphan) -> MetaResult<bool> {
+    let guard = metadata.lock_blob_for_upload(&orphan.key, orphan.len).await?;
+    if is_recorded(metadata, &orphan.key, &orphan.shard).await? {
+        return Ok(false);
+    }
+    let deleted = router.delete_on(&orphan.shard, &orphan.key).await;
+    drop(guard); // Rolls back: the lock was all it was for.
+    match deleted {
+        Ok(()) => Ok(true),
+        Err(error) => {
+            tracing::warn!(shard = %orphan.shard, key = %orphan.key, error = %error_chain(&error), "could not delete an orphan");
+            Ok(false)
+        }
+    }
+}
+
+/// Runs a scrub with repair every `interval`, paced, resuming where an interrupted run stopped.
+pub async fn run_periodic(
+    metadata: std::sync::Arc<dyn MetadataStore>,
+    router: std::sync::Arc<StorageRouter>,
+    interval: Duration,
+    options: ScrubOptions,
+) {
+    loop {
+        tokio::select! {
+            () = options.stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match scrub(metadata.as_ref(), &router, &options, &super::progress::Silent).await {
+            Ok(report) => tracing::info!(
+                blobs = report.blobs_checked,
+                copies = report.copies_checked,
+                bad = report.bad_copies.len(),
+                restored = report.restored,
+                lost = report.lost.len(),
+                orphans = report.orphans.len(),
+                "background scrub finished"
+            ),
+            Err(error) => tracing::warn!(error = %error_chain(&error), "background scrub stopped"),
+        }
+    }
+}
