@@ -71,7 +71,8 @@ impl Default for DatabaseSettings {
 pub struct PlacementSettings {
     /// Copies of each blob, the primary included.
     pub replication_factor: usize,
-    /// Ring tokens per unit of shard weight.
+    /// Ring tokens per unit of shard weight. 4096 keeps every shard within about 5% of its
+    /// share for 4 to 16 shards (BENCHMARKS.md); changing it on a running store moves data.
     pub vnodes_per_weight: u32,
     /// Copies that must be stored before an upload is acknowledged (1 to
     /// `replication_factor`). 1 is asynchronous replication; more is synchronous durability.
@@ -80,7 +81,7 @@ pub struct PlacementSettings {
 
 impl Default for PlacementSettings {
     fn default() -> Self {
-        Self { replication_factor: 2, vnodes_per_weight: 256, write_quorum: 1 }
+        Self { replication_factor: 2, vnodes_per_weight: 4096, write_quorum: 1 }
     }
 }
 

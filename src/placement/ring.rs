@@ -64,6 +64,8 @@ pub struct Ring {
     tokens: Vec<u64>,
     owners: Vec<u16>,
     vnodes_per_weight: u32,
+    /// Shards with tokens: a preference list names each once, then stops.
+    listed_shards: usize,
 }
 
 impl Ring {
@@ -78,7 +80,8 @@ impl Ring {
         // still the same in every process.
         points.sort_unstable();
         let (tokens, owners) = points.into_iter().unzip();
-        Ok(Self { members, tokens, owners, vnodes_per_weight })
+        let listed_shards = members.iter().filter(|member| member.weight > 0).count();
+        Ok(Self { members, tokens, owners, vnodes_per_weight, listed_shards })
     }
 
     pub fn members(&self) -> &[RingMember] {
@@ -105,6 +108,7 @@ impl Ring {
             ring: self,
             position: self.first_token_at_or_after(hash),
             steps_left: self.tokens.len(),
+            shards_left: self.listed_shards,
             seen: [0; MAX_SHARDS / 64],
         }
     }
@@ -154,6 +158,9 @@ pub struct PreferenceList<'a> {
     ring: &'a Ring,
     position: usize,
     steps_left: usize,
+    /// Shards not yet named: once every shard is listed, the walk stops instead of visiting
+    /// the remaining tokens (thousands at the default vnodes).
+    shards_left: usize,
     seen: [u64; MAX_SHARDS / 64],
 }
 
@@ -161,13 +168,14 @@ impl Iterator for PreferenceList<'_> {
     type Item = usize;
 
     fn next(&mut self) -> Option<usize> {
-        while self.steps_left > 0 {
+        while self.steps_left > 0 && self.shards_left > 0 {
             let owner = self.ring.owners[self.position] as usize;
             self.steps_left -= 1;
             self.position = if self.position + 1 == self.ring.tokens.len() { 0 } else { self.position + 1 };
             let (word, bit) = (owner / 64, 1u64 << (owner % 64));
             if self.seen[word] & bit == 0 {
                 self.seen[word] |= bit;
+                self.shards_left -= 1;
                 return Some(owner);
             }
         }

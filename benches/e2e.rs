@@ -1,0 +1,1140 @@
+//! End-to-end load: uploads and downloads through Chitram — the real binary, run as a separate
+//! process — over four S3 shards, against the same S3 servers reached directly with the same
+//! client library, in one run. Then two copies of a batch (Chitram RF=2 against a client doing
+//! two PUTs), and the server's peak memory during 32 concurrent 20 MiB uploads.
+//!
+//! `cargo bench --bench e2e` (about three minutes). Prints Markdown (BENCHMARKS.md quotes it);
+//! progress goes to stderr. Loopback only; everything it creates is removed at the end.
+//!
+//! - S3 shards: four s3s-fs servers inside this process, each on its own 127.0.0.1 port, with
+//!   SigV4 authentication, each a directory under a temporary directory.
+//! - Chitram: two processes, replication factor 1 and 2 (write quorum 1, two replication
+//!   workers: the defaults), each with its own bucket on the four servers and its own metadata
+//!   database. Metadata on Postgres by default (a throwaway `chitram_bench_<uuid>` database per
+//!   process on `CHITRAM_BENCH_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`,
+//!   dropped at the end); `CHITRAM_BENCH_DATABASE=sqlite` puts it in SQLite files instead.
+//! - Direct: aws-sdk-s3 configured as `src/storage/s3.rs` configures it, objects spread round-robin
+//!   over the same four servers.
+//! - Each cell (operation × size × concurrency) runs for `CHITRAM_BENCH_SECS` seconds per path
+//!   (default 2), split into three slices that rotate between direct, RF=1 and RF=2 so drift in a
+//!   noisy machine hits all three alike. A cell stops early at 384 MiB per path. Every upload is
+//!   unique bytes (no deduplication); every download's length is checked. After an RF=2 upload
+//!   slice the bench waits, unmeasured, for the replication queue to empty. CPU time of this
+//!   process, of Chitram and of Postgres is read from /proc around every slice.
+//! - `CHITRAM_BENCH_WORKERS=N` sets `replication.workers`; `CHITRAM_BENCH_PHASES` runs a subset of
+//!   `matrix,replication,memory`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use aws_sdk_s3::Client as S3Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    StalledStreamProtectionConfig,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+use futures::StreamExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use reqwest::multipart::{Form, Part};
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+const SIZES: [usize; 3] = [64 * KIB, MIB, 8 * MIB];
+const CONCURRENCY: [usize; 3] = [1, 4, 16];
+const SHARDS: usize = 4;
+const SLICES: usize = 3;
+/// Most bytes one path uploads in one cell (bounds disk use and run time).
+const CELL_CAP: u64 = 384 * MIB as u64;
+const RSS_UPLOADS: usize = 32;
+const RSS_SIZE: usize = 20 * MIB;
+const ACCESS_KEY: &str = "chitram-bench";
+const SECRET_KEY: &str = "chitram-bench-secret";
+const DIRECT_BUCKET: &str = "direct";
+
+/// What to run, from the environment.
+struct Options {
+    /// Seconds per cell and path (`CHITRAM_BENCH_SECS`, default 2).
+    secs: f64,
+    /// `replication.workers` of the Chitram processes (`CHITRAM_BENCH_WORKERS`; Chitram's default
+    /// when unset).
+    workers: Option<usize>,
+    /// Which parts run (`CHITRAM_BENCH_PHASES`, a comma-separated subset of
+    /// `matrix,replication,memory`; all by default).
+    matrix: bool,
+    replication: bool,
+    memory: bool,
+}
+
+impl Options {
+    fn from_env() -> Options {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let phases = var("CHITRAM_BENCH_PHASES").unwrap_or_else(|| "matrix,replication,memory".to_owned());
+        let phases: Vec<&str> = phases.split(',').map(str::trim).collect();
+        for phase in &phases {
+            assert!(
+                ["matrix", "replication", "memory"].contains(phase),
+                "CHITRAM_BENCH_PHASES: unknown phase {phase:?} (matrix, replication, memory)"
+            );
+        }
+        Options {
+            secs: var("CHITRAM_BENCH_SECS").map_or(2.0, |v| v.parse().expect("CHITRAM_BENCH_SECS: seconds")),
+            workers: var("CHITRAM_BENCH_WORKERS").map(|v| v.parse().expect("CHITRAM_BENCH_WORKERS: a count")),
+            matrix: phases.contains(&"matrix"),
+            replication: phases.contains(&"replication"),
+            memory: phases.contains(&"memory"),
+        }
+    }
+}
+
+fn main() {
+    let options = Options::from_env();
+    let database = match std::env::var("CHITRAM_BENCH_DATABASE").as_deref() {
+        Ok("sqlite") => DatabaseKind::Sqlite,
+        Ok("postgres") | Err(_) => DatabaseKind::Postgres(
+            std::env::var("CHITRAM_BENCH_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+        ),
+        Ok(other) => panic!("CHITRAM_BENCH_DATABASE must be postgres or sqlite, not {other:?}"),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
+    let databases = Databases::new(database);
+    runtime.block_on(run(&options, &databases));
+    // Chitram processes are gone by now (dropped in `run`); the databases go last.
+    drop(databases);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Route {
+    Direct,
+    Rf1,
+    Rf2,
+}
+
+const ROUTES: [Route; 3] = [Route::Direct, Route::Rf1, Route::Rf2];
+
+impl Route {
+    fn label(self) -> &'static str {
+        match self {
+            Route::Direct => "direct S3",
+            Route::Rf1 => "Chitram RF=1",
+            Route::Rf2 => "Chitram RF=2",
+        }
+    }
+}
+
+struct Cell {
+    op: &'static str,
+    size: usize,
+    concurrency: usize,
+    results: Vec<(Route, Stats)>,
+}
+
+/// A batch stored with two copies: directly (two PUTs per object) and through Chitram RF=2.
+struct Replication {
+    size: usize,
+    objects: u64,
+    direct_two_puts: Stats,
+    acknowledged: Stats,
+    /// From the first upload until the replication queue is empty.
+    until_replicated: Duration,
+}
+
+/// Everything one run measured.
+#[derive(Default)]
+struct Results {
+    cells: Vec<Cell>,
+    replication: Vec<Replication>,
+    memory: Option<MemoryResult>,
+    /// VmHWM of the RF=1 and RF=2 processes after the matrix and the replication runs.
+    matrix_hwm: Vec<(&'static str, u64)>,
+    load_before: String,
+    load_after: String,
+}
+
+async fn run(options: &Options, databases: &Databases) {
+    let started = Instant::now();
+    let dir = tempfile::Builder::new().prefix("chitram-bench-").tempdir().expect("a temporary directory");
+    let mut results = Results { load_before: loadavg(), ..Results::default() };
+    eprintln!("e2e: working in {} ({} s per cell and path)", dir.path().display(), options.secs);
+
+    let mut servers = Vec::new();
+    for i in 0..SHARDS {
+        servers.push(start_s3_server(&dir.path().join(format!("s3-{i}"))).await);
+    }
+    let direct: Vec<S3Client> = servers.iter().map(|addr| s3_client(&format!("http://{addr}"))).collect();
+    for client in &direct {
+        client.create_bucket().bucket(DIRECT_BUCKET).send().await.expect("creating the direct bucket");
+    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().expect("an HTTP client");
+    let rf1 = Chitram::start(dir.path(), "rf1", 1, options, &databases.create("rf1").await, &servers, &http).await;
+    let rf2 = Chitram::start(dir.path(), "rf2", 2, options, &databases.create("rf2").await, &servers, &http).await;
+    let targets =
+        Targets { direct: Arc::new(direct), rf1: rf1.base.clone(), rf2: rf2.base.clone(), http: http.clone() };
+
+    // Warm-up: connection pools, allocators, page cache for the binaries. Not measured.
+    eprintln!("e2e: warming up");
+    let base = Arc::new(payload_base(MIB));
+    for path in ROUTES {
+        let uploaded = Arc::new(Mutex::new(Vec::new()));
+        run_slice(targets.upload(path, base.clone(), uploaded.clone()), 8, Duration::ZERO, 16, 16).await;
+        let objects = Arc::new(uploaded.lock().unwrap().clone());
+        run_slice(targets.download(path, objects.clone(), MIB), 8, Duration::ZERO, 16, 16).await;
+        targets.cleanup(path, &objects).await;
+    }
+    targets.drain(Route::Rf2).await;
+
+    let budget = Duration::from_secs_f64(options.secs / SLICES as f64);
+    for size in SIZES.into_iter().filter(|_| options.matrix) {
+        let base = Arc::new(payload_base(size));
+        for concurrency in CONCURRENCY {
+            let max_ops = (CELL_CAP / size as u64 / SLICES as u64).max(concurrency as u64);
+            let min_ops = concurrency as u64;
+            let mut uploads: Vec<(Route, Stats)> = ROUTES.iter().map(|p| (*p, Stats::default())).collect();
+            let mut downloads: Vec<(Route, Stats)> = ROUTES.iter().map(|p| (*p, Stats::default())).collect();
+            let objects: Vec<Arc<Mutex<Vec<String>>>> = ROUTES.iter().map(|_| Arc::default()).collect();
+            for slice in 0..SLICES {
+                for turn in 0..ROUTES.len() {
+                    let i = (slice + turn) % ROUTES.len();
+                    let op = targets.upload(ROUTES[i], base.clone(), objects[i].clone());
+                    uploads[i].1.merge(run_slice(op, concurrency, budget, min_ops, max_ops).await);
+                    if ROUTES[i] == Route::Rf2 {
+                        // The next slice starts on a quiet machine.
+                        targets.drain(Route::Rf2).await;
+                    }
+                }
+            }
+            let lists: Vec<Arc<Vec<String>>> =
+                objects.iter().map(|o| Arc::new(std::mem::take(&mut *o.lock().unwrap()))).collect();
+            for slice in 0..SLICES {
+                for turn in 0..ROUTES.len() {
+                    let i = (slice + turn) % ROUTES.len();
+                    let op = targets.download(ROUTES[i], lists[i].clone(), size);
+                    downloads[i].1.merge(run_slice(op, concurrency, budget, min_ops, max_ops).await);
+                }
+            }
+            for (i, path) in ROUTES.iter().enumerate() {
+                targets.cleanup(*path, &lists[i]).await;
+            }
+            targets.drain(Route::Rf2).await;
+            for (op, results) in [("upload", &uploads), ("download", &downloads)] {
+                let line: Vec<String> =
+                    results.iter().map(|(p, s)| format!("{} {:.0} MiB/s", p.label(), s.mib_per_sec())).collect();
+                eprintln!("e2e: {op} {} × {concurrency}: {}", human(size), line.join(", "));
+            }
+            results.cells.push(Cell { op: "upload", size, concurrency, results: uploads });
+            results.cells.push(Cell { op: "download", size, concurrency, results: downloads });
+        }
+    }
+    if options.replication {
+        results.replication = replication_throughput(&targets).await;
+    }
+    results.matrix_hwm = vec![("RF=1", rf1.memory("VmHWM")), ("RF=2", rf2.memory("VmHWM"))];
+    drop(rf1);
+    drop(rf2);
+
+    if options.memory {
+        eprintln!("e2e: memory during {RSS_UPLOADS} concurrent {} uploads", human(RSS_SIZE));
+        results.memory = Some(memory_under_large_uploads(dir.path(), options, databases, &servers, &http).await);
+    }
+    results.load_after = loadavg();
+
+    report(&results, options, databases);
+    println!("\n(finished in {:.0} s)", started.elapsed().as_secs_f64());
+}
+
+/// Where each path sends its requests.
+struct Targets {
+    direct: Arc<Vec<S3Client>>,
+    rf1: String,
+    rf2: String,
+    http: reqwest::Client,
+}
+
+type OpFuture = Pin<Box<dyn Future<Output = anyhow::Result<(u64, Duration)>> + Send>>;
+/// One request: returns the bytes moved and the request's latency (preparation excluded).
+type Op = Arc<dyn Fn(u64) -> OpFuture + Send + Sync>;
+
+static UNIQUE: AtomicU64 = AtomicU64::new(1);
+/// The Chitram processes running, for CPU accounting.
+static CHITRAM_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+impl Targets {
+    fn chitram(&self, path: Route) -> &str {
+        if path == Route::Rf1 { &self.rf1 } else { &self.rf2 }
+    }
+
+    fn upload(&self, path: Route, base: Arc<Bytes>, uploaded: Arc<Mutex<Vec<String>>>) -> Op {
+        match path {
+            Route::Direct => {
+                let clients = self.direct.clone();
+                Arc::new(move |_| {
+                    let (clients, base, uploaded) = (clients.clone(), base.clone(), uploaded.clone());
+                    Box::pin(async move {
+                        let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+                        let body = stamped(&base, n);
+                        let (len, key, shard) = (body.len(), format!("object-{n}"), n as usize % SHARDS);
+                        let started = Instant::now();
+                        clients[shard]
+                            .put_object()
+                            .bucket(DIRECT_BUCKET)
+                            .key(&key)
+                            .content_length(len as i64)
+                            .body(ByteStream::from(body))
+                            .send()
+                            .await
+                            .context("direct PUT")?;
+                        let latency = started.elapsed();
+                        uploaded.lock().unwrap().push(format!("{shard}/{key}"));
+                        Ok((len as u64, latency))
+                    })
+                })
+            }
+            _ => {
+                let (http, url) = (self.http.clone(), format!("{}/api/v1/images/upload", self.chitram(path)));
+                Arc::new(move |_| {
+                    let (http, url, base, uploaded) = (http.clone(), url.clone(), base.clone(), uploaded.clone());
+                    Box::pin(async move {
+                        let body = stamped(&base, UNIQUE.fetch_add(1, Ordering::Relaxed));
+                        let len = body.len() as u64;
+                        let started = Instant::now();
+                        let part = Part::stream_with_length(body, len).file_name("bench.png").mime_str("image/png")?;
+                        let response = http.post(&url).multipart(Form::new().part("file", part)).send().await?;
+                        let status = response.status();
+                        if status != reqwest::StatusCode::CREATED {
+                            bail!("upload answered {status}: {}", response.text().await.unwrap_or_default());
+                        }
+                        let image: Value = response.json().await?;
+                        let latency = started.elapsed();
+                        let id = image["id"].as_str().context("an id in the upload's answer")?.to_owned();
+                        uploaded.lock().unwrap().push(id);
+                        Ok((len, latency))
+                    })
+                })
+            }
+        }
+    }
+
+    /// A direct client storing two copies itself: each object to two servers at once.
+    fn upload_twice(&self, base: Arc<Bytes>, uploaded: Arc<Mutex<Vec<String>>>) -> Op {
+        let clients = self.direct.clone();
+        Arc::new(move |_| {
+            let (clients, base, uploaded) = (clients.clone(), base.clone(), uploaded.clone());
+            Box::pin(async move {
+                let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+                let body = stamped(&base, n);
+                let (len, key) = (body.len(), format!("object-{n}"));
+                let shards = [n as usize % SHARDS, (n as usize + 1) % SHARDS];
+                let started = Instant::now();
+                let puts = shards.map(|shard| {
+                    clients[shard]
+                        .put_object()
+                        .bucket(DIRECT_BUCKET)
+                        .key(&key)
+                        .content_length(len as i64)
+                        .body(ByteStream::from(body.clone()))
+                        .send()
+                });
+                let [first, second] = puts;
+                let (first, second) = tokio::join!(first, second);
+                first.context("direct PUT")?;
+                second.context("direct PUT")?;
+                let latency = started.elapsed();
+                uploaded.lock().unwrap().extend(shards.map(|shard| format!("{shard}/{key}")));
+                Ok((len as u64, latency))
+            })
+        })
+    }
+
+    /// Reads objects of `size` bytes round-robin; a short or long body counts as a failure.
+    fn download(&self, path: Route, objects: Arc<Vec<String>>, size: usize) -> Op {
+        match path {
+            Route::Direct => {
+                let clients = self.direct.clone();
+                Arc::new(move |n| {
+                    let (clients, objects) = (clients.clone(), objects.clone());
+                    Box::pin(async move {
+                        let (shard, key) = objects[n as usize % objects.len()].split_once('/').expect("shard/key");
+                        let started = Instant::now();
+                        let output = clients[shard.parse::<usize>()?]
+                            .get_object()
+                            .bucket(DIRECT_BUCKET)
+                            .key(key)
+                            .send()
+                            .await
+                            .context("direct GET")?;
+                        let mut body = output.body;
+                        let mut len = 0u64;
+                        while let Some(chunk) = body.try_next().await? {
+                            len += chunk.len() as u64;
+                        }
+                        let latency = started.elapsed();
+                        if len != size as u64 {
+                            bail!("read {len} bytes of {size}");
+                        }
+                        Ok((len, latency))
+                    })
+                })
+            }
+            _ => {
+                let (http, base) = (self.http.clone(), self.chitram(path).to_owned());
+                Arc::new(move |n| {
+                    let (http, url) =
+                        (http.clone(), format!("{base}/api/v1/images/{}/file", objects[n as usize % objects.len()]));
+                    Box::pin(async move {
+                        let started = Instant::now();
+                        let mut response = http.get(&url).send().await?;
+                        if !response.status().is_success() {
+                            bail!("download answered {}", response.status());
+                        }
+                        let mut len = 0u64;
+                        while let Some(chunk) = response.chunk().await? {
+                            len += chunk.len() as u64;
+                        }
+                        let latency = started.elapsed();
+                        if len != size as u64 {
+                            bail!("read {len} bytes of {size}");
+                        }
+                        Ok((len, latency))
+                    })
+                })
+            }
+        }
+    }
+
+    /// Deletes what a cell stored, so disk use stays bounded. Not measured.
+    async fn cleanup(&self, path: Route, objects: &[String]) {
+        let deletions = futures::stream::iter(objects.iter().cloned())
+            .map(|object| async move {
+                match path {
+                    Route::Direct => {
+                        let (shard, key) = object.split_once('/').expect("shard/key");
+                        let client = &self.direct[shard.parse::<usize>().expect("a shard index")];
+                        client
+                            .delete_object()
+                            .bucket(DIRECT_BUCKET)
+                            .key(key)
+                            .send()
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }
+                    _ => {
+                        let url = format!("{}/api/v1/images/{object}", self.chitram(path));
+                        match self.http.delete(url).send().await {
+                            Ok(response) if response.status().is_success() => Ok(()),
+                            Ok(response) => Err(format!("delete answered {}", response.status())),
+                            Err(error) => Err(error.to_string()),
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(16);
+        let failures = deletions.filter(|r| std::future::ready(r.is_err())).count().await;
+        if failures > 0 {
+            eprintln!("e2e: warning: {failures} deletions failed on {}", path.label());
+        }
+    }
+
+    /// Waits until the replication queue of `path` is empty; returns how long that took.
+    async fn drain(&self, path: Route) -> Duration {
+        drain_queue(&self.http, self.chitram(path)).await
+    }
+}
+
+async fn drain_queue(http: &reqwest::Client, base: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let depth = async {
+            let status: Value = http.get(format!("{base}/api/v1/admin/replication")).send().await?.json().await?;
+            anyhow::Ok(status["queue_depth"].as_u64().unwrap_or(u64::MAX))
+        }
+        .await;
+        if let Ok(0) = depth {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "the replication queue did not empty: {depth:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generation and statistics
+
+#[derive(Default)]
+struct Stats {
+    latencies: Vec<Duration>,
+    bytes: u64,
+    elapsed: Duration,
+    errors: u64,
+    first_error: Option<String>,
+    cpu: Cpu,
+}
+
+/// CPU seconds (user + system) spent while a slice ran, by process group.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    /// This process: the load generator and the four S3 servers.
+    bench: f64,
+    /// Every Chitram process.
+    chitram: f64,
+    /// Every process named `postgres` (the server and its backends).
+    postgres: f64,
+}
+
+impl Cpu {
+    fn now(chitram: &[u32]) -> Cpu {
+        let postgres = std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|pid| {
+                        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres")
+                    })
+                    .map(cpu_seconds)
+                    .sum()
+            })
+            .unwrap_or(0.0);
+        Cpu {
+            bench: cpu_seconds(std::process::id()),
+            chitram: chitram.iter().copied().map(cpu_seconds).sum(),
+            postgres,
+        }
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            bench: self.bench - before.bench,
+            chitram: self.chitram - before.chitram,
+            postgres: self.postgres - before.postgres,
+        }
+    }
+
+    fn add(&mut self, other: Cpu) {
+        self.bench += other.bench;
+        self.chitram += other.chitram;
+        self.postgres += other.postgres;
+    }
+
+    fn total(self) -> f64 {
+        self.bench + self.chitram + self.postgres
+    }
+}
+
+/// utime + stime of a process, in seconds (clock ticks of 1/100 s, the Linux value).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses: state is the first, utime the 12th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+impl Stats {
+    fn merge(&mut self, other: Stats) {
+        self.latencies.extend(other.latencies);
+        self.bytes += other.bytes;
+        self.elapsed += other.elapsed;
+        self.errors += other.errors;
+        self.cpu.add(other.cpu);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn mib_per_sec(&self) -> f64 {
+        self.bytes as f64 / MIB as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn ops_per_sec(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1].as_secs_f64() * 1000.0
+    }
+}
+
+/// Runs `op` from `concurrency` workers until `budget` has passed and at least `min_ops` ran,
+/// or `max_ops` ran. Wall time counts from the first request to the last answer.
+async fn run_slice(op: Op, concurrency: usize, budget: Duration, min_ops: u64, max_ops: u64) -> Stats {
+    let chitram_pids = CHITRAM_PIDS.lock().unwrap().clone();
+    let cpu_before = Cpu::now(&chitram_pids);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency {
+        let (op, next) = (op.clone(), next.clone());
+        workers.spawn(async move {
+            let mut stats = Stats::default();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= max_ops || (n >= min_ops && started.elapsed() >= budget) {
+                    break;
+                }
+                match op(n).await {
+                    Ok((bytes, latency)) => {
+                        stats.bytes += bytes;
+                        stats.latencies.push(latency);
+                    }
+                    Err(error) => {
+                        stats.errors += 1;
+                        stats.first_error.get_or_insert_with(|| format!("{error:#}"));
+                    }
+                }
+            }
+            stats
+        });
+    }
+    let mut total = Stats::default();
+    while let Some(stats) = workers.join_next().await {
+        total.merge(stats.expect("a load worker panicked"));
+    }
+    total.elapsed = started.elapsed();
+    total.cpu = Cpu::now(&chitram_pids).since(cpu_before);
+    if let Some(error) = &total.first_error {
+        eprintln!("e2e: warning: {} failed requests, first: {error}", total.errors);
+    }
+    total
+}
+
+/// A PNG header (all Chitram reads) followed by incompressible filler, `size` bytes in all.
+fn payload_base(size: usize) -> Bytes {
+    let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    bytes.extend_from_slice(&4000u32.to_be_bytes());
+    bytes.extend_from_slice(&3000u32.to_be_bytes());
+    bytes.extend_from_slice(&[8, 6, 0, 0, 0, 0, 0, 0, 0]);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    while bytes.len() < size {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(size);
+    Bytes::from(bytes)
+}
+
+/// A copy of `base` made unique by `n` (written just after the PNG header).
+fn stamped(base: &Bytes, n: u64) -> Bytes {
+    let mut bytes = base.to_vec();
+    bytes[33..41].copy_from_slice(&n.to_le_bytes());
+    Bytes::from(bytes)
+}
+
+/// Per size, a batch stored with two copies: by a client that PUTs each object to two servers
+/// itself, and through Chitram RF=2 until its replication queue is empty (the workers poll every
+/// `replication.idle_poll_ms`, 500 ms by default, when idle: part of the lag).
+async fn replication_throughput(targets: &Targets) -> Vec<Replication> {
+    let mut runs = Vec::new();
+    for size in SIZES {
+        eprintln!("e2e: two copies of {} objects", human(size));
+        let objects = (256 * MIB / size).min(1024) as u64;
+        let base = Arc::new(payload_base(size));
+        let direct_objects = Arc::new(Mutex::new(Vec::new()));
+        let op = targets.upload_twice(base.clone(), direct_objects.clone());
+        let direct_two_puts = run_slice(op, 16, Duration::ZERO, objects, objects).await;
+        let chitram_objects = Arc::new(Mutex::new(Vec::new()));
+        let started = Instant::now();
+        let op = targets.upload(Route::Rf2, base, chitram_objects.clone());
+        let acknowledged = run_slice(op, 16, Duration::ZERO, objects, objects).await;
+        targets.drain(Route::Rf2).await;
+        let until_replicated = started.elapsed();
+        let direct_objects = std::mem::take(&mut *direct_objects.lock().unwrap());
+        let chitram_objects = std::mem::take(&mut *chitram_objects.lock().unwrap());
+        targets.cleanup(Route::Direct, &direct_objects).await;
+        targets.cleanup(Route::Rf2, &chitram_objects).await;
+        targets.drain(Route::Rf2).await;
+        runs.push(Replication { size, objects, direct_two_puts, acknowledged, until_replicated });
+    }
+    runs
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peak memory of the server under large concurrent uploads
+
+struct MemoryResult {
+    idle_rss: u64,
+    sampled_peak_rss: u64,
+    hwm_after_uploads: u64,
+    hwm_after_replication: u64,
+    wall: Duration,
+    drain: Duration,
+    stats: Stats,
+}
+
+async fn memory_under_large_uploads(
+    dir: &Path,
+    options: &Options,
+    databases: &Databases,
+    servers: &[SocketAddr],
+    http: &reqwest::Client,
+) -> MemoryResult {
+    let chitram = Chitram::start(dir, "rss", 2, options, &databases.create("rss").await, servers, http).await;
+    let targets =
+        Targets { direct: Arc::new(Vec::new()), rf1: String::new(), rf2: chitram.base.clone(), http: http.clone() };
+    // One small upload and download first, so the idle figure includes warm pools.
+    let warm = Arc::new(Mutex::new(Vec::new()));
+    run_slice(targets.upload(Route::Rf2, Arc::new(payload_base(MIB)), warm.clone()), 2, Duration::ZERO, 4, 4).await;
+    let warm = Arc::new(warm.lock().unwrap().clone());
+    run_slice(targets.download(Route::Rf2, warm, MIB), 2, Duration::ZERO, 4, 4).await;
+    targets.drain(Route::Rf2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_rss = chitram.memory("VmRSS");
+
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (sampling, pid) = (sampling.clone(), chitram.child.id());
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while sampling.load(Ordering::Relaxed) {
+                peak = peak.max(proc_status(pid, "VmRSS"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            peak
+        })
+    };
+    // The bodies are ready before the clock starts; all 32 requests start at once.
+    let base = Arc::new(payload_base(RSS_SIZE));
+    let uploaded = Arc::new(Mutex::new(Vec::new()));
+    let op = targets.upload(Route::Rf2, base, uploaded);
+    let started = Instant::now();
+    let stats = run_slice(op, RSS_UPLOADS, Duration::ZERO, RSS_UPLOADS as u64, RSS_UPLOADS as u64).await;
+    let wall = started.elapsed();
+    let hwm_after_uploads = chitram.memory("VmHWM");
+    let drain = targets.drain(Route::Rf2).await;
+    let hwm_after_replication = chitram.memory("VmHWM");
+    sampling.store(false, Ordering::Relaxed);
+    let sampled_peak_rss = sampler.await.expect("the sampler");
+    MemoryResult { idle_rss, sampled_peak_rss, hwm_after_uploads, hwm_after_replication, wall, drain, stats }
+}
+
+/// A `/proc/PID/status` field in bytes (its value is in kB).
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chitram as a separate process
+
+struct Chitram {
+    child: Child,
+    base: String,
+    log: PathBuf,
+}
+
+impl Chitram {
+    async fn start(
+        dir: &Path,
+        label: &str,
+        replication_factor: usize,
+        options: &Options,
+        database_url: &str,
+        servers: &[SocketAddr],
+        http: &reqwest::Client,
+    ) -> Chitram {
+        let port = free_port();
+        let spool = dir.join(format!("spool-{label}"));
+        std::fs::create_dir_all(&spool).expect("a spool directory");
+        let mut config = format!(
+            "[server]\nbind = \"127.0.0.1:{port}\"\nspool_dir = \"{}\"\n\
+             [database]\nurl = \"{database_url}\"\n\
+             [placement]\nreplication_factor = {replication_factor}\n",
+            spool.display()
+        );
+        if let Some(workers) = options.workers {
+            config.push_str(&format!("[replication]\nworkers = {workers}\n"));
+        }
+        for (i, addr) in servers.iter().enumerate() {
+            config.push_str(&format!(
+                "[[shards]]\nname = \"s{i}\"\nkind = \"s3\"\nendpoint = \"http://{addr}\"\nbucket = \"{label}\"\n\
+                 access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n"
+            ));
+        }
+        let config_path = dir.join(format!("chitram-{label}.toml"));
+        std::fs::write(&config_path, config).expect("writing the config");
+        let log = dir.join(format!("chitram-{label}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_chitram"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("a log file"))
+            .spawn()
+            .expect("the chitram binary starts");
+        let mut server = Chitram { child, base: format!("http://127.0.0.1:{port}"), log };
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = http.get(format!("{}/health", server.base)).send().await
+                && response.status().is_success()
+            {
+                break;
+            }
+            let exited = server.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && started.elapsed() < Duration::from_secs(60),
+                "Chitram ({label}) did not start:\n{}",
+                std::fs::read_to_string(&server.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("e2e: Chitram {label} (pid {}) on {}", server.child.id(), server.base);
+        CHITRAM_PIDS.lock().unwrap().push(server.child.id());
+        server
+    }
+
+    fn memory(&self, field: &str) -> u64 {
+        proc_status(self.child.id(), field)
+    }
+}
+
+impl Drop for Chitram {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        CHITRAM_PIDS.lock().unwrap().retain(|p| *p != pid);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3 servers and the direct client
+
+async fn start_s3_server(root: &Path) -> SocketAddr {
+    std::fs::create_dir_all(root).expect("the server's root");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port for an S3 server");
+    let addr = listener.local_addr().expect("an address");
+    let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).expect("s3s-fs opens its root"));
+    builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { continue };
+            // As real S3 servers do: without it, small responses wait on delayed ACKs.
+            let _ = socket.set_nodelay(true);
+            let service = service.clone();
+            tokio::spawn(async move {
+                let _ = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The client as `src/storage/s3.rs` builds it for a shard (default timeouts, no SDK retries,
+/// checksums only when required, path-style addressing).
+fn s3_client(endpoint: &str) -> S3Client {
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .force_path_style(true)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_millis(1000))
+                .operation_timeout(Duration::from_secs(60))
+                .build(),
+        )
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "chitram-bench"))
+        .build();
+    S3Client::from_conf(config)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata databases
+
+enum DatabaseKind {
+    Postgres(String),
+    Sqlite,
+}
+
+/// The metadata databases of one run: Postgres databases dropped at the end (even on a panic),
+/// or SQLite files in a temporary directory.
+struct Databases {
+    kind: DatabaseKind,
+    sqlite_dir: tempfile::TempDir,
+    created: Mutex<Vec<String>>,
+}
+
+impl Databases {
+    fn new(kind: DatabaseKind) -> Self {
+        let sqlite_dir = tempfile::Builder::new().prefix("chitram-bench-db-").tempdir().expect("a temporary directory");
+        Databases { kind, sqlite_dir, created: Mutex::new(Vec::new()) }
+    }
+
+    fn describe(&self) -> String {
+        match &self.kind {
+            DatabaseKind::Postgres(url) => {
+                format!(
+                    "Postgres ({}, a throwaway database per Chitram process)",
+                    url.split('@').next_back().unwrap_or(url)
+                )
+            }
+            DatabaseKind::Sqlite => "SQLite (a file per Chitram process in a temporary directory)".to_owned(),
+        }
+    }
+
+    async fn create(&self, label: &str) -> String {
+        match &self.kind {
+            DatabaseKind::Sqlite => format!("sqlite://{}/{label}.db", self.sqlite_dir.path().display()),
+            DatabaseKind::Postgres(admin_url) => {
+                let name = format!("chitram_bench_{}", uuid::Uuid::new_v4().simple());
+                let mut admin = PgConnection::connect(admin_url).await.unwrap_or_else(|e| {
+                    panic!(
+                        "the e2e bench keeps metadata on Postgres, but {admin_url} cannot be reached ({e}); start it, \
+                         set CHITRAM_BENCH_POSTGRES_URL, or run with CHITRAM_BENCH_DATABASE=sqlite"
+                    )
+                });
+                // A database name cannot be a bind parameter; this one is built from a UUID only.
+                sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+                let _ = admin.close().await;
+                self.created.lock().unwrap().push(name.clone());
+                url_for_database(admin_url, &name)
+            }
+        }
+    }
+}
+
+impl Drop for Databases {
+    fn drop(&mut self) {
+        let DatabaseKind::Postgres(admin_url) = &self.kind else { return };
+        let names = std::mem::take(&mut *self.created.lock().unwrap());
+        if names.is_empty() {
+            return;
+        }
+        let admin_url = admin_url.clone();
+        // Drop cannot await; a runtime of its own on a thread of its own drops the databases.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let mut admin = PgConnection::connect(&admin_url).await?;
+                for name in names {
+                    sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                        .execute(&mut admin)
+                        .await?;
+                }
+                let _ = admin.close().await;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("e2e: warning: could not drop the bench databases (chitram_bench_*): {dropped:?}");
+        }
+    }
+}
+
+/// The admin URL with its database replaced by `name`, keeping any query string.
+fn url_for_database(admin_url: &str, name: &str) -> String {
+    let (base, query) = admin_url.split_once('?').map_or((admin_url, None), |(b, q)| (b, Some(q)));
+    let authority_start = base.find("://").map_or(0, |at| at + 3);
+    let server = base[authority_start..].find('/').map_or(base, |slash| &base[..authority_start + slash]);
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report
+
+fn human(bytes: usize) -> String {
+    if bytes >= MIB { format!("{} MiB", bytes / MIB) } else { format!("{} KiB", bytes / KIB) }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_owned()))
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0.0, |kb| kb as f64 / 1024.0 / 1024.0);
+    format!("{cpus} CPUs ({model}), {memory:.1} GiB RAM")
+}
+
+fn report(results: &Results, options: &Options, databases: &Databases) {
+    println!("# End-to-end load: Chitram against direct S3\n");
+    println!("- machine: {}; load average {} before, {} after", machine(), results.load_before, results.load_after);
+    println!(
+        "- S3: {SHARDS} s3s-fs servers in the bench process on 127.0.0.1 (SigV4, files under a temporary directory)"
+    );
+    println!("- Chitram: the release binary as a separate process; metadata on {}", databases.describe());
+    println!(
+        "- replication workers per Chitram process: {}",
+        options.workers.map_or("2 (the default)".to_owned(), |w| w.to_string())
+    );
+    println!(
+        "- each cell: {} s per path in {SLICES} rotating slices, at most {} MiB per path; latency is per request",
+        options.secs,
+        CELL_CAP / MIB as u64
+    );
+    println!(
+        "- RF=2 uploads are acknowledged after the first copy (write quorum 1); the second copy is made by the \
+         background workers, and the bench waits for their queue to empty before the next slice (not counted)"
+    );
+    println!(
+        "- CPU: busy is all CPU time used during the cell over its wall time (the machine has {} CPUs in all); \
+         ms/MiB splits it between the bench process (load generator and S3 servers), Chitram, and Postgres\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let cells = &results.cells;
+    for op in ["upload", "download"].into_iter().filter(|_| !cells.is_empty()) {
+        println!("## {}s\n", if op == "upload" { "Upload" } else { "Download" });
+        println!(
+            "| size | concurrency | path | requests | MiB/s | req/s | p50 ms | p99 ms | vs direct | CPU busy | CPU ms/MiB: bench + Chitram + Postgres |"
+        );
+        println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
+        for cell in cells.iter().filter(|c| c.op == op) {
+            let direct = cell.results[0].1.mib_per_sec();
+            for (path, stats) in &cell.results {
+                let ratio = if *path == Route::Direct {
+                    "—".to_owned()
+                } else {
+                    format!("{:.0}%", stats.mib_per_sec() / direct * 100.0)
+                };
+                let errors = if stats.errors > 0 { format!(" ({} failed)", stats.errors) } else { String::new() };
+                let per_mib = |seconds: f64| seconds * 1000.0 / mib(stats.bytes).max(1e-9);
+                println!(
+                    "| {} | {} | {} | {}{errors} | {:.1} | {:.0} | {:.2} | {:.2} | {ratio} | {:.0}% | {:.1} + {:.1} + {:.1} |",
+                    human(cell.size),
+                    cell.concurrency,
+                    path.label(),
+                    stats.latencies.len(),
+                    stats.mib_per_sec(),
+                    stats.ops_per_sec(),
+                    stats.percentile_ms(0.5),
+                    stats.percentile_ms(0.99),
+                    stats.cpu.total() / stats.elapsed.as_secs_f64() * 100.0,
+                    per_mib(stats.cpu.bench),
+                    per_mib(stats.cpu.chitram),
+                    per_mib(stats.cpu.postgres),
+                );
+            }
+        }
+        println!();
+    }
+
+    if !cells.is_empty() {
+        println!("## 1 MiB: Chitram throughput as a share of direct (target ≥ 90%)\n");
+        println!("| operation | concurrency | RF=1 | RF=2 |");
+        println!("|---|---:|---:|---:|");
+    }
+    for cell in cells.iter().filter(|c| c.size == MIB) {
+        let direct = cell.results[0].1.mib_per_sec();
+        println!(
+            "| {} | {} | {:.0}% | {:.0}% |",
+            cell.op,
+            cell.concurrency,
+            cell.results[1].1.mib_per_sec() / direct * 100.0,
+            cell.results[2].1.mib_per_sec() / direct * 100.0
+        );
+    }
+    println!();
+
+    if !results.replication.is_empty() {
+        println!("## Two copies of every object (concurrency 16)\n");
+        println!(
+            "Direct: the client PUTs each object to two servers at once. Chitram RF=2: acknowledged after the first \
+             copy; \"both copies\" runs until the replication queue is empty (an idle worker polls every 500 ms).\n"
+        );
+        println!(
+            "| size | objects | direct, two PUTs: MiB/s | Chitram acknowledged: MiB/s | Chitram both copies: MiB/s | both copies vs direct | lag after the last answer |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+    }
+    for run in &results.replication {
+        let direct = run.direct_two_puts.mib_per_sec();
+        let both = mib(run.acknowledged.bytes) / run.until_replicated.as_secs_f64();
+        println!(
+            "| {} | {} | {direct:.1} | {:.1} | {both:.1} | {:.0}% | {:.2} s |",
+            human(run.size),
+            run.objects,
+            run.acknowledged.mib_per_sec(),
+            both / direct * 100.0,
+            run.until_replicated.saturating_sub(run.acknowledged.elapsed).as_secs_f64()
+        );
+    }
+    println!();
+
+    if let Some(memory) = &results.memory {
+        println!("## Server memory during {RSS_UPLOADS} concurrent {} uploads (RF=2)\n", human(RSS_SIZE));
+        let in_flight = (RSS_UPLOADS * RSS_SIZE) as u64;
+        println!("| measure | value |");
+        println!("|---|---:|");
+        println!("| bytes in flight | {:.0} MiB |", mib(in_flight));
+        println!("| RSS when idle (warm) | {:.1} MiB |", mib(memory.idle_rss));
+        println!("| peak RSS, sampled every 10 ms | {:.1} MiB |", mib(memory.sampled_peak_rss));
+        println!("| VmHWM after the uploads | {:.1} MiB |", mib(memory.hwm_after_uploads));
+        println!(
+            "| growth over idle, per concurrent upload | {:.2} MiB |",
+            mib(memory.hwm_after_uploads.saturating_sub(memory.idle_rss)) / RSS_UPLOADS as f64
+        );
+        println!("| VmHWM after replicating them | {:.1} MiB |", mib(memory.hwm_after_replication));
+        println!(
+            "| uploads: {} of {RSS_UPLOADS} succeeded, wall time | {:.2} s ({:.0} MiB/s) |",
+            memory.stats.latencies.len(),
+            memory.wall.as_secs_f64(),
+            mib(memory.stats.bytes) / memory.wall.as_secs_f64()
+        );
+        println!("| replication queue emptied after | {:.2} s |", memory.drain.as_secs_f64());
+        println!();
+    }
+    let hwm: Vec<String> =
+        results.matrix_hwm.iter().map(|(label, bytes)| format!("{label} {:.1} MiB", mib(*bytes))).collect();
+    println!("Peak RSS (VmHWM) of the two Chitram processes over the whole matrix: {}.", hwm.join(", "));
+}
