@@ -34,16 +34,23 @@ pub async fn try_delete_copy(metadata: &dyn MetadataStore, router: &StorageRoute
         Ok(None) => return DeletionOutcome::NoLongerWanted,
         Err(error) => return DeletionOutcome::Failed(error.to_string()),
     };
-    // The blob's lock is held meanwhile (on SQLite, the whole database's write lock), so a
-    // slow shard must not keep it long: give up and let the retry try again.
-    match tokio::time::timeout(DELETE_UNDER_LOCK, router.delete_on(&copy.shard, &copy.blob)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return DeletionOutcome::Failed(error_chain(&error)),
-        Err(_) => return DeletionOutcome::Failed(format!("no answer within {} s", DELETE_UNDER_LOCK.as_secs())),
+    if let Err(problem) = delete_object_under_lock(router, &copy.shard, &copy.blob).await {
+        return DeletionOutcome::Failed(problem);
     }
     match guard.commit().await {
         Ok(()) => DeletionOutcome::Deleted,
         Err(error) => DeletionOutcome::Failed(error.to_string()),
+    }
+}
+
+/// Deletes one object while its blob's lock is held. The lock (on SQLite, the whole database's
+/// write lock) must not wait on a slow shard for long: past [`DELETE_UNDER_LOCK`] this gives up,
+/// and the caller's retry tries again later.
+pub async fn delete_object_under_lock(router: &StorageRouter, shard: &str, key: &BlobKey) -> Result<(), String> {
+    match tokio::time::timeout(DELETE_UNDER_LOCK, router.delete_on(shard, key)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error_chain(&error)),
+        Err(_) => Err(format!("no answer within {} s", DELETE_UNDER_LOCK.as_secs())),
     }
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::deletion::delete_object_under_lock;
 use super::progress::Progress;
 use crate::blob::BlobKey;
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, ReplicaState};
@@ -28,8 +29,6 @@ use crate::telemetry::error_chain;
 
 /// Blobs read from the metadata per query while planning.
 const PLAN_PAGE: u32 = 500;
-/// How long one surplus deletion may hold the blob's lock.
-const DELETE_UNDER_LOCK: Duration = Duration::from_secs(5);
 
 /// What one blob needs.
 #[derive(Debug, Clone)]
@@ -242,11 +241,7 @@ async fn remove_surplus(
     let Some(guard) = metadata.lock_surplus_copy(&copy, wanted).await.map_err(|e| error_chain(&e))? else {
         return Ok(false);
     };
-    match tokio::time::timeout(DELETE_UNDER_LOCK, router.delete_on(shard, key)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return Err(error_chain(&error)),
-        Err(_) => return Err(format!("no answer within {} s", DELETE_UNDER_LOCK.as_secs())),
-    }
+    delete_object_under_lock(router, shard, key).await?;
     guard.commit().await.map_err(|e| error_chain(&e))?;
     Ok(true)
 }
