@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use crate::blob::BlobKey;
-use crate::metadata::{CopyRef, MetadataStore};
+use crate::metadata::{CopyRef, MetadataStore, ReplicaState};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
@@ -56,8 +56,18 @@ pub async fn delete_object_under_lock(router: &StorageRouter, shard: &str, key: 
 
 /// Deletes every copy of an unreferenced blob, logging the ones left for the workers.
 pub async fn delete_copies_of(metadata: &dyn MetadataStore, router: &StorageRouter, blob: &BlobKey) {
-    for shard in router.shards().iter().map(|shard| shard.name.clone()) {
-        let copy = CopyRef { blob: blob.clone(), shard };
+    // The recorded copies, not every configured shard: one query instead of a locking
+    // transaction per shard, and copies on shards gone from the config are covered too.
+    let copies = match metadata.find_blob_copies(blob).await {
+        Ok(Some(copies)) => copies.replicas,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%blob, %error, "copies left for the replication workers");
+            return;
+        }
+    };
+    for replica in copies.into_iter().filter(|r| r.state == ReplicaState::Deleting) {
+        let copy = CopyRef { blob: blob.clone(), shard: replica.shard };
         if let DeletionOutcome::Failed(reason) = try_delete_copy(metadata, router, &copy).await {
             tracing::warn!(blob = %copy.blob, shard = %copy.shard, %reason, "copy left for the replication workers");
         }

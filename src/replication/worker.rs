@@ -59,10 +59,6 @@ impl Replicator {
         Self { metadata, router, settings, id }
     }
 
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// Claims one due task, carries it out while renewing its lease, and records the result.
     pub async fn try_run_next(&self) -> Result<StepOutcome, MetadataError> {
         let Some(task) = self.metadata.claim_task(&self.id, self.settings.lease).await? else {

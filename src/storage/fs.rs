@@ -36,10 +36,6 @@ impl FsStore {
         Ok(Self { root })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Where a key lives. Keys are 64 hex digits (see [`BlobKey`]), so the path never leaves
     /// the root.
     fn object_path(&self, key: &BlobKey) -> PathBuf {
