@@ -4,7 +4,7 @@
 mod common;
 
 use chitram::blob::BlobKey;
-use chitram::metadata::{CopyRef, ReplicaState};
+use chitram::metadata::CopyRef;
 use chitram::placement::ring::{Ring, key_hash};
 use common::database::DbKind;
 use common::images::{large_png, png};
@@ -64,7 +64,7 @@ async fn replicate_by_hand(app: &TestApp, image: &Value) -> (String, String) {
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     std::fs::copy(app.object_path(&stored, key), &target).unwrap();
     let copy = CopyRef { blob: BlobKey::parse(key).unwrap(), shard: pending.clone() };
-    app.metadata.set_replica_state(&copy, ReplicaState::Stored).await.unwrap();
+    assert!(app.metadata.record_stored_copy(&copy).await.unwrap(), "the blob is referenced");
     (stored, pending)
 }
 

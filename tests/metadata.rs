@@ -63,7 +63,6 @@ on_both_databases!(with_store:
     deleting_an_unknown_image_is_none,
     an_upload_resurrects_a_blob_and_forgets_unlisted_deleting_copies,
     an_upload_never_downgrades_a_stored_copy,
-    set_replica_state_changes_only_recorded_copies,
     copies_are_counted_by_state,
     a_dropped_guard_changes_nothing,
     a_copy_deletion_lock_holds_back_an_upload_of_its_blob,
@@ -74,10 +73,8 @@ on_both_databases!(with_store:
     a_failed_task_waits_before_its_next_attempt,
     completing_a_copy_task_records_the_copy_stored,
     a_copy_task_made_moot_by_a_deletion_cannot_complete,
-    completing_a_copy_task_of_an_unreferenced_blob_queues_its_deletion,
     deleting_the_last_reference_queues_delete_tasks_and_drops_copy_tasks,
     a_resurrected_blob_keeps_its_new_copies,
-    a_missing_copy_is_queued_for_repair_once,
     released_claims_go_to_other_workers,
     queue_stats_count_tasks_and_failures,
     record_stored_copy_records_the_copy_or_its_deletion,
@@ -89,6 +86,8 @@ on_both_databases!(with_store:
 );
 
 on_both_databases!(with_store_and_url:
+    completing_a_copy_task_of_an_unreferenced_blob_queues_its_deletion,
+    a_missing_copy_is_queued_for_repair_once,
     deleting_every_copy_forgets_the_blob,
     an_unreferenced_blob_without_copies_is_forgotten_at_once,
     a_copy_deletion_forgets_the_tasks_of_its_copy,
@@ -289,19 +288,6 @@ async fn an_unreferenced_blob_without_copies_is_forgotten_at_once(store: Arc<dyn
     assert!(!blob_row_exists(&url, &blob(1)).await, "no copy is left for a deletion worker to finish");
 }
 
-async fn set_replica_state_changes_only_recorded_copies(store: Arc<dyn MetadataStore>) {
-    let image = new_image(&blob(1), now());
-    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
-
-    store.set_replica_state(&copy_ref(&blob(1), "a"), ReplicaState::Missing).await.unwrap();
-    store.set_replica_state(&copy_ref(&blob(1), "b"), ReplicaState::Stored).await.unwrap();
-    store.set_replica_state(&copy_ref(&blob(1), "z"), ReplicaState::Stored).await.unwrap();
-    store.set_replica_state(&copy_ref(&blob(2), "a"), ReplicaState::Stored).await.unwrap();
-
-    let expected = [copy("a", ReplicaState::Missing), copy("b", ReplicaState::Stored)];
-    assert_eq!(replicas_of(&*store, image.id).await, expected);
-}
-
 async fn copies_are_counted_by_state(store: Arc<dyn MetadataStore>) {
     assert_eq!(store.count_replicas_by_state().await.unwrap(), ReplicaCounts::default());
     upload(&*store, &new_image(&blob(1), now()), &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)])
@@ -496,13 +482,16 @@ async fn a_copy_task_made_moot_by_a_deletion_cannot_complete(store: Arc<dyn Meta
     assert_eq!(stats(&*store).await.copy_tasks, 0);
 }
 
-async fn completing_a_copy_task_of_an_unreferenced_blob_queues_its_deletion(store: Arc<dyn MetadataStore>) {
+async fn completing_a_copy_task_of_an_unreferenced_blob_queues_its_deletion(
+    store: Arc<dyn MetadataStore>,
+    url: String,
+) {
     let image = new_image(&blob(1), now());
     upload(&*store, &image, &[copy("a", ReplicaState::Stored)]).await;
     store.delete_image(image.id).await.unwrap();
     // A copy task on a blob without references takes an odd history: here, its copy was
     // marked stored again by hand and then found missing.
-    store.set_replica_state(&copy_ref(&blob(1), "a"), ReplicaState::Stored).await.unwrap();
+    database::set_replica_state(&url, blob(1).as_str(), "a", "stored").await;
     store.record_missing_copy(&copy_ref(&blob(1), "a")).await.unwrap();
     let tasks = claim_all(&*store, "w").await;
     assert_eq!(targets(&tasks), [copy_task(&blob(1), "a"), delete_task(&blob(1), "a")]);
@@ -559,7 +548,7 @@ async fn a_copy_deletion_forgets_the_tasks_of_its_copy(store: Arc<dyn MetadataSt
     assert!(!blob_row_exists(&url, &blob(1)).await, "the blob goes with its last copy and task");
 }
 
-async fn a_missing_copy_is_queued_for_repair_once(store: Arc<dyn MetadataStore>) {
+async fn a_missing_copy_is_queued_for_repair_once(store: Arc<dyn MetadataStore>, url: String) {
     let image = new_image(&blob(1), now());
     upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
 
@@ -580,7 +569,7 @@ async fn a_missing_copy_is_queued_for_repair_once(store: Arc<dyn MetadataStore>)
     // it stays one task and keeps its attempts.
     let repair = tasks.iter().find(|task| task.copy.shard == "a").expect("the repair of a").clone();
     assert!(store.fail_task(repair.id, "w", "no source answers", Duration::from_secs(3600)).await.unwrap());
-    store.set_replica_state(&copy_ref(&blob(1), "a"), ReplicaState::Stored).await.unwrap();
+    database::set_replica_state(&url, blob(1).as_str(), "a", "stored").await;
     store.record_missing_copy(&copy_ref(&blob(1), "a")).await.unwrap();
     let again = claim(&*store, "w2").await.expect("the repair is due now");
     assert_eq!((again.id, again.attempts), (repair.id, 1));
@@ -960,7 +949,17 @@ async fn replicas_of(store: &dyn MetadataStore, id: Uuid) -> Vec<Replica> {
 
 /// Every copy awaiting deletion, in shard order (copies marked at once have no other order).
 async fn awaiting_deletion(store: &dyn MetadataStore) -> Vec<CopyRef> {
-    let mut copies = store.copies_awaiting_deletion(100).await.unwrap();
+    let blobs = store.list_blob_copies(None, 1000).await.unwrap();
+    let mut copies: Vec<CopyRef> = blobs
+        .into_iter()
+        .flat_map(|blob| {
+            let key = blob.blob;
+            blob.replicas
+                .into_iter()
+                .filter(|replica| replica.state == ReplicaState::Deleting)
+                .map(move |replica| CopyRef { blob: key.clone(), shard: replica.shard })
+        })
+        .collect();
     copies.sort_by(|a, b| (&a.blob, &a.shard).cmp(&(&b.blob, &b.shard)));
     copies
 }

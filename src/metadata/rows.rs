@@ -13,7 +13,7 @@ use crate::blob::BlobKey;
 
 /// One claimed task, as the claim query returns it.
 #[derive(sqlx::FromRow)]
-pub(super) struct TaskRow {
+pub(in crate::metadata) struct TaskRow {
     id: i64,
     kind: String,
     blob_checksum: String,
@@ -23,10 +23,10 @@ pub(super) struct TaskRow {
 }
 
 impl TaskRow {
-    pub(super) fn into_task(self) -> MetaResult<ReplicationTask> {
+    pub(in crate::metadata) fn into_task(self) -> MetaResult<ReplicationTask> {
         Ok(ReplicationTask {
             id: self.id,
-            kind: parse_task_kind(&self.kind)?,
+            kind: TaskKind::parse(&self.kind)?,
             copy: CopyRef { blob: parse_blob_key(&self.blob_checksum)?, shard: self.shard },
             attempts: from_column(self.attempts, "attempts")?,
             last_error: self.last_error,
@@ -36,7 +36,7 @@ impl TaskRow {
 
 /// One blob joined with one of its copies (none when it has no copy).
 #[derive(sqlx::FromRow)]
-pub(super) struct BlobCopyRow {
+pub(in crate::metadata) struct BlobCopyRow {
     checksum: String,
     size: i64,
     ref_count: i64,
@@ -46,7 +46,7 @@ pub(super) struct BlobCopyRow {
 
 /// Folds blob-and-copy rows into blobs. The queries order rows by blob, so the rows of one
 /// blob are adjacent.
-pub(super) fn blob_copies_from_rows(rows: Vec<BlobCopyRow>) -> MetaResult<Vec<BlobCopies>> {
+pub(in crate::metadata) fn blob_copies_from_rows(rows: Vec<BlobCopyRow>) -> MetaResult<Vec<BlobCopies>> {
     let mut blobs: Vec<BlobCopies> = Vec::new();
     for row in rows {
         let replica = match (row.shard, row.state) {
@@ -74,7 +74,7 @@ pub(super) fn blob_copies_from_rows(rows: Vec<BlobCopyRow>) -> MetaResult<Vec<Bl
 
 /// The failed tasks of one shard.
 #[derive(sqlx::FromRow)]
-pub(super) struct ShardFailuresRow {
+pub(in crate::metadata) struct ShardFailuresRow {
     shard: String,
     failing_tasks: i64,
     failed_attempts: i64,
@@ -82,7 +82,7 @@ pub(super) struct ShardFailuresRow {
 }
 
 /// Converts the rows, sorted by shard name (by bytes, whatever the database's collation).
-pub(super) fn shard_failures_from_rows(rows: Vec<ShardFailuresRow>) -> MetaResult<Vec<ShardFailures>> {
+pub(in crate::metadata) fn shard_failures_from_rows(rows: Vec<ShardFailuresRow>) -> MetaResult<Vec<ShardFailures>> {
     let mut failures = rows
         .into_iter()
         .map(|row| {
@@ -100,7 +100,7 @@ pub(super) fn shard_failures_from_rows(rows: Vec<ShardFailuresRow>) -> MetaResul
 
 /// Copies and bytes of one shard in one state.
 #[derive(sqlx::FromRow)]
-pub(super) struct ShardUsageRow {
+pub(in crate::metadata) struct ShardUsageRow {
     shard: String,
     state: String,
     copies: i64,
@@ -108,7 +108,7 @@ pub(super) struct ShardUsageRow {
 }
 
 /// Converts the rows, sorted by shard name, then by state in declaration order.
-pub(super) fn shard_usage_from_rows(rows: Vec<ShardUsageRow>) -> MetaResult<Vec<ShardUsage>> {
+pub(in crate::metadata) fn shard_usage_from_rows(rows: Vec<ShardUsageRow>) -> MetaResult<Vec<ShardUsage>> {
     let mut usage = rows
         .into_iter()
         .map(|row| {
@@ -126,29 +126,21 @@ pub(super) fn shard_usage_from_rows(rows: Vec<ShardUsageRow>) -> MetaResult<Vec<
 
 /// An age measured by the database in microseconds; a negative one (the clock stepped back
 /// since the row was written) counts as zero.
-pub(super) fn age_from_micros(micros: Option<i64>) -> Option<Duration> {
+pub(in crate::metadata) fn age_from_micros(micros: Option<i64>) -> Option<Duration> {
     micros.map(|micros| Duration::from_micros(u64::try_from(micros).unwrap_or(0)))
 }
 
 /// A lease or a delay in whole microseconds, the precision both databases keep.
-pub(super) fn duration_micros(duration: Duration, context: &'static str) -> MetaResult<i64> {
+pub(in crate::metadata) fn duration_micros(duration: Duration, context: &'static str) -> MetaResult<i64> {
     to_column(duration.as_micros(), context)
 }
 
-pub(super) fn parse_task_kind(text: &str) -> MetaResult<TaskKind> {
-    match text {
-        "copy" => Ok(TaskKind::Copy),
-        "delete" => Ok(TaskKind::Delete),
-        other => Err(MetadataError::Corrupt(format!("unknown task kind {other:?}"))),
-    }
-}
-
-pub(super) fn parse_blob_key(checksum: &str) -> MetaResult<BlobKey> {
+pub(in crate::metadata) fn parse_blob_key(checksum: &str) -> MetaResult<BlobKey> {
     BlobKey::parse(checksum).map_err(|e| MetadataError::Corrupt(e.to_string()))
 }
 
 /// Converts a value for a signed column; one past the column's range is refused as a query error.
-pub(super) fn to_column<S, T>(value: S, context: &'static str) -> MetaResult<T>
+pub(in crate::metadata) fn to_column<S, T>(value: S, context: &'static str) -> MetaResult<T>
 where
     T: TryFrom<S, Error = TryFromIntError>,
 {
@@ -156,7 +148,7 @@ where
 }
 
 /// Converts a column back; a value out of range means the row is malformed.
-pub(super) fn from_column<S, T>(value: S, column: &str) -> MetaResult<T>
+pub(in crate::metadata) fn from_column<S, T>(value: S, column: &str) -> MetaResult<T>
 where
     S: Copy + Display,
     T: TryFrom<S>,
@@ -165,6 +157,6 @@ where
 }
 
 /// Sorts a driver error, saying what was being done.
-pub(super) fn sql_error(context: &'static str) -> impl FnOnce(sqlx::Error) -> MetadataError {
+pub(in crate::metadata) fn sql_error(context: &'static str) -> impl FnOnce(sqlx::Error) -> MetadataError {
     move |source| MetadataError::from_sqlx(context, source)
 }

@@ -137,3 +137,17 @@ fn drop_postgres_database(admin_url: &str, name: &str) -> Result<(), String> {
         Ok(())
     })
 }
+
+/// Sets a copy's state by hand, as no production path does: for tests that need a history
+/// the store would not make by itself.
+pub async fn set_replica_state(url: &str, blob: &str, shard: &str, state: &str) {
+    const SET_STATE: &str = "UPDATE replicas SET state = $3 WHERE blob_checksum = $1 AND shard = $2";
+    let updated = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query(SET_STATE).bind(blob).bind(shard).bind(state).execute(&mut conn).await.unwrap().rows_affected()
+    } else {
+        let mut conn = PgConnection::connect(url).await.unwrap();
+        sqlx::query(SET_STATE).bind(blob).bind(shard).bind(state).execute(&mut conn).await.unwrap().rows_affected()
+    };
+    assert_eq!(updated, 1, "the copy of {blob} on {shard} is recorded");
+}

@@ -1,0 +1,87 @@
+//! Blobs and their copies (DESIGN invariants 2 and 7): which shard holds which blob, in what
+//! state, and the locks under which dedup, deletion and operator tools change that.
+//!
+//! Dedup and deletion decide under the same lock on the blob's row (invariant 7): an upload
+//! that needs new bytes holds an [`UploadGuard`] while it records them, and a copy is removed
+//! from a shard only while a [`CopyDeletionGuard`] is held. So no copy is deleted once a new
+//! reference to its blob has been committed, and no upload records a copy that a deleter removed.
+
+use async_trait::async_trait;
+
+use super::{BlobCopies, CopyRef, ImageRecord, MetaResult, NewImage, Replica, ReplicaCounts, ShardUsage};
+use crate::blob::BlobKey;
+
+#[async_trait]
+pub trait CopyStore: Send + Sync {
+    /// Locks the blob's row, creating it with no references (and `size`) if absent. While the
+    /// guard lives no copy of this blob can be deleted, so the caller can check that the copy
+    /// it wrote still exists and then commit.
+    async fn lock_blob_for_upload(&self, blob: &BlobKey, size: u64) -> MetaResult<Box<dyn UploadGuard>>;
+
+    /// Locks the blob's row to delete one copy. Returns `None`, changing nothing, when the blob
+    /// has references again or the copy is no longer `Deleting`. Hold the guard while deleting
+    /// the object, then commit it.
+    async fn lock_copy_for_deletion(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>>;
+
+    /// Read repair: a `Stored` copy found absent or corrupt becomes `Missing`, and a `Copy` task
+    /// to restore it is queued, in one transaction. Copies in another state are left alone.
+    async fn record_missing_copy(&self, copy: &CopyRef) -> MetaResult<()>;
+
+    /// Records a copy that an operator tool wrote and verified as `Stored` (inserting or
+    /// updating its row), and removes any `Copy` task for it. If the blob has no reference
+    /// left, the copy is recorded `Deleting` with a `Delete` task instead and `false` is
+    /// returned. If the blob has no row at all, nothing is recorded (there is no size to record
+    /// it with) and `false` is returned: the object is an orphan for scrub.
+    async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool>;
+
+    /// Locks the blob's row to remove a surplus copy (one on a shard outside `keep`, the
+    /// blob's current write set). Returns `None`, changing nothing, unless the copy is recorded,
+    /// its shard is not in `keep`, `keep` is not empty, and every shard in `keep` holds a
+    /// `Stored` copy: a copy is never removed before its replacements are recorded. Hold the
+    /// guard while deleting the object, then commit it (which forgets the copy and any task
+    /// for it).
+    async fn lock_surplus_copy(
+        &self,
+        copy: &CopyRef,
+        keep: &[String],
+    ) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>>;
+
+    /// One blob and its copies, or `None` if it is not recorded.
+    async fn find_blob_copies(&self, blob: &BlobKey) -> MetaResult<Option<BlobCopies>>;
+
+    /// Up to `limit` blobs in key order, strictly after `after`, with their copies.
+    async fn list_blob_copies(&self, after: Option<&BlobKey>, limit: u32) -> MetaResult<Vec<BlobCopies>>;
+
+    async fn count_replicas_by_state(&self) -> MetaResult<ReplicaCounts>;
+
+    /// Copies and bytes per shard and state.
+    async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>>;
+
+    /// Referenced blobs that have at least one `Stored` copy, all of them on shards outside
+    /// `known_shards` (the shards of the config): removing those shards would lose them. A
+    /// blob with no `Stored` copy anywhere is lost already, not stranded, and is not counted.
+    async fn count_stranded_blobs(&self, known_shards: &[String]) -> MetaResult<u64>;
+}
+
+/// Holds the lock on a blob's row during an upload; see [`CopyStore::lock_blob_for_upload`].
+/// Dropping it rolls back.
+#[async_trait]
+pub trait UploadGuard: Send {
+    /// Records the given copies, adds a reference, records the image, and commits.
+    ///
+    /// Each listed copy takes the given state, except that a copy already `Stored` stays
+    /// `Stored` when listed as `Pending`; each `Pending` copy gets a `Copy` task. Copies left
+    /// `Deleting` by an earlier deletion and not listed are forgotten: their objects, if any
+    /// remain, become orphans for scrub.
+    async fn commit(self: Box<Self>, image: &NewImage, copies: &[Replica]) -> MetaResult<ImageRecord>;
+}
+
+/// Holds the lock on a blob's row while one copy is deleted; see
+/// [`CopyStore::lock_copy_for_deletion`] and [`CopyStore::lock_surplus_copy`]. Dropping it
+/// rolls back.
+#[async_trait]
+pub trait CopyDeletionGuard: Send {
+    /// Forgets the copy and every task for it, and the blob once it has no copy left, and
+    /// commits.
+    async fn commit(self: Box<Self>) -> MetaResult<()>;
+}

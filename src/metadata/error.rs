@@ -1,0 +1,56 @@
+//! Errors of the metadata store, sorted for callers: unavailable (retry later, 503) or not.
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    /// The database cannot be reached (connection refused or lost, pool timed out).
+    #[error("the metadata database is unavailable while {context}")]
+    Unavailable {
+        context: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The database answered with an error.
+    #[error("metadata query failed while {context}")]
+    Query {
+        context: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A row holds a value this version cannot read.
+    #[error("stored metadata is malformed: {0}")]
+    Corrupt(String),
+    #[error("applying metadata migrations failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: expected sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+}
+
+impl MetadataError {
+    /// Sorts a driver error into unavailable (retry later, answer 503) or a query failure.
+    pub fn from_sqlx(context: &'static str, source: sqlx::Error) -> Self {
+        let unavailable = match &source {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // Class 08 is "connection exception"; 57P0x are shutdowns; SQLITE_BUSY (5) and
+            // SQLITE_LOCKED (6) mean another writer held the database past our busy timeout.
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P") || code == "5" || code == "6"),
+            _ => false,
+        };
+        if unavailable {
+            MetadataError::Unavailable { context, source }
+        } else {
+            MetadataError::Query { context, source }
+        }
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, MetadataError::Unavailable { .. })
+    }
+}
+
+pub type MetaResult<T> = Result<T, MetadataError>;

@@ -1,0 +1,25 @@
+//! Images: recording, reading, listing and deleting the rows clients see.
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{DeletedImage, ImageRecord, ListPosition, MetaResult, NewImage};
+
+#[async_trait]
+pub trait ImageStore: Send + Sync {
+    /// The dedup path. If the image's blob is live (it has at least one reference and at least
+    /// one `Stored` copy), adds a reference to it and records the image, in one transaction.
+    /// Returns `None`, changing nothing, when the blob is absent or unreferenced.
+    async fn insert_image_for_live_blob(&self, image: &NewImage) -> MetaResult<Option<ImageRecord>>;
+
+    async fn find_image(&self, id: Uuid) -> MetaResult<Option<ImageRecord>>;
+
+    /// Up to `limit` images, newest first (`created_at` then `id`, both descending), starting
+    /// strictly after `after`.
+    async fn list_images(&self, limit: u32, after: Option<&ListPosition>) -> MetaResult<Vec<ImageRecord>>;
+
+    /// Deletes the image and drops its reference to the blob. When that was the last reference,
+    /// every copy of the blob becomes `Deleting`, with a `Delete` task each, in the same
+    /// transaction. `None` if no such image.
+    async fn delete_image(&self, id: Uuid) -> MetaResult<Option<DeletedImage>>;
+}

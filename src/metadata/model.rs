@@ -1,0 +1,195 @@
+//! The facts the metadata store keeps, as the rest of the program sees them.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::MetadataError;
+use crate::blob::BlobKey;
+
+/// The state of one copy of a blob on one shard (invariant 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Intended but not yet written: replication will create it.
+    Pending,
+    /// Written and verified.
+    Stored,
+    /// Expected but found absent or corrupt: repair will restore it.
+    Missing,
+    /// The blob lost its last reference: this copy is waiting to be removed.
+    Deleting,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Pending => "pending",
+            ReplicaState::Stored => "stored",
+            ReplicaState::Missing => "missing",
+            ReplicaState::Deleting => "deleting",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, MetadataError> {
+        match text {
+            "pending" => Ok(ReplicaState::Pending),
+            "stored" => Ok(ReplicaState::Stored),
+            "missing" => Ok(ReplicaState::Missing),
+            "deleting" => Ok(ReplicaState::Deleting),
+            other => Err(MetadataError::Corrupt(format!("unknown replica state {other:?}"))),
+        }
+    }
+}
+
+impl fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One copy of a blob: which shard holds it, and in what state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub shard: String,
+    pub state: ReplicaState,
+}
+
+/// One copy of one blob, as a unit of background work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyRef {
+    pub blob: BlobKey,
+    pub shard: String,
+}
+
+/// An image about to be recorded. `created_at` must already be truncated to microseconds,
+/// the precision both databases keep, so the record read back equals the one written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewImage {
+    pub id: Uuid,
+    pub filename: String,
+    pub content_type: String,
+    pub file_size: u64,
+    pub width: u32,
+    pub height: u32,
+    pub blob: BlobKey,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A recorded image with the copies of its blob (in shard-name order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub id: Uuid,
+    pub filename: String,
+    pub content_type: String,
+    pub file_size: u64,
+    pub width: u32,
+    pub height: u32,
+    pub blob: BlobKey,
+    pub created_at: DateTime<Utc>,
+    pub replicas: Vec<Replica>,
+}
+
+/// Where a page of the image list ends: the list is ordered by `(created_at, id)` descending,
+/// and the next page starts strictly after this position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListPosition {
+    pub created_at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+/// What deleting an image did to its blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedImage {
+    pub blob: BlobKey,
+    /// True when this was the blob's last reference: every copy is now `Deleting`.
+    pub blob_unreferenced: bool,
+}
+
+/// What a replication task does to its copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    /// Create (or restore) the copy from a stored holder, verify it, and record it `Stored`.
+    Copy,
+    /// Remove the copy of a blob that lost its last reference (under the blob's lock).
+    Delete,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Copy => "copy",
+            TaskKind::Delete => "delete",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, MetadataError> {
+        match text {
+            "copy" => Ok(TaskKind::Copy),
+            "delete" => Ok(TaskKind::Delete),
+            other => Err(MetadataError::Corrupt(format!("unknown task kind {other:?}"))),
+        }
+    }
+}
+
+/// One unit of background replication work, as claimed by a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationTask {
+    pub id: i64,
+    pub kind: TaskKind,
+    pub copy: CopyRef,
+    /// Failed attempts so far (a claim that expired because its worker died is not counted).
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// The replication queue at a glance, for `/api/v1/admin/replication` and health.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueStats {
+    pub copy_tasks: u64,
+    pub delete_tasks: u64,
+    /// Age of the oldest task (by creation), measured on the database's clock.
+    pub oldest_task_age: Option<std::time::Duration>,
+    /// Per target shard: tasks that have failed at least once.
+    pub failing: Vec<ShardFailures>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardFailures {
+    pub shard: String,
+    /// Tasks for this shard with at least one failed attempt.
+    pub failing_tasks: u64,
+    /// Failed attempts summed over those tasks.
+    pub failed_attempts: u64,
+    /// The most recent error recorded for this shard.
+    pub last_error: Option<String>,
+}
+
+/// A blob and every recorded copy of it, for workers and operator tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobCopies {
+    pub blob: BlobKey,
+    pub size: u64,
+    pub ref_count: u64,
+    /// Sorted by shard name.
+    pub replicas: Vec<Replica>,
+}
+
+/// Copies and bytes on one shard, by state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardUsage {
+    pub shard: String,
+    pub state: ReplicaState,
+    pub copies: u64,
+    pub bytes: u64,
+}
+
+/// How many copies are in each state, for health and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaCounts {
+    pub pending: u64,
+    pub stored: u64,
+    pub missing: u64,
+    pub deleting: u64,
+}

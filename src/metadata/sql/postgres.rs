@@ -1,0 +1,14 @@
+//! The store's source (`store/`) compiled for Postgres; see `mod.rs`.
+
+type D = super::dialect::Postgres;
+
+#[path = "store/copies.rs"]
+mod copies;
+#[path = "store/images.rs"]
+mod images;
+#[path = "store/jobs.rs"]
+mod jobs;
+#[path = "store/queue.rs"]
+mod queue;
+#[path = "store/whole.rs"]
+mod whole;

@@ -1,0 +1,411 @@
+//! Blobs and their copies ([`CopyStore`]), and the guards dedup and deletion take turns under.
+//!
+//! Every transaction that changes a blob's copies or tasks takes the blob's lock first
+//! ([`lock_blob`]): on Postgres the row lock on `blobs.checksum`, on SQLite the database's
+//! write lock its `BEGIN IMMEDIATE` already holds. Then copy rows, then task rows. The claim
+//! and the statements that end one task touch task rows only, one statement each, so no two
+//! transactions wait for each other in a cycle. (Inserting a task also takes a key-share lock
+//! on its blob for the foreign key; the transaction already holds a stronger lock on that row.)
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+use sqlx::{Database, Transaction};
+
+use super::D;
+use super::images::{fetch_recorded, insert_image};
+use super::queue::{
+    forget_copy_task, forget_tasks, forget_tasks_of_copy, queue_copy_if_pending, queue_delete_for_every_copy,
+    queue_task,
+};
+use crate::blob::BlobKey;
+use crate::metadata::rows::{
+    BlobCopyRow, ShardUsageRow, blob_copies_from_rows, from_column, shard_usage_from_rows, sql_error, to_column,
+};
+use crate::metadata::sql::dialect::Dialect;
+use crate::metadata::sql::{SqlStore, Statement};
+use crate::metadata::{
+    BlobCopies, CopyDeletionGuard, CopyRef, CopyStore, ImageRecord, MetaResult, MetadataError, NewImage, Replica,
+    ReplicaCounts, ReplicaState, ShardUsage, TaskKind, UploadGuard,
+};
+
+type Db = <D as Dialect>::Db;
+type Connection = <Db as Database>::Connection;
+
+/// Creates the blob or locks the existing row in one statement. A plain `DO NOTHING` followed
+/// by `SELECT … FOR UPDATE` would find no row if a deleter removed it in between; Postgres
+/// retries this upsert instead, so we always end up holding the lock on a row that exists.
+static LOCK_BLOB_FOR_UPLOAD: Statement = Statement::new(
+    "INSERT INTO blobs (checksum, size, ref_count, created_at) VALUES ($1, $2, 0, {now})
+     ON CONFLICT (checksum) DO UPDATE SET ref_count = blobs.ref_count",
+);
+
+static LOCK_BLOB: Statement = Statement::new("SELECT ref_count FROM blobs WHERE checksum = $1 {for_update}");
+
+static ADD_REFERENCE: Statement = Statement::new("UPDATE blobs SET ref_count = ref_count + 1 WHERE checksum = $1");
+
+static DROP_REFERENCE: Statement =
+    Statement::new("UPDATE blobs SET ref_count = ref_count - 1 WHERE checksum = $1 RETURNING ref_count");
+
+/// Records one copy; a copy already `stored` is not downgraded to `pending`, and a copy that
+/// keeps its state keeps its `updated_at`.
+static RECORD_COPY: Statement = Statement::new(
+    "INSERT INTO replicas (blob_checksum, shard, state, updated_at) VALUES ($1, $2, $3, {now})
+     ON CONFLICT (blob_checksum, shard) DO UPDATE
+     SET state = excluded.state, updated_at = excluded.updated_at
+     WHERE replicas.state <> excluded.state
+       AND NOT (replicas.state = 'stored' AND excluded.state = 'pending')",
+);
+
+static MARK_EVERY_COPY_DELETING: Statement =
+    Statement::new("UPDATE replicas SET state = 'deleting', updated_at = {now} WHERE blob_checksum = $1");
+
+static MARK_STORED_COPY_MISSING: Statement = Statement::new(
+    "UPDATE replicas SET state = 'missing', updated_at = {now}
+     WHERE blob_checksum = $1 AND shard = $2 AND state = 'stored'",
+);
+
+static COPY_IS_DELETING: Statement = Statement::new(
+    "SELECT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND shard = $2 AND state = 'deleting')",
+);
+
+static FORGET_COPY: Statement = Statement::new("DELETE FROM replicas WHERE blob_checksum = $1 AND shard = $2");
+
+static FORGET_DELETING_COPIES: Statement =
+    Statement::new("DELETE FROM replicas WHERE blob_checksum = $1 AND state = 'deleting'");
+
+/// Tasks can only be left on a blob without copies by a bug, but they must not keep the blob
+/// row (their foreign key) alive: they go with it.
+static FORGET_TASKS_OF_BARE_BLOB: Statement = Statement::new(
+    "DELETE FROM replication_tasks
+     WHERE blob_checksum = $1
+       AND EXISTS (SELECT 1 FROM blobs WHERE checksum = $1 AND ref_count = 0)
+       AND NOT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1)",
+);
+
+/// The blob goes once it has neither a reference nor a recorded copy.
+static FORGET_BARE_BLOB: Statement = Statement::new(
+    "DELETE FROM blobs
+     WHERE checksum = $1 AND ref_count = 0
+       AND NOT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1)",
+);
+
+static BLOB_COPIES: Statement = Statement::new(
+    "SELECT b.checksum, b.size, b.ref_count, r.shard, r.state
+     FROM blobs AS b
+     LEFT JOIN replicas AS r ON r.blob_checksum = b.checksum
+     WHERE b.checksum = $1",
+);
+
+/// Every key sorts after the empty string, so `$1 = ''` reads the first page.
+static BLOB_COPIES_PAGE: Statement = Statement::new(
+    "SELECT b.checksum, b.size, b.ref_count, r.shard, r.state
+     FROM (SELECT checksum, size, ref_count FROM blobs
+           WHERE checksum > $1 ORDER BY checksum LIMIT $2) AS b
+     LEFT JOIN replicas AS r ON r.blob_checksum = b.checksum
+     ORDER BY b.checksum",
+);
+
+/// Whether a copy is recorded and every shard of `$3` (distinct, `$4` of them) holds a
+/// `stored` copy of its blob.
+static SURPLUS_COPY_IS_REMOVABLE: Statement = Statement::new(
+    "SELECT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND shard = $2)
+        AND (SELECT COUNT(*) FROM replicas
+             WHERE blob_checksum = $1 AND state = 'stored' AND shard {in:$3}) = $4",
+);
+
+static COUNT_BY_STATE: Statement = Statement::new("SELECT state, COUNT(*) FROM replicas GROUP BY state");
+
+static SHARD_USAGE: Statement = Statement::new(
+    "SELECT r.shard, r.state, COUNT(*) AS copies, CAST(COALESCE(SUM(b.size), 0) AS BIGINT) AS bytes
+     FROM replicas AS r
+     JOIN blobs AS b ON b.checksum = r.blob_checksum
+     GROUP BY r.shard, r.state",
+);
+
+/// Referenced blobs with a `stored` copy outside the known shards and none on them.
+static COUNT_STRANDED_BLOBS: Statement = Statement::new(
+    "SELECT COUNT(*) FROM blobs AS b
+     WHERE b.ref_count > 0
+       AND EXISTS (SELECT 1 FROM replicas AS r
+                   WHERE r.blob_checksum = b.checksum AND r.state = 'stored' AND r.shard {not_in:$1})
+       AND NOT EXISTS (SELECT 1 FROM replicas AS r
+                       WHERE r.blob_checksum = b.checksum AND r.state = 'stored' AND r.shard {in:$1})",
+);
+
+#[async_trait]
+impl CopyStore for SqlStore<D> {
+    async fn lock_blob_for_upload(&self, blob: &BlobKey, size: u64) -> MetaResult<Box<dyn UploadGuard>> {
+        const CONTEXT: &str = "locking a blob for an upload";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        sqlx::query(LOCK_BLOB_FOR_UPLOAD.sql::<D>())
+            .bind(blob.as_str())
+            .bind(to_column::<_, i64>(size, CONTEXT)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        Ok(Box::new(SqlUploadGuard { tx, blob: blob.clone() }))
+    }
+
+    async fn lock_copy_for_deletion(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>> {
+        const CONTEXT: &str = "locking a copy for deletion";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let ref_count = lock_blob(&mut tx, &copy.blob).await?;
+        let deleting = ref_count == Some(0) && copy_is_deleting(&mut tx, copy).await?;
+        if !deleting {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(None);
+        }
+        Ok(Some(Box::new(SqlCopyDeletionGuard { tx, copy: copy.clone() })))
+    }
+
+    async fn record_missing_copy(&self, copy: &CopyRef) -> MetaResult<()> {
+        const CONTEXT: &str = "recording a missing copy";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        lock_blob(&mut tx, &copy.blob).await?;
+        let marked = sqlx::query(MARK_STORED_COPY_MISSING.sql::<D>())
+            .bind(copy.blob.as_str())
+            .bind(&copy.shard)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?
+            .rows_affected();
+        if marked > 0 {
+            queue_task(&mut tx, copy, TaskKind::Copy).await?;
+        }
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(())
+    }
+
+    async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool> {
+        const CONTEXT: &str = "recording a stored copy";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let Some(ref_count) = lock_blob(&mut tx, &copy.blob).await? else {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(false);
+        };
+        let referenced = ref_count > 0;
+        record_written_copy(&mut tx, copy, referenced).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(referenced)
+    }
+
+    async fn lock_surplus_copy(
+        &self,
+        copy: &CopyRef,
+        keep: &[String],
+    ) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>> {
+        const CONTEXT: &str = "locking a surplus copy";
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect::<BTreeSet<_>>().into_iter().collect();
+        if keep.is_empty() || keep.contains(&copy.shard.as_str()) {
+            return Ok(None);
+        }
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let removable = lock_blob(&mut tx, &copy.blob).await?.is_some()
+            && sqlx::query_scalar(SURPLUS_COPY_IS_REMOVABLE.sql::<D>())
+                .bind(copy.blob.as_str())
+                .bind(&copy.shard)
+                .bind(D::name_list(&keep, CONTEXT)?)
+                .bind(to_column::<_, i64>(keep.len(), CONTEXT)?)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(sql_error(CONTEXT))?;
+        if !removable {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(None);
+        }
+        Ok(Some(Box::new(SqlCopyDeletionGuard { tx, copy: copy.clone() })))
+    }
+
+    async fn find_blob_copies(&self, blob: &BlobKey) -> MetaResult<Option<BlobCopies>> {
+        let rows = sqlx::query_as::<_, BlobCopyRow>(BLOB_COPIES.sql::<D>())
+            .bind(blob.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_error("reading the copies of a blob"))?;
+        Ok(blob_copies_from_rows(rows)?.into_iter().next())
+    }
+
+    async fn list_blob_copies(&self, after: Option<&BlobKey>, limit: u32) -> MetaResult<Vec<BlobCopies>> {
+        let rows = sqlx::query_as::<_, BlobCopyRow>(BLOB_COPIES_PAGE.sql::<D>())
+            .bind(after.map_or("", BlobKey::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_error("listing blobs with their copies"))?;
+        blob_copies_from_rows(rows)
+    }
+
+    async fn count_replicas_by_state(&self) -> MetaResult<ReplicaCounts> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(COUNT_BY_STATE.sql::<D>())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_error("counting copies by state"))?;
+        let mut counts = ReplicaCounts::default();
+        for (state, count) in rows {
+            let count = from_column(count, "replica count")?;
+            match ReplicaState::parse(&state)? {
+                ReplicaState::Pending => counts.pending = count,
+                ReplicaState::Stored => counts.stored = count,
+                ReplicaState::Missing => counts.missing = count,
+                ReplicaState::Deleting => counts.deleting = count,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>> {
+        let rows = sqlx::query_as::<_, ShardUsageRow>(SHARD_USAGE.sql::<D>())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql_error("summing copies and bytes per shard"))?;
+        shard_usage_from_rows(rows)
+    }
+
+    async fn count_stranded_blobs(&self, known_shards: &[String]) -> MetaResult<u64> {
+        const CONTEXT: &str = "counting blobs stored only on unknown shards";
+        let known: Vec<&str> = known_shards.iter().map(String::as_str).collect();
+        let count: i64 = sqlx::query_scalar(COUNT_STRANDED_BLOBS.sql::<D>())
+            .bind(D::name_list(&known, CONTEXT)?)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        from_column(count, "stranded blob count")
+    }
+}
+
+/// Holds the lock `lock_blob_for_upload` took; dropping it rolls back.
+struct SqlUploadGuard {
+    tx: Transaction<'static, Db>,
+    blob: BlobKey,
+}
+
+#[async_trait]
+impl UploadGuard for SqlUploadGuard {
+    async fn commit(self: Box<Self>, image: &NewImage, copies: &[Replica]) -> MetaResult<ImageRecord> {
+        let Self { mut tx, blob } = *self;
+        // A reference to another blob would leave this blob's count wrong: a caller bug.
+        assert_eq!(image.blob, blob, "an upload guard commits an image of the blob it locked");
+        run(&mut tx, &FORGET_DELETING_COPIES, &blob, "forgetting copies left by a deletion").await?;
+        forget_tasks(&mut tx, &blob, TaskKind::Delete).await?;
+        for copy in copies {
+            record_copy(&mut tx, &blob, copy).await?;
+            if copy.state == ReplicaState::Pending {
+                queue_copy_if_pending(&mut tx, &blob, &copy.shard).await?;
+            }
+        }
+        let added = run(&mut tx, &ADD_REFERENCE, &blob, "adding a reference to a blob").await?;
+        if added != 1 {
+            return Err(MetadataError::Corrupt(format!("locked blob {blob} has no row")));
+        }
+        insert_image(&mut tx, image).await?;
+        let record = fetch_recorded(&mut tx, image.id).await?;
+        tx.commit().await.map_err(sql_error("recording an upload"))?;
+        Ok(record)
+    }
+}
+
+/// Holds the lock `lock_copy_for_deletion` or `lock_surplus_copy` took; dropping it rolls back.
+struct SqlCopyDeletionGuard {
+    tx: Transaction<'static, Db>,
+    copy: CopyRef,
+}
+
+#[async_trait]
+impl CopyDeletionGuard for SqlCopyDeletionGuard {
+    async fn commit(self: Box<Self>) -> MetaResult<()> {
+        const CONTEXT: &str = "forgetting a deleted copy";
+        let Self { mut tx, copy } = *self;
+        sqlx::query(FORGET_COPY.sql::<D>())
+            .bind(copy.blob.as_str())
+            .bind(&copy.shard)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        forget_tasks_of_copy(&mut tx, &copy).await?;
+        forget_bare_blob(&mut tx, &copy.blob).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(())
+    }
+}
+
+/// Takes the blob's lock, which every transaction that changes the blob's copies or tasks
+/// takes first. Returns the blob's reference count, or `None` if it is not recorded.
+pub(super) async fn lock_blob(conn: &mut Connection, blob: &BlobKey) -> MetaResult<Option<i64>> {
+    sqlx::query_scalar(LOCK_BLOB.sql::<D>())
+        .bind(blob.as_str())
+        .fetch_optional(conn)
+        .await
+        .map_err(sql_error("locking a blob"))
+}
+
+/// Drops one reference under the blob's lock; at zero every copy becomes `deleting`, with a
+/// `delete` task each. Returns whether that was the last reference.
+pub(super) async fn drop_reference(conn: &mut Connection, blob: &BlobKey) -> MetaResult<bool> {
+    let remaining: Option<i64> = sqlx::query_scalar(DROP_REFERENCE.sql::<D>())
+        .bind(blob.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(sql_error("dropping a reference to a blob"))?;
+    let remaining =
+        remaining.ok_or_else(|| MetadataError::Corrupt(format!("an image refers to absent blob {blob}")))?;
+    if remaining > 0 {
+        return Ok(false);
+    }
+    run(conn, &MARK_EVERY_COPY_DELETING, blob, "marking the copies of an unreferenced blob for deletion").await?;
+    // Copying is moot now; deleting is what the copies need.
+    forget_tasks(conn, blob, TaskKind::Copy).await?;
+    queue_delete_for_every_copy(conn, blob).await?;
+    forget_bare_blob(conn, blob).await?;
+    Ok(true)
+}
+
+/// Records a copy a worker or an operator tool has just written and verified: `stored` while
+/// the blob is referenced, otherwise `deleting` with a `delete` task, so the new object is
+/// removed like the blob's other copies. Either way the copy needs no `copy` task any more.
+pub(super) async fn record_written_copy(conn: &mut Connection, copy: &CopyRef, referenced: bool) -> MetaResult<()> {
+    let state = if referenced { ReplicaState::Stored } else { ReplicaState::Deleting };
+    record_copy(conn, &copy.blob, &Replica { shard: copy.shard.clone(), state }).await?;
+    forget_copy_task(conn, copy).await?;
+    if !referenced {
+        queue_task(conn, copy, TaskKind::Delete).await?;
+    }
+    Ok(())
+}
+
+async fn record_copy(conn: &mut Connection, blob: &BlobKey, copy: &Replica) -> MetaResult<()> {
+    sqlx::query(RECORD_COPY.sql::<D>())
+        .bind(blob.as_str())
+        .bind(&copy.shard)
+        .bind(copy.state.as_str())
+        .execute(conn)
+        .await
+        .map_err(sql_error("recording a copy"))?;
+    Ok(())
+}
+
+async fn copy_is_deleting(conn: &mut Connection, copy: &CopyRef) -> MetaResult<bool> {
+    sqlx::query_scalar(COPY_IS_DELETING.sql::<D>())
+        .bind(copy.blob.as_str())
+        .bind(&copy.shard)
+        .fetch_one(conn)
+        .await
+        .map_err(sql_error("checking that a copy awaits deletion"))
+}
+
+async fn forget_bare_blob(conn: &mut Connection, blob: &BlobKey) -> MetaResult<()> {
+    run(conn, &FORGET_TASKS_OF_BARE_BLOB, blob, "forgetting the tasks of a blob without copies").await?;
+    run(conn, &FORGET_BARE_BLOB, blob, "forgetting a blob without copies").await?;
+    Ok(())
+}
+
+/// Runs a statement whose one parameter is a blob key; returns the rows it changed.
+async fn run(
+    conn: &mut Connection,
+    statement: &'static Statement,
+    blob: &BlobKey,
+    context: &'static str,
+) -> MetaResult<u64> {
+    let done = sqlx::query(statement.sql::<D>()).bind(blob.as_str()).execute(conn).await.map_err(sql_error(context))?;
+    Ok(done.rows_affected())
+}

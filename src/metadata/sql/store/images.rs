@@ -1,0 +1,210 @@
+//! Images ([`ImageStore`]): recording, reading, listing and deleting the rows clients see.
+
+use async_trait::async_trait;
+use sqlx::{Database, Executor};
+use uuid::Uuid;
+
+use super::D;
+use super::copies::drop_reference;
+use crate::metadata::rows::{from_column, parse_blob_key, sql_error, to_column};
+use crate::metadata::sql::dialect::Dialect;
+use crate::metadata::sql::{SqlStore, Statement};
+use crate::metadata::{
+    DeletedImage, ImageRecord, ImageStore, ListPosition, MetaResult, MetadataError, NewImage, Replica, ReplicaState,
+};
+
+type Db = <D as Dialect>::Db;
+type Connection = <Db as Database>::Connection;
+
+/// The columns of an image joined with one copy of its blob. Integers are read as BIGINT:
+/// SQLite would silently truncate a wider value read as a 32-bit one.
+macro_rules! image_columns {
+    () => {
+        "i.id, i.filename, i.content_type, i.file_size, CAST(i.width AS BIGINT) AS width,
+         CAST(i.height AS BIGINT) AS height, i.blob_checksum, i.created_at, r.shard, r.state"
+    };
+}
+
+/// One image joined with each copy of its blob (none when the blob has no copy).
+static FIND_IMAGE: Statement = Statement::new(concat!(
+    "SELECT ",
+    image_columns!(),
+    " FROM images AS i
+      LEFT JOIN replicas AS r ON r.blob_checksum = i.blob_checksum
+      WHERE i.id = $1"
+));
+
+static LIST_FIRST_PAGE: Statement = Statement::new(concat!(
+    "SELECT ",
+    image_columns!(),
+    " FROM (SELECT * FROM images ORDER BY created_at DESC, id DESC LIMIT $1) AS i
+      LEFT JOIN replicas AS r ON r.blob_checksum = i.blob_checksum
+      ORDER BY i.created_at DESC, i.id DESC"
+));
+
+static LIST_PAGE_AFTER: Statement = Statement::new(concat!(
+    "SELECT ",
+    image_columns!(),
+    " FROM (SELECT * FROM images
+            WHERE (created_at, id) < ($2, $3)
+            ORDER BY created_at DESC, id DESC LIMIT $1) AS i
+      LEFT JOIN replicas AS r ON r.blob_checksum = i.blob_checksum
+      ORDER BY i.created_at DESC, i.id DESC"
+));
+
+static INSERT_IMAGE: Statement = Statement::new(
+    "INSERT INTO images (id, filename, content_type, file_size, width, height, blob_checksum, created_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+);
+
+/// Adds a reference only to a live blob. On Postgres the row lock this takes means a
+/// concurrent deletion of the last reference either commits first (and this sees zero) or
+/// waits for this.
+static ADD_REFERENCE_TO_LIVE_BLOB: Statement = Statement::new(
+    "UPDATE blobs SET ref_count = ref_count + 1
+     WHERE checksum = $1 AND ref_count > 0
+       AND EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND state = 'stored')",
+);
+
+static DELETE_IMAGE: Statement = Statement::new("DELETE FROM images WHERE id = $1 RETURNING blob_checksum");
+
+#[async_trait]
+impl ImageStore for SqlStore<D> {
+    async fn insert_image_for_live_blob(&self, image: &NewImage) -> MetaResult<Option<ImageRecord>> {
+        const CONTEXT: &str = "adding a reference to a live blob";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let added = sqlx::query(ADD_REFERENCE_TO_LIVE_BLOB.sql::<D>())
+            .bind(image.blob.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?
+            .rows_affected();
+        if added == 0 {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(None);
+        }
+        insert_image(&mut tx, image).await?;
+        let record = fetch_recorded(&mut tx, image.id).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(Some(record))
+    }
+
+    async fn find_image(&self, id: Uuid) -> MetaResult<Option<ImageRecord>> {
+        fetch_image(&self.pool, id).await
+    }
+
+    async fn list_images(&self, limit: u32, after: Option<&ListPosition>) -> MetaResult<Vec<ImageRecord>> {
+        let limit = i64::from(limit);
+        let query = match after {
+            None => sqlx::query_as::<_, ImageRow>(LIST_FIRST_PAGE.sql::<D>()).bind(limit),
+            Some(position) => sqlx::query_as::<_, ImageRow>(LIST_PAGE_AFTER.sql::<D>())
+                .bind(limit)
+                .bind(D::time(position.created_at))
+                .bind(D::id(position.id)),
+        };
+        let rows = query.fetch_all(&self.pool).await.map_err(sql_error("listing images"))?;
+        records_from_rows(rows)
+    }
+
+    async fn delete_image(&self, id: Uuid) -> MetaResult<Option<DeletedImage>> {
+        const CONTEXT: &str = "deleting an image";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let checksum: Option<String> = sqlx::query_scalar(DELETE_IMAGE.sql::<D>())
+            .bind(D::id(id))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        let Some(checksum) = checksum else {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(None);
+        };
+        let blob = parse_blob_key(&checksum)?;
+        let blob_unreferenced = drop_reference(&mut tx, &blob).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(Some(DeletedImage { blob, blob_unreferenced }))
+    }
+}
+
+/// Records an image row; its blob's reference is the caller's to add.
+pub(super) async fn insert_image(conn: &mut Connection, image: &NewImage) -> MetaResult<()> {
+    const CONTEXT: &str = "recording an image";
+    sqlx::query(INSERT_IMAGE.sql::<D>())
+        .bind(D::id(image.id))
+        .bind(&image.filename)
+        .bind(&image.content_type)
+        .bind(to_column::<_, i64>(image.file_size, CONTEXT)?)
+        // Checked against Postgres's INTEGER on both, so both accept the same images.
+        .bind(to_column::<_, i32>(image.width, CONTEXT)?)
+        .bind(to_column::<_, i32>(image.height, CONTEXT)?)
+        .bind(image.blob.as_str())
+        .bind(D::time(image.created_at))
+        .execute(conn)
+        .await
+        .map_err(sql_error(CONTEXT))?;
+    Ok(())
+}
+
+async fn fetch_image<'c>(executor: impl Executor<'c, Database = Db>, id: Uuid) -> MetaResult<Option<ImageRecord>> {
+    let rows = sqlx::query_as::<_, ImageRow>(FIND_IMAGE.sql::<D>())
+        .bind(D::id(id))
+        .fetch_all(executor)
+        .await
+        .map_err(sql_error("reading an image"))?;
+    Ok(records_from_rows(rows)?.into_iter().next())
+}
+
+/// Reads back an image this transaction has just recorded.
+pub(super) async fn fetch_recorded(conn: &mut Connection, id: Uuid) -> MetaResult<ImageRecord> {
+    fetch_image(conn, id)
+        .await?
+        .ok_or_else(|| MetadataError::Corrupt(format!("image {id} is missing right after being recorded")))
+}
+
+/// One image joined with one copy of its blob, as `FIND_IMAGE` and the list queries return it.
+#[derive(sqlx::FromRow)]
+struct ImageRow {
+    id: <D as Dialect>::Id,
+    filename: String,
+    content_type: String,
+    file_size: i64,
+    width: i64,
+    height: i64,
+    blob_checksum: String,
+    created_at: <D as Dialect>::Time,
+    shard: Option<String>,
+    state: Option<String>,
+}
+
+/// Folds image-and-copy rows into records. The queries order rows by image, so the rows of
+/// one image are adjacent.
+fn records_from_rows(rows: Vec<ImageRow>) -> MetaResult<Vec<ImageRecord>> {
+    let mut records: Vec<ImageRecord> = Vec::new();
+    for row in rows {
+        let replica = match (row.shard, row.state) {
+            (Some(shard), Some(state)) => Some(Replica { shard, state: ReplicaState::parse(&state)? }),
+            _ => None,
+        };
+        let id = D::parse_id(row.id)?;
+        if records.last().is_none_or(|last| last.id != id) {
+            records.push(ImageRecord {
+                id,
+                filename: row.filename,
+                content_type: row.content_type,
+                file_size: from_column(row.file_size, "file_size")?,
+                width: from_column(row.width, "width")?,
+                height: from_column(row.height, "height")?,
+                blob: parse_blob_key(&row.blob_checksum)?,
+                created_at: D::parse_time(row.created_at)?,
+                replicas: Vec::new(),
+            });
+        }
+        if let Some(record) = records.last_mut() {
+            record.replicas.extend(replica);
+        }
+    }
+    // Sorted here, not in SQL: a Postgres collation may order text differently from bytes.
+    for record in &mut records {
+        record.replicas.sort_by(|a, b| a.shard.cmp(&b.shard));
+    }
+    Ok(records)
+}
