@@ -19,11 +19,12 @@ use crate::metadata::{self, MetadataError, MetadataStore};
 use crate::placement::ring::{Ring, RingError};
 use crate::replication::backoff::RetryPolicy;
 use crate::replication::worker::{Replicator, WorkerSettings, run_workers};
-use crate::storage::BlobStore;
 use crate::storage::breaker::BreakerSettings;
 use crate::storage::fs::FsStore;
+use crate::storage::identity::LabelledStore;
 use crate::storage::router::{Shard, StorageRouter};
 use crate::storage::s3::{S3Settings, S3Store};
+use crate::storage::{BlobStore, ShardLabel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -74,7 +75,7 @@ impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartError> {
         let metadata = open_metadata(&settings.database.url).await?;
         refuse_stranded_blobs(metadata.as_ref(), settings).await?;
-        let router = Arc::new(open_storage(settings).await?);
+        let router = Arc::new(open_storage(settings, metadata.as_ref()).await?);
         let images = Arc::new(ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum));
         let limits = Arc::new(UploadLimits {
             spool: SpoolLimits { max_bytes: settings.server.max_upload_bytes, dir: settings.server.spool_dir.clone() },
@@ -211,25 +212,31 @@ pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartErr
     Ok(metadata)
 }
 
-/// Builds the ring and opens every shard's backend. An S3 shard that cannot be reached is
-/// opened anyway (with a warning): it may come back, and `/health` names it meanwhile.
-pub async fn open_storage(settings: &Settings) -> Result<StorageRouter, StartError> {
+/// Builds the ring and opens every shard's backend, each behind its label check
+/// (`storage/identity.rs`). An S3 shard that cannot be reached is opened anyway (with a
+/// warning): it may come back, and `/health` names it meanwhile.
+pub async fn open_storage(settings: &Settings, metadata: &dyn MetadataStore) -> Result<StorageRouter, StartError> {
     let ring = Ring::new(settings.ring_members(), settings.placement.vnodes_per_weight)?;
     let breaker = BreakerSettings {
         failure_threshold: settings.replication.breaker_failures,
         cooldown: Duration::from_millis(settings.replication.breaker_cooldown_ms),
     };
+    let store_id = metadata.store_id().await?;
+    let usage = metadata.shard_usage().await?;
     let mut shards = Vec::with_capacity(settings.shards.len());
     for (index, shard) in settings.shards.iter().enumerate() {
-        let store: Arc<dyn BlobStore> = match shard.backend(index)? {
-            BackendSettings::Fs { path } => Arc::new(FsStore::open(&path).map_err(|source| StartError::Shard {
+        let backend: Box<dyn BlobStore> = match shard.backend(index)? {
+            BackendSettings::Fs { path } => Box::new(FsStore::open(&path).map_err(|source| StartError::Shard {
                 name: shard.name.clone(),
                 location: path.display().to_string(),
                 source,
             })?),
-            BackendSettings::S3(s3) => Arc::new(open_s3_shard(&shard.name, &s3).await),
+            BackendSettings::S3(s3) => Box::new(open_s3_shard(&shard.name, &s3).await),
         };
-        shards.push(Shard::new(shard.name.clone(), store, breaker));
+        let label = ShardLabel { store_id: store_id.clone(), shard: shard.name.clone() };
+        let recorded_copies = usage.iter().any(|u| u.shard == shard.name && u.copies > 0);
+        let store = LabelledStore::open(backend, label, recorded_copies).await;
+        shards.push(Shard::new(shard.name.clone(), Arc::new(store), breaker));
     }
     Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor))
 }

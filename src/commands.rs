@@ -135,7 +135,7 @@ async fn open_for_job(
 ) -> Result<(Arc<dyn MetadataStore>, Arc<StorageRouter>), CommandError> {
     let metadata = app::open_metadata(&settings.database.url).await?;
     metadata.ping().await?;
-    let router = Arc::new(app::open_storage(settings).await?);
+    let router = Arc::new(app::open_storage(settings, metadata.as_ref()).await?);
     for shard in router.check_health(Duration::from_secs(5)).await {
         if let Err(error) = shard.result {
             let _ = writeln!(
@@ -237,6 +237,15 @@ fn write_scrub_report(out: &mut String, report: &ScrubReport, repair: bool) -> b
         let action = if repair { "recorded missing; restored below" } else { "run with --repair" };
         let _ = writeln!(out, "  bad copy: {} on {}: {problem} ({action})", copy.blob, copy.shard);
     }
+    for copy in &report.recovered {
+        let action = if repair { "recorded stored again" } else { "run with --repair to record it stored" };
+        let _ = writeln!(out, "  copy marked missing verifies: {} on {} ({action})", copy.blob, copy.shard);
+    }
+    for copy in &report.adopted {
+        let action = if repair { "adopted as its copy" } else { "run with --repair to adopt it" };
+        let _ =
+            writeln!(out, "  restored object of a blob with no good copy: {} on {} ({action})", copy.blob, copy.shard);
+    }
     let _ =
         writeln!(out, "  under-replicated blobs: {}; copies restored: {}", report.under_replicated, report.restored);
     for (blob, refs) in &report.lost {
@@ -258,6 +267,7 @@ fn write_scrub_report(out: &mut String, report: &ScrubReport, repair: bool) -> b
     }
     if repair {
         let _ = writeln!(out, "  orphans deleted: {}", report.orphans_deleted);
+        let _ = writeln!(out, "  stale temporary files removed: {}", report.stale_temporaries_removed);
     }
     for (shard, reason) in &report.unreachable {
         let _ = writeln!(out, "  unreachable: {shard}: {reason}");
@@ -268,7 +278,11 @@ fn write_scrub_report(out: &mut String, report: &ScrubReport, repair: bool) -> b
     let unresolved = if repair {
         report.repair_failures.len() + report.orphans.len() - report.orphans_deleted as usize
     } else {
-        report.bad_copies.len() + report.orphans.len() + report.under_replicated as usize
+        report.bad_copies.len()
+            + report.recovered.len()
+            + report.adopted.len()
+            + report.orphans.len()
+            + report.under_replicated as usize
     };
     report.lost.is_empty() && report.unreachable.is_empty() && unresolved == 0 && !report.interrupted
 }

@@ -70,7 +70,7 @@ async fn adding_a_fourth_shard_moves_what_the_plan_says_while_reads_go_on() {
     let uploaded = Arc::new(upload_many(&app, 240, 100_000).await);
     app.replicate_until_idle().await;
     let (new_settings, fourth) = with_fourth_s3_shard(&app).await;
-    let router = Arc::new(open_storage(&new_settings).await.unwrap());
+    let router = Arc::new(open_storage(&new_settings, app.metadata.as_ref()).await.unwrap());
 
     let plan = rebalance::plan(app.metadata.as_ref(), router.ring(), 2).await.unwrap();
     let total_copies = 240 * 2;
@@ -156,7 +156,7 @@ async fn an_interrupted_rebalance_resumes_where_it_stopped() {
     upload_many(&app, 120, 200_000).await;
     let mut settings = app.settings.clone();
     settings.shards.push(ShardSettings::fs("s3", app.dir.path().join("shards/s3")));
-    let router = Arc::new(open_storage(&settings).await.unwrap());
+    let router = Arc::new(open_storage(&settings, app.metadata.as_ref()).await.unwrap());
 
     let plan = rebalance::plan(app.metadata.as_ref(), router.ring(), 1).await.unwrap();
     let planned = plan.work.len() as u64;
@@ -197,7 +197,7 @@ async fn a_drained_shard_empties_and_can_then_leave_the_config() {
     draining.shards[1].draining = true;
     let report = chitram::commands::ring(&draining, None).await.unwrap().report;
     assert!(report.lines().any(|line| line.starts_with("s1") && line.contains("draining")), "{report}");
-    let router = Arc::new(open_storage(&draining).await.unwrap());
+    let router = Arc::new(open_storage(&draining, app.metadata.as_ref()).await.unwrap());
     let plan = rebalance::plan(app.metadata.as_ref(), router.ring(), 1).await.unwrap();
     assert!(plan.pairs.keys().all(|step| step.from.as_deref() == Some("s1")), "only s1 gives copies up");
     let summary =

@@ -11,8 +11,8 @@ use super::filename::Filename;
 use super::format::{self, ImageInfo};
 use super::spool::SpooledBody;
 use super::verify::{self, ReadError};
-use crate::blob::BlobKey;
 use crate::maintenance::deletion;
+use crate::maintenance::suspicion::{self, Finding};
 use crate::metadata::{CopyRef, ImageRecord, MetadataStore, NewImage, Replica, ReplicaState};
 use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
 use crate::storage::{BlobBody, BlobReader, ByteStream, StorageError};
@@ -144,9 +144,9 @@ impl ImageService {
         for shard in self.router.read_order(&record.blob, &holders) {
             match self.open_checked(&record, shard).await {
                 Ok(stream) => return Ok(ImageFile { reader: BlobReader { len: record.file_size, stream }, record }),
-                Err(HolderFailure::Bad(problem)) => {
+                Err(HolderFailure::Bad(finding, problem)) => {
                     tracing::warn!(%shard, blob = %record.blob, %problem, "bad copy; reading the next holder");
-                    self.queue_repair(&record.blob, shard).await;
+                    self.report_bad_copy(&record, shard, finding);
                     attempts.push((shard.to_owned(), StorageError::Other { reason: problem, source: None }));
                 }
                 Err(HolderFailure::Unreachable(error)) => {
@@ -164,7 +164,7 @@ impl ImageService {
     async fn open_checked(&self, record: &ImageRecord, shard: &str) -> Result<ByteStream, HolderFailure> {
         let reader = self.router.open_on(shard, &record.blob).await.map_err(|error| match error {
             RouterError::Shard { source, .. } if source.is_not_found() => {
-                HolderFailure::Bad("the object is absent".into())
+                HolderFailure::Bad(Finding::Absent, "the object is absent".into())
             }
             RouterError::Shard { source, .. } => HolderFailure::Unreachable(source),
             other => HolderFailure::Unreachable(StorageError::Other { reason: other.to_string(), source: None }),
@@ -172,21 +172,34 @@ impl ImageService {
         if record.file_size <= verify::CHECK_BEFORE_SENDING {
             return match verify::read_checked(reader, &record.blob, record.file_size).await {
                 Ok(bytes) => Ok(Box::pin(futures::stream::once(async move { Ok(bytes) }))),
-                Err(ReadError::Corrupt(problem)) => Err(HolderFailure::Bad(problem)),
+                Err(ReadError::Corrupt(problem)) => Err(HolderFailure::Bad(Finding::WrongBytes, problem)),
                 Err(ReadError::Io(error)) => {
                     Err(HolderFailure::Unreachable(StorageError::other("reading the copy", error)))
                 }
             };
         }
-        let (metadata, copy) = (self.metadata.clone(), CopyRef { blob: record.blob.clone(), shard: shard.to_owned() });
+        let report = self.bad_copy_reporter(record, shard, Finding::WrongBytes);
         Ok(verify::checked_stream(reader.stream, record.blob.clone(), record.file_size, move |problem| {
-            tracing::warn!(shard = %copy.shard, blob = %copy.blob, %problem, "a streamed copy was bad");
-            tokio::spawn(async move { queue_repair(metadata.as_ref(), &copy).await });
+            tracing::warn!(%problem, "a streamed copy was bad");
+            report();
         }))
     }
 
-    async fn queue_repair(&self, blob: &BlobKey, shard: &str) {
-        queue_repair(self.metadata.as_ref(), &CopyRef { blob: blob.clone(), shard: shard.to_owned() }).await;
+    /// Re-checks a bad copy under its blob's lock and records it missing if it is (read
+    /// repair), in the background: the read goes on with the next holder meanwhile.
+    fn report_bad_copy(&self, record: &ImageRecord, shard: &str, finding: Finding) {
+        self.bad_copy_reporter(record, shard, finding)();
+    }
+
+    fn bad_copy_reporter(&self, record: &ImageRecord, shard: &str, finding: Finding) -> impl FnOnce() + Send + 'static {
+        let (metadata, router) = (self.metadata.clone(), self.router.clone());
+        let copy = CopyRef { blob: record.blob.clone(), shard: shard.to_owned() };
+        let size = record.file_size;
+        move || {
+            tokio::spawn(async move {
+                suspicion::report_bad_copy(metadata.as_ref(), &router, &copy, size, finding).await;
+            });
+        }
     }
 
     /// Deletes the image. When it held the blob's last reference every copy is deleted now;
@@ -204,16 +217,9 @@ impl ImageService {
 /// Why one holder could not serve a read.
 enum HolderFailure {
     /// The copy is absent or its bytes are wrong: repair it.
-    Bad(String),
+    Bad(Finding, String),
     /// The shard did not answer.
     Unreachable(StorageError),
-}
-
-/// Records a bad copy `Missing` and queues its repair. Best effort: the read goes on regardless.
-async fn queue_repair(metadata: &dyn MetadataStore, copy: &CopyRef) {
-    if let Err(error) = metadata.record_missing_copy(copy).await {
-        tracing::warn!(shard = %copy.shard, blob = %copy.blob, %error, "could not queue the repair of a bad copy");
-    }
 }
 
 /// The copies to record after a write: those written are stored, the rest of the write set

@@ -4,3 +4,4 @@ pub mod deletion;
 pub mod progress;
 pub mod rebalance;
 pub mod scrub;
+pub mod suspicion;

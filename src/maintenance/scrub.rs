@@ -3,13 +3,20 @@
 //!
 //! 1. Copies: every `Stored` copy of every referenced blob is checked for existence and size,
 //!    and with `verify_checksums` for its SHA-256 (read through a spool file, so memory stays
-//!    bounded). A bad copy is reported; with `repair` it is recorded `Missing` (queueing its
-//!    repair) and the blob is restored right away onto the shards of its write set that lack a
-//!    good copy. A referenced blob with no good copy anywhere is reported as lost — never
-//!    dropped: its images keep their rows so an operator can restore the bytes from a backup.
+//!    bounded). A bad copy is checked again under the blob's lock before it counts (scrub works
+//!    from pages of the metadata, which rebalance or an upload may have changed since): one still
+//!    recorded `stored` and still bad is reported, and with `repair` recorded `Missing` (queueing
+//!    its repair). Every `Missing` copy is verified in full: a mark is a suspicion, and bytes
+//!    that verify (a disk that came back) are recorded `stored` again with `repair`. Then the
+//!    blob is restored right away onto the shards of its write set that lack a good copy. A
+//!    referenced blob with no good copy anywhere is reported as lost — never dropped: its images
+//!    keep their rows so an operator can restore the bytes from a backup.
 //! 2. Orphans: objects on a shard that no copy row names, older than the grace period (younger
-//!    ones may be uploads between their write and their commit). With `repair` they are deleted
-//!    under the blob's lock, so an upload of the same bytes racing with the scrub is safe.
+//!    ones may be uploads between their write and their commit). An object whose bytes are a
+//!    referenced blob with no good copy (a backup an operator put back) is adopted with `repair`:
+//!    recorded `stored` and restored onto the blob's write set. Others are deleted with
+//!    `repair`, under the blob's lock, so an upload of the same bytes racing with the scrub is
+//!    safe. Temporary files that crashed writes left, older than the grace period, go too.
 //!
 //! Shards that cannot be reached are reported and skipped: scrub judges no copy it cannot see.
 
@@ -19,10 +26,10 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::progress::Progress;
+use super::suspicion::{Verdict, recheck_copy};
 use crate::blob::BlobKey;
-use crate::images::spool::{SpoolLimits, spool_body};
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, Replica, ReplicaState};
-use crate::replication::copy::copy_blob;
+use crate::replication::copy::{CopyCheck, check_copy, copy_blob};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
@@ -58,8 +65,15 @@ pub struct Orphan {
 pub struct ScrubReport {
     pub blobs_checked: u64,
     pub copies_checked: u64,
-    /// Copies found absent, of the wrong size, or with the wrong checksum.
+    /// Copies found absent, of the wrong size, or with the wrong checksum (and still so when
+    /// checked again under the blob's lock).
     pub bad_copies: Vec<(CopyRef, String)>,
+    /// Copies marked `missing` whose bytes verify (recorded `stored` again with `repair`).
+    pub recovered: Vec<CopyRef>,
+    /// Objects no row named whose bytes are a blob with no good copy (adopted with `repair`).
+    pub adopted: Vec<CopyRef>,
+    /// Temporary files of interrupted writes removed (with `repair`).
+    pub stale_temporaries_removed: u64,
     /// Blobs with fewer good copies on their write set than the replication factor.
     pub under_replicated: u64,
     /// Copies made to restore them (with `repair`).
@@ -84,13 +98,6 @@ impl ScrubReport {
     }
 }
 
-/// How one copy looked.
-enum CopyCheck {
-    Good,
-    Bad(String),
-    Unreachable(String),
-}
-
 pub async fn scrub(
     metadata: &dyn MetadataStore,
     router: &StorageRouter,
@@ -99,9 +106,14 @@ pub async fn scrub(
 ) -> MetaResult<ScrubReport> {
     let started = Instant::now();
     let mut report = ScrubReport::default();
-    let stored: u64 =
-        metadata.shard_usage().await?.iter().filter(|u| u.state == ReplicaState::Stored).map(|u| u.copies).sum();
-    progress.start("checking copies", stored, 0);
+    let to_check: u64 = metadata
+        .shard_usage()
+        .await?
+        .iter()
+        .filter(|u| matches!(u.state, ReplicaState::Stored | ReplicaState::Missing))
+        .map(|u| u.copies)
+        .sum();
+    progress.start("checking copies", to_check, 0);
     check_copies(metadata, router, options, progress, &mut report).await?;
     progress.finish();
     if !options.stop.is_cancelled() {
@@ -153,20 +165,39 @@ async fn check_blob(
     report.blobs_checked += 1;
     let mut good = Vec::new();
     let mut unseen = 0;
-    for replica in blob.replicas.iter().filter(|r| r.state == ReplicaState::Stored) {
+    let checked = blob.replicas.iter().filter(|r| matches!(r.state, ReplicaState::Stored | ReplicaState::Missing));
+    for replica in checked {
         if let Some(pause) = pace {
             tokio::time::sleep(pause).await;
         }
         report.copies_checked += 1;
         progress.advance(1, 0);
         let copy = CopyRef { blob: blob.blob.clone(), shard: replica.shard.clone() };
-        match check_copy(router, blob, &replica.shard, options).await {
-            CopyCheck::Good => good.push(replica.shard.clone()),
-            CopyCheck::Bad(problem) => {
-                if options.repair {
-                    metadata.record_missing_copy(&copy).await?;
+        // A missing copy is verified in full: only its bytes can clear it.
+        let verify = options.verify_checksums || replica.state == ReplicaState::Missing;
+        match check_copy(router, blob, &replica.shard, verify, options.spool_dir.clone()).await {
+            CopyCheck::Good => {
+                if replica.state == ReplicaState::Missing {
+                    if options.repair {
+                        metadata.record_stored_copy(&copy).await?;
+                    }
+                    report.recovered.push(copy);
                 }
-                report.bad_copies.push((copy, problem));
+                good.push(replica.shard.clone());
+            }
+            // Still missing: already known, its repair already queued.
+            CopyCheck::Bad(..) if replica.state == ReplicaState::Missing => {}
+            CopyCheck::Bad(finding, problem) => {
+                match recheck_copy(metadata, router, &copy, blob.size, finding, options.repair).await? {
+                    Verdict::Confirmed => report.bad_copies.push((copy, problem)),
+                    // Moved or rewritten since the page was read: the fresh read in `restore`
+                    // sees where it is now.
+                    Verdict::FalseAlarm => {}
+                    Verdict::Undecided(reason) => {
+                        unseen += 1;
+                        report.note_unreachable(&replica.shard, reason);
+                    }
+                }
             }
             CopyCheck::Unreachable(reason) => {
                 unseen += 1;
@@ -185,61 +216,38 @@ async fn check_blob(
     }
     report.under_replicated += 1;
     if options.repair && !good.is_empty() {
-        restore(metadata, router, blob, &good, &missing, options, report).await?;
+        restore(metadata, router, &blob.blob, &good, options, report).await?;
     }
     Ok(())
 }
 
-async fn check_copy(router: &StorageRouter, blob: &BlobCopies, shard: &str, options: &ScrubOptions) -> CopyCheck {
-    if !options.verify_checksums {
-        return match router.fetch_len_on(shard, &blob.blob).await {
-            Ok(len) if len == blob.size => CopyCheck::Good,
-            Ok(len) => CopyCheck::Bad(format!("{len} bytes instead of {}", blob.size)),
-            Err(error) if error.is_not_found() => CopyCheck::Bad("the object is absent".to_owned()),
-            Err(error) => CopyCheck::Unreachable(error_chain(&error)),
-        };
-    }
-    let reader = match router.open_on(shard, &blob.blob).await {
-        Ok(reader) => reader,
-        Err(error) if error.is_not_found() => return CopyCheck::Bad("the object is absent".to_owned()),
-        Err(error) => return CopyCheck::Unreachable(error_chain(&error)),
-    };
-    let limits = SpoolLimits { max_bytes: blob.size, dir: options.spool_dir.clone() };
-    match spool_body(reader.stream, &limits).await {
-        Ok(spooled) if spooled.key == blob.blob && spooled.len == blob.size => CopyCheck::Good,
-        Ok(spooled) => CopyCheck::Bad(format!("{} bytes with SHA-256 {}", spooled.len, spooled.key)),
-        Err(crate::images::spool::SpoolError::TooLarge { .. }) => {
-            CopyCheck::Bad(format!("longer than the recorded {} bytes", blob.size))
-        }
-        Err(error) => CopyCheck::Unreachable(error_chain(&error)),
-    }
-}
-
-/// Copies the blob from its good holders onto the write-set shards that lack a good copy.
+/// Copies the blob from its good holders onto the write-set shards that lack a stored copy.
+/// The blob's copies are read again first: a scrub page may be stale, and a copy that another
+/// worker (replication, rebalance) has stored since needs no restoring and is not counted.
 async fn restore(
     metadata: &dyn MetadataStore,
     router: &StorageRouter,
-    blob: &BlobCopies,
+    key: &BlobKey,
     good: &[String],
-    missing: &[&String],
     options: &ScrubOptions,
     report: &mut ScrubReport,
 ) -> MetaResult<()> {
+    let Some(fresh) = metadata.find_blob_copies(key).await? else { return Ok(()) };
+    let stored_now =
+        |shard: &String| fresh.replicas.iter().any(|r| &r.shard == shard && r.state == ReplicaState::Stored);
     // Copy only from holders that passed the check.
     let sources = BlobCopies {
         replicas: good.iter().map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Stored }).collect(),
-        ..blob.clone()
+        ..fresh.clone()
     };
-    for target in missing {
+    for target in router.write_set(key).iter().filter(|shard| !good.contains(shard) && !stored_now(shard)) {
         match copy_blob(metadata, router, &sources, target, options.spool_dir.clone()).await {
             Ok(()) => {
-                if metadata.record_stored_copy(&CopyRef { blob: blob.blob.clone(), shard: (*target).clone() }).await? {
+                if metadata.record_stored_copy(&CopyRef { blob: key.clone(), shard: target.clone() }).await? {
                     report.restored += 1;
                 }
             }
-            Err(problem) => {
-                report.repair_failures.push((blob.blob.clone(), format!("restoring onto {target}: {problem}")))
-            }
+            Err(problem) => report.repair_failures.push((key.clone(), format!("restoring onto {target}: {problem}"))),
         }
     }
     Ok(())
@@ -268,7 +276,14 @@ async fn find_orphans(
             after = Some(last.key.clone());
             for object in objects {
                 let age = SystemTime::now().duration_since(object.modified).unwrap_or_default();
-                if age < options.orphan_grace || is_recorded(metadata, &object.key, &shard.name).await? {
+                let recorded = metadata.find_blob_copies(&object.key).await?;
+                let holders = recorded.as_ref().map_or(&[][..], |blob| &blob.replicas[..]);
+                if age < options.orphan_grace || holders.iter().any(|r| r.shard == shard.name) {
+                    continue;
+                }
+                if let Some(blob) = recorded.as_ref().filter(|blob| needs_a_good_copy(blob))
+                    && adopt(metadata, router, blob, &shard.name, options, report).await?
+                {
                     continue;
                 }
                 let orphan = Orphan { shard: shard.name.clone(), key: object.key, len: object.len, age };
@@ -278,8 +293,45 @@ async fn find_orphans(
                 report.orphans.push(orphan);
             }
         }
+        if options.repair {
+            match router.shard(&shard.name) {
+                Ok(found) => match found.store.remove_stale_temporaries(options.orphan_grace).await {
+                    Ok(removed) => report.stale_temporaries_removed += removed,
+                    Err(error) => report.note_unreachable(&shard.name, error_chain(&error)),
+                },
+                Err(error) => report.note_unreachable(&shard.name, error.to_string()),
+            }
+        }
     }
     Ok(())
+}
+
+/// A referenced blob none of whose copies is `stored`: what a restored backup is for.
+fn needs_a_good_copy(blob: &BlobCopies) -> bool {
+    blob.ref_count > 0 && !blob.replicas.iter().any(|r| r.state == ReplicaState::Stored)
+}
+
+/// Adopts an unrecorded object as a copy of a blob that has no good copy, if its bytes verify:
+/// records it `stored` (with `repair`) and restores the blob onto its write set. Returns
+/// whether the object is the blob's (so it is no orphan).
+async fn adopt(
+    metadata: &dyn MetadataStore,
+    router: &StorageRouter,
+    blob: &BlobCopies,
+    shard: &str,
+    options: &ScrubOptions,
+    report: &mut ScrubReport,
+) -> MetaResult<bool> {
+    if check_copy(router, blob, shard, true, options.spool_dir.clone()).await != CopyCheck::Good {
+        return Ok(false);
+    }
+    let copy = CopyRef { blob: blob.blob.clone(), shard: shard.to_owned() };
+    if options.repair && metadata.record_stored_copy(&copy).await? {
+        tracing::info!(%shard, blob = %blob.blob, "adopted a restored copy of a blob that had none");
+        restore(metadata, router, &blob.blob, &[shard.to_owned()], options, report).await?;
+    }
+    report.adopted.push(copy);
+    Ok(true)
 }
 
 async fn is_recorded(metadata: &dyn MetadataStore, key: &BlobKey, shard: &str) -> MetaResult<bool> {
@@ -306,23 +358,33 @@ async fn delete_orphan(metadata: &dyn MetadataStore, router: &StorageRouter, orp
     }
 }
 
-/// Runs a scrub with repair every `interval`, paced, resuming where an interrupted run stopped.
+/// Runs a scrub with repair every `interval`, paced, resuming where an interrupted run stopped:
+/// a run that a restart interrupted goes on at once, not an interval later.
 pub async fn run_periodic(
     metadata: std::sync::Arc<dyn MetadataStore>,
     router: std::sync::Arc<StorageRouter>,
     interval: Duration,
     options: ScrubOptions,
 ) {
+    let mut first = true;
     loop {
-        tokio::select! {
-            () = options.stop.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        let interrupted_run = first && matches!(metadata.load_job_cursor(JOB).await, Ok(Some(_)));
+        first = false;
+        if interrupted_run {
+            tracing::info!("resuming the background scrub a restart interrupted");
+        } else {
+            tokio::select! {
+                () = options.stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
         }
         match scrub(metadata.as_ref(), &router, &options, &super::progress::Silent).await {
             Ok(report) => tracing::info!(
                 blobs = report.blobs_checked,
                 copies = report.copies_checked,
                 bad = report.bad_copies.len(),
+                recovered = report.recovered.len(),
+                adopted = report.adopted.len(),
                 restored = report.restored,
                 lost = report.lost.len(),
                 orphans = report.orphans.len(),

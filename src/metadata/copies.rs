@@ -25,7 +25,16 @@ pub trait CopyStore: Send + Sync {
 
     /// Read repair: a `Stored` copy found absent or corrupt becomes `Missing`, and a `Copy` task
     /// to restore it is queued, in one transaction. Copies in another state are left alone.
+    /// Callers that saw the copy through a list that may be stale re-check it first, under
+    /// [`CopyStore::lock_stored_copy`] (see `maintenance/suspicion.rs`).
     async fn record_missing_copy(&self, copy: &CopyRef) -> MetaResult<()>;
+
+    /// Locks the blob's row to re-check a `Stored` copy suspected absent or corrupt. Returns
+    /// `None`, changing nothing, unless the copy is recorded `Stored` (it may have moved or been
+    /// marked since the caller looked). While the guard lives no upload, deletion or repair of
+    /// the blob can change its copies, so the caller checks the object again and then either
+    /// confirms (recording it `Missing`, repair queued) or drops the guard.
+    async fn lock_stored_copy(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn MissingCopyGuard>>>;
 
     /// Records a copy that an operator tool wrote and verified as `Stored` (inserting or
     /// updating its row), and removes any `Copy` task for it. If the blob has no reference
@@ -74,6 +83,14 @@ pub trait UploadGuard: Send {
     /// `Deleting` by an earlier deletion and not listed are forgotten: their objects, if any
     /// remain, become orphans for scrub.
     async fn commit(self: Box<Self>, image: &NewImage, copies: &[Replica]) -> MetaResult<ImageRecord>;
+}
+
+/// Holds the lock on a blob's row while a suspect copy is checked again; see
+/// [`CopyStore::lock_stored_copy`]. Dropping it rolls back.
+#[async_trait]
+pub trait MissingCopyGuard: Send {
+    /// Records the copy `Missing`, queues its repair, and commits.
+    async fn confirm_missing(self: Box<Self>) -> MetaResult<()>;
 }
 
 /// Holds the lock on a blob's row while one copy is deleted; see

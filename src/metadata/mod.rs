@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use copies::{CopyDeletionGuard, CopyStore, UploadGuard};
+pub use copies::{CopyDeletionGuard, CopyStore, MissingCopyGuard, UploadGuard};
 pub use error::{MetaResult, MetadataError};
 pub use images::ImageStore;
 pub use jobs::JobCursors;
@@ -54,6 +54,10 @@ pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors {
 
     /// A trivial query, to tell whether the database answers.
     async fn ping(&self) -> MetaResult<()>;
+
+    /// This store's id, created (a random UUID) the first time it is asked for; shards carry it
+    /// in their labels (`storage/identity.rs`).
+    async fn store_id(&self) -> MetaResult<String>;
 }
 
 /// Opens the store a database URL names: `sqlite://PATH` (the file and its directory are

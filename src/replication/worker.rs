@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::RetryPolicy;
-use super::copy::copy_blob;
+use super::copy::{CopyCheck, check_copy, copy_blob};
 use crate::maintenance::deletion::{self, DeletionOutcome};
 use crate::metadata::{CopyRef, MetadataError, MetadataStore, ReplicaState, ReplicationTask, TaskKind};
 use crate::storage::router::StorageRouter;
@@ -139,6 +139,14 @@ impl Replicator {
             return Ok(Completion::Finished); // Being deleted: its delete tasks handle it.
         }
         let spool_dir = self.settings.spool_dir.clone();
+        // A copy marked missing may have been right all along (a disk that came back): bytes
+        // that verify need no copying.
+        let marked_missing = blob.replicas.iter().any(|r| r.shard == target.shard && r.state == ReplicaState::Missing);
+        if marked_missing
+            && check_copy(&self.router, &blob, &target.shard, true, spool_dir.clone()).await == CopyCheck::Good
+        {
+            return Ok(Completion::CopyStored);
+        }
         copy_blob(self.metadata.as_ref(), &self.router, &blob, &target.shard, spool_dir).await?;
         Ok(Completion::CopyStored)
     }

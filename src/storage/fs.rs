@@ -7,16 +7,22 @@
 //!
 //! The root is created when the shard is opened and never again: if it disappears (an
 //! unmounted disk, a removed volume) the shard reports itself unavailable instead of silently
-//! writing into an empty directory on the wrong disk.
+//! writing into an empty directory on the wrong disk. Once the shard's label
+//! (`ROOT/.chitram-shard`, see `storage/identity.rs`) has been seen or written, every operation
+//! also checks that it is still there: an empty directory left where the disk was mounted is
+//! caught the same way.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio_util::io::ReaderStream;
 
-use super::{BlobBody, BlobReader, BlobStore, StorageError, StorageResult, StoredObject};
+use super::{BlobBody, BlobReader, BlobStore, LABEL_NAME, ShardLabel, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
 
 const TEMP_DIR: &str = ".tmp";
@@ -26,6 +32,8 @@ const READ_CHUNK: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct FsStore {
     root: PathBuf,
+    /// Set once the label has been read or written: from then on it must stay there.
+    labelled: Arc<AtomicBool>,
 }
 
 impl FsStore {
@@ -33,7 +41,7 @@ impl FsStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(root.join(TEMP_DIR))?;
-        Ok(Self { root })
+        Ok(Self { root, labelled: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Where a key lives. Keys are 64 hex digits (see [`BlobKey`]), so the path never leaves
@@ -43,8 +51,23 @@ impl FsStore {
         self.root.join(&key[0..2]).join(&key[2..4]).join(key)
     }
 
-    /// Fails with `Unavailable` unless the root is an existing directory.
+    /// Fails with `Unavailable` unless the root is an existing directory that still carries
+    /// the label this store has seen.
     fn check_root(&self) -> StorageResult<()> {
+        self.check_root_directory()?;
+        if self.labelled.load(Ordering::Acquire) && !self.root.join(LABEL_NAME).is_file() {
+            return Err(StorageError::Unavailable {
+                reason: format!(
+                    "shard root {} has lost its label {LABEL_NAME} (is its disk still mounted?)",
+                    self.root.display()
+                ),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_root_directory(&self) -> StorageResult<()> {
         match fs::metadata(&self.root) {
             Ok(meta) if meta.is_dir() => Ok(()),
             Ok(_) => Err(StorageError::Unavailable {
@@ -84,9 +107,41 @@ impl FsStore {
         let temp = TempFile::create(&self.root.join(TEMP_DIR), key).map_err(|e| self.classify(key, "writing", e))?;
         temp.fill(body).map_err(|e| self.classify(key, "writing", e))?;
         temp.persist(&target).map_err(|e| self.classify(key, "renaming into place", e))?;
-        File::open(directory)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| self.classify(key, "syncing the directory of", e))
+        sync_directory(directory).map_err(|e| self.classify(key, "syncing the directory of", e))
+    }
+
+    fn read_label_blocking(&self) -> StorageResult<Option<ShardLabel>> {
+        self.check_root_directory()?;
+        let io_error =
+            |err: io::Error| StorageError::other(format!("reading the label of {}", self.root.display()), err);
+        let text = match fs::read(self.root.join(LABEL_NAME)) {
+            Ok(text) => text,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(io_error(err)),
+        };
+        let label = serde_json::from_slice(&text).map_err(|err| io_error(io::Error::other(err)))?;
+        self.labelled.store(true, Ordering::Release);
+        Ok(Some(label))
+    }
+
+    fn write_label_blocking(&self, label: &ShardLabel) -> StorageResult<()> {
+        self.check_root_directory()?;
+        let io_error = |err: io::Error| StorageError::other(format!("labelling {}", self.root.display()), err);
+        let text = serde_json::to_vec_pretty(label).map_err(|err| io_error(io::Error::other(err)))?;
+        let temp = self.root.join(TEMP_DIR).join(format!("{LABEL_NAME}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let write = || -> io::Result<()> {
+            let mut file = File::create_new(&temp)?;
+            file.write_all(&text)?;
+            file.sync_all()?;
+            fs::rename(&temp, self.root.join(LABEL_NAME))?;
+            sync_directory(&self.root)
+        };
+        write().map_err(|err| {
+            let _ = fs::remove_file(&temp);
+            io_error(err)
+        })?;
+        self.labelled.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn list_blocking(&self, after: Option<&BlobKey>, limit: usize) -> StorageResult<Vec<StoredObject>> {
@@ -178,6 +233,27 @@ impl BlobStore for FsStore {
         })
         .await
     }
+
+    async fn read_label(&self) -> StorageResult<Option<ShardLabel>> {
+        let store = self.clone();
+        run_blocking(move || store.read_label_blocking()).await
+    }
+
+    async fn write_label(&self, label: &ShardLabel) -> StorageResult<()> {
+        let (store, label) = (self.clone(), label.clone());
+        run_blocking(move || store.write_label_blocking(&label)).await
+    }
+
+    async fn remove_stale_temporaries(&self, grace: Duration) -> StorageResult<u64> {
+        let store = self.clone();
+        run_blocking(move || {
+            store.check_root()?;
+            remove_files_older_than(&store.root.join(TEMP_DIR), grace).map_err(|err| {
+                StorageError::other(format!("removing stale temporary files under {}", store.root.display()), err)
+            })
+        })
+        .await
+    }
 }
 
 async fn run_blocking<T: Send + 'static>(work: impl FnOnce() -> StorageResult<T> + Send + 'static) -> StorageResult<T> {
@@ -187,17 +263,43 @@ async fn run_blocking<T: Send + 'static>(work: impl FnOnce() -> StorageResult<T>
 }
 
 /// Creates `directory` and its parents below `root`, but never `root` itself (see module doc).
+/// Each directory it creates is fsynced into its parent, so that after a crash the object
+/// renamed into it later cannot vanish with a directory entry that never reached the disk.
 fn create_fanout_dirs(root: &Path, directory: &Path) -> io::Result<()> {
     let relative = directory.strip_prefix(root).expect("fan-out directories live under the root");
     let mut current = root.to_path_buf();
     for part in relative.components() {
+        let parent = current.clone();
         current.push(part);
         match fs::create_dir(&current) {
-            Err(err) if err.kind() != io::ErrorKind::AlreadyExists => return Err(err),
-            _ => {}
+            Ok(()) => sync_directory(&parent)?,
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(err),
         }
     }
     Ok(())
+}
+
+fn sync_directory(directory: &Path) -> io::Result<()> {
+    File::open(directory)?.sync_all()
+}
+
+/// Removes the files in `temp_dir` last modified more than `grace` ago: writes a crash cut short.
+fn remove_files_older_than(temp_dir: &Path, grace: Duration) -> io::Result<u64> {
+    let mut removed = 0;
+    for entry in fs::read_dir(temp_dir)? {
+        let entry = entry?;
+        let modified = entry.metadata()?.modified()?;
+        let age = SystemTime::now().duration_since(modified).unwrap_or_default();
+        if age > grace && entry.file_type()?.is_file() {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn sorted_entries(directory: &Path) -> io::Result<Vec<String>> {
@@ -315,6 +417,46 @@ mod tests {
         assert_eq!(all, vec![key(1), key(3), key(7), key(9)]);
         let page: Vec<BlobKey> = store.list_blobs(Some(&key(3)), 1).await.unwrap().into_iter().map(|o| o.key).collect();
         assert_eq!(page, vec![key(7)]);
+    }
+
+    #[tokio::test]
+    async fn a_labelled_root_swapped_for_an_empty_directory_is_unavailable_until_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("shard");
+        let store = FsStore::open(&root).unwrap();
+        let label = ShardLabel { store_id: "s".into(), shard: "a".into() };
+        assert_eq!(store.read_label().await.unwrap(), None);
+        store.write_label(&label).await.unwrap();
+        store.write_blob(&key(4), &BlobBody::Bytes(Bytes::from_static(b"x"))).await.unwrap();
+
+        // The disk is unmounted: an empty directory takes the root's place.
+        fs::rename(&root, dir.path().join("unmounted")).unwrap();
+        fs::create_dir(&root).unwrap();
+        let error = store.read_blob(&key(4)).await.unwrap_err();
+        assert!(error.is_unavailable(), "not NotFound: {error}");
+        let error = store.write_blob(&key(5), &BlobBody::Bytes(Bytes::from_static(b"y"))).await.unwrap_err();
+        assert!(error.is_unavailable(), "{error}");
+        assert!(!root.join("ab").exists() && fs::read_dir(&root).unwrap().count() == 0, "nothing written");
+
+        // Mounted again.
+        fs::remove_dir(&root).unwrap();
+        fs::rename(dir.path().join("unmounted"), &root).unwrap();
+        assert_eq!(read_all(&store, &key(4)).await.unwrap(), b"x");
+        assert_eq!(store.read_label().await.unwrap(), Some(label));
+    }
+
+    #[tokio::test]
+    async fn new_fan_out_directories_and_stale_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        store.write_blob(&key(6), &BlobBody::Bytes(Bytes::from_static(b"x"))).await.unwrap();
+        let stale = dir.path().join(TEMP_DIR).join("left-by-a-crash.tmp");
+        fs::write(&stale, b"partial").unwrap();
+        assert_eq!(store.remove_stale_temporaries(Duration::from_secs(3600)).await.unwrap(), 0, "too young");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(store.remove_stale_temporaries(Duration::from_millis(10)).await.unwrap(), 1);
+        assert!(!stale.exists());
+        assert_eq!(read_all(&store, &key(6)).await.unwrap(), b"x", "objects are not temporaries");
     }
 
     #[tokio::test]

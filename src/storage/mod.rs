@@ -6,13 +6,14 @@
 
 pub mod breaker;
 pub mod fs;
+pub mod identity;
 pub mod router;
 pub mod s3;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -66,6 +67,20 @@ pub struct StoredObject {
     pub len: u64,
     pub modified: SystemTime,
 }
+
+/// Whose shard this is: written into a shard when it is first used, and checked whenever
+/// the shard is opened (see [`identity`]). Serialised as the JSON of the label object.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardLabel {
+    /// The id of the Chitram store (kept in its metadata database).
+    pub store_id: String,
+    /// The shard's name in the config.
+    pub shard: String,
+}
+
+/// The name of the label object at a shard's root (a file, or an object in the bucket). It is
+/// not a blob key, so listings skip it.
+pub const LABEL_NAME: &str = ".chitram-shard";
 
 /// Why a backend operation failed, sorted for the router.
 #[derive(Debug, thiserror::Error)]
@@ -141,4 +156,18 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 
     /// Checks that the shard answers and accepts requests.
     async fn check_health(&self) -> StorageResult<()>;
+
+    /// The label the shard carries, or `None` if it has none yet.
+    async fn read_label(&self) -> StorageResult<Option<ShardLabel>>;
+
+    /// Writes the shard's label, replacing any earlier one.
+    async fn write_label(&self, label: &ShardLabel) -> StorageResult<()>;
+
+    /// Removes what interrupted writes left behind (temporary files of a crashed process) that
+    /// is older than `grace`; returns how many. Backends whose writes leave nothing behind do
+    /// nothing.
+    async fn remove_stale_temporaries(&self, grace: Duration) -> StorageResult<u64> {
+        let _ = grace;
+        Ok(0)
+    }
 }

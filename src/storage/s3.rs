@@ -24,7 +24,7 @@ use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use futures::StreamExt;
 
-use super::{BlobBody, BlobReader, BlobStore, StorageError, StorageResult, StoredObject};
+use super::{BlobBody, BlobReader, BlobStore, LABEL_NAME, ShardLabel, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
 
 /// How to reach one bucket.
@@ -262,6 +262,44 @@ impl BlobStore for S3Store {
         }
         found.truncate(limit);
         Ok(found)
+    }
+
+    async fn read_label(&self) -> StorageResult<Option<ShardLabel>> {
+        let output = match self.client.get_object().bucket(&self.bucket).key(LABEL_NAME).send().await {
+            Ok(output) => output,
+            Err(error) => {
+                // A missing key answers 404 NoSuchKey; a missing bucket is classified apart.
+                let status = error.raw_response().map(|response| response.status().as_u16());
+                if status == Some(404) && error.code() != Some("NoSuchBucket") {
+                    return Ok(None);
+                }
+                return Err(self.classify(error, None, "reading the shard label"));
+            }
+        };
+        let bytes = output
+            .body
+            .collect()
+            .await
+            .map_err(|error| StorageError::other(format!("reading the shard label of bucket {}", self.bucket), error))?
+            .into_bytes();
+        serde_json::from_slice(&bytes).map(Some).map_err(|error| {
+            StorageError::other(format!("the shard label of bucket {} is not valid", self.bucket), error)
+        })
+    }
+
+    async fn write_label(&self, label: &ShardLabel) -> StorageResult<()> {
+        let text =
+            serde_json::to_vec_pretty(label).map_err(|error| StorageError::other("encoding a shard label", error))?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(LABEL_NAME)
+            .content_type("application/json")
+            .body(ByteStream::from(text))
+            .send()
+            .await
+            .map_err(|error| self.classify(error, None, "writing the shard label"))?;
+        Ok(())
     }
 
     async fn check_health(&self) -> StorageResult<()> {

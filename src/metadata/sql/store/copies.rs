@@ -25,8 +25,8 @@ use crate::metadata::rows::{
 use crate::metadata::sql::dialect::Dialect;
 use crate::metadata::sql::{SqlStore, Statement};
 use crate::metadata::{
-    BlobCopies, CopyDeletionGuard, CopyRef, CopyStore, ImageRecord, MetaResult, MetadataError, NewImage, Replica,
-    ReplicaCounts, ReplicaState, ShardUsage, TaskKind, UploadGuard,
+    BlobCopies, CopyDeletionGuard, CopyRef, CopyStore, ImageRecord, MetaResult, MetadataError, MissingCopyGuard,
+    NewImage, Replica, ReplicaCounts, ReplicaState, ShardUsage, TaskKind, UploadGuard,
 };
 
 type Db = <D as Dialect>::Db;
@@ -67,6 +67,10 @@ static MARK_STORED_COPY_MISSING: Statement = Statement::new(
 
 static COPY_IS_DELETING: Statement = Statement::new(
     "SELECT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND shard = $2 AND state = 'deleting')",
+);
+
+static COPY_IS_STORED: Statement = Statement::new(
+    "SELECT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND shard = $2 AND state = 'stored')",
 );
 
 static FORGET_COPY: Statement = Statement::new("DELETE FROM replicas WHERE blob_checksum = $1 AND shard = $2");
@@ -151,7 +155,7 @@ impl CopyStore for SqlStore<D> {
         const CONTEXT: &str = "locking a copy for deletion";
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
         let ref_count = lock_blob(&mut tx, &copy.blob).await?;
-        let deleting = ref_count == Some(0) && copy_is_deleting(&mut tx, copy).await?;
+        let deleting = ref_count == Some(0) && copy_has_state(&mut tx, copy, &COPY_IS_DELETING).await?;
         if !deleting {
             tx.rollback().await.map_err(sql_error(CONTEXT))?;
             return Ok(None);
@@ -160,21 +164,22 @@ impl CopyStore for SqlStore<D> {
     }
 
     async fn record_missing_copy(&self, copy: &CopyRef) -> MetaResult<()> {
-        const CONTEXT: &str = "recording a missing copy";
-        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
-        lock_blob(&mut tx, &copy.blob).await?;
-        let marked = sqlx::query(MARK_STORED_COPY_MISSING.sql::<D>())
-            .bind(copy.blob.as_str())
-            .bind(&copy.shard)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql_error(CONTEXT))?
-            .rows_affected();
-        if marked > 0 {
-            queue_task(&mut tx, copy, TaskKind::Copy).await?;
+        match self.lock_stored_copy(copy).await? {
+            Some(guard) => guard.confirm_missing().await,
+            None => Ok(()),
         }
-        tx.commit().await.map_err(sql_error(CONTEXT))?;
-        Ok(())
+    }
+
+    async fn lock_stored_copy(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn MissingCopyGuard>>> {
+        const CONTEXT: &str = "locking a suspect copy";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let stored =
+            lock_blob(&mut tx, &copy.blob).await?.is_some() && copy_has_state(&mut tx, copy, &COPY_IS_STORED).await?;
+        if !stored {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(None);
+        }
+        Ok(Some(Box::new(SqlMissingCopyGuard { tx, copy: copy.clone() })))
     }
 
     async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool> {
@@ -305,6 +310,29 @@ impl UploadGuard for SqlUploadGuard {
     }
 }
 
+/// Holds the lock `lock_stored_copy` took; dropping it rolls back.
+struct SqlMissingCopyGuard {
+    tx: Transaction<'static, Db>,
+    copy: CopyRef,
+}
+
+#[async_trait]
+impl MissingCopyGuard for SqlMissingCopyGuard {
+    async fn confirm_missing(self: Box<Self>) -> MetaResult<()> {
+        const CONTEXT: &str = "recording a missing copy";
+        let Self { mut tx, copy } = *self;
+        sqlx::query(MARK_STORED_COPY_MISSING.sql::<D>())
+            .bind(copy.blob.as_str())
+            .bind(&copy.shard)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        queue_task(&mut tx, &copy, TaskKind::Copy).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(())
+    }
+}
+
 /// Holds the lock `lock_copy_for_deletion` or `lock_surplus_copy` took; dropping it rolls back.
 struct SqlCopyDeletionGuard {
     tx: Transaction<'static, Db>,
@@ -384,13 +412,14 @@ async fn record_copy(conn: &mut Connection, blob: &BlobKey, copy: &Replica) -> M
     Ok(())
 }
 
-async fn copy_is_deleting(conn: &mut Connection, copy: &CopyRef) -> MetaResult<bool> {
-    sqlx::query_scalar(COPY_IS_DELETING.sql::<D>())
+/// Whether the copy is recorded in the state `statement` asks about.
+async fn copy_has_state(conn: &mut Connection, copy: &CopyRef, statement: &'static Statement) -> MetaResult<bool> {
+    sqlx::query_scalar(statement.sql::<D>())
         .bind(copy.blob.as_str())
         .bind(&copy.shard)
         .fetch_one(conn)
         .await
-        .map_err(sql_error("checking that a copy awaits deletion"))
+        .map_err(sql_error("checking the state of a copy"))
 }
 
 async fn forget_bare_blob(conn: &mut Connection, blob: &BlobKey) -> MetaResult<()> {

@@ -4,9 +4,17 @@ use async_trait::async_trait;
 
 use super::D;
 use crate::metadata::rows::sql_error;
-use crate::metadata::sql::SqlStore;
 use crate::metadata::sql::dialect::Dialect;
+use crate::metadata::sql::{SqlStore, Statement};
 use crate::metadata::{MetaResult, MetadataStore};
+
+/// Creates the id unless it exists; concurrent first starts agree on the first one written.
+static CREATE_STORE_ID: Statement = Statement::new(
+    "INSERT INTO store_identity (singleton, id, created_at) VALUES (1, $1, {now})
+     ON CONFLICT (singleton) DO NOTHING",
+);
+
+static STORE_ID: Statement = Statement::new("SELECT id FROM store_identity WHERE singleton = 1");
 
 #[async_trait]
 impl MetadataStore for SqlStore<D> {
@@ -21,5 +29,19 @@ impl MetadataStore for SqlStore<D> {
     async fn ping(&self) -> MetaResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(sql_error("pinging the metadata database"))?;
         Ok(())
+    }
+
+    async fn store_id(&self) -> MetaResult<String> {
+        const CONTEXT: &str = "reading the store's id";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        sqlx::query(CREATE_STORE_ID.sql::<D>())
+            .bind(uuid::Uuid::new_v4().hyphenated().to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        let id: String =
+            sqlx::query_scalar(STORE_ID.sql::<D>()).fetch_one(&mut *tx).await.map_err(sql_error(CONTEXT))?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(id)
     }
 }
