@@ -83,6 +83,9 @@ on_both_databases!(with_store:
     stranded_blobs_are_referenced_blobs_stored_only_on_unknown_shards,
     job_cursors_round_trip,
     blob_copies_are_listed_in_key_order,
+    a_deletion_in_doubt_fences_its_copy_until_it_expires,
+    a_suspect_copy_is_locked_only_while_it_is_stored,
+    the_store_id_is_made_once_and_kept,
 );
 
 on_both_databases!(with_store_and_url:
@@ -119,6 +122,58 @@ async fn open_store(db: &TestDatabase) -> Arc<dyn MetadataStore> {
 }
 
 // ---- behaviours ----
+
+async fn a_deletion_in_doubt_fences_its_copy_until_it_expires(store: Arc<dyn MetadataStore>) {
+    let first = new_image(&blob(1), now());
+    upload(&*store, &first, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Stored)]).await;
+    store.delete_image(first.id).await.unwrap();
+    let guard = store.lock_copy_for_deletion(&copy_ref(&blob(1), "a")).await.unwrap().expect("a awaits deletion");
+    guard.leave_in_doubt(LEASE).await.unwrap();
+    assert!(store.deletion_in_doubt(&copy_ref(&blob(1), "a")).await.unwrap());
+    assert!(!store.deletion_in_doubt(&copy_ref(&blob(1), "b")).await.unwrap());
+    assert_eq!(awaiting_deletion(&*store).await, [copy_ref(&blob(1), "a"), copy_ref(&blob(1), "b")], "a stays");
+
+    // An upload of the same bytes learns where not to count a copy, and the fence outlives it.
+    let guard = store.lock_blob_for_upload(&blob(1), 1234).await.unwrap();
+    assert_eq!(guard.shards_in_doubt(), ["a".to_owned()]);
+    let second = new_image(&blob(1), now());
+    guard.commit(&second, &[copy("b", ReplicaState::Stored), copy("a", ReplicaState::Pending)]).await.unwrap();
+    assert!(store.deletion_in_doubt(&copy_ref(&blob(1), "a")).await.unwrap());
+
+    // A fence that has run out fences nothing.
+    let other = new_image(&blob(2), now());
+    upload(&*store, &other, &[copy("a", ReplicaState::Stored)]).await;
+    store.delete_image(other.id).await.unwrap();
+    let guard = store.lock_copy_for_deletion(&copy_ref(&blob(2), "a")).await.unwrap().expect("awaits deletion");
+    guard.leave_in_doubt(Duration::ZERO).await.unwrap();
+    tokio::time::sleep(EXPIRY).await;
+    assert!(!store.deletion_in_doubt(&copy_ref(&blob(2), "a")).await.unwrap());
+    assert!(store.lock_blob_for_upload(&blob(2), 1234).await.unwrap().shards_in_doubt().is_empty());
+}
+
+async fn a_suspect_copy_is_locked_only_while_it_is_stored(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+    assert!(store.lock_stored_copy(&copy_ref(&blob(1), "b")).await.unwrap().is_none(), "pending");
+    assert!(store.lock_stored_copy(&copy_ref(&blob(1), "z")).await.unwrap().is_none(), "not recorded");
+    assert!(store.lock_stored_copy(&copy_ref(&blob(9), "a")).await.unwrap().is_none(), "no such blob");
+
+    // Dropped: nothing changes.
+    drop(store.lock_stored_copy(&copy_ref(&blob(1), "a")).await.unwrap().expect("stored"));
+    assert_eq!(replicas_of(&*store, image.id).await[0], copy("a", ReplicaState::Stored));
+
+    let guard = store.lock_stored_copy(&copy_ref(&blob(1), "a")).await.unwrap().expect("stored");
+    guard.confirm_missing().await.unwrap();
+    assert_eq!(replicas_of(&*store, image.id).await[0], copy("a", ReplicaState::Missing));
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [copy_task(&blob(1), "a"), copy_task(&blob(1), "b")], "its repair is queued");
+}
+
+async fn the_store_id_is_made_once_and_kept(store: Arc<dyn MetadataStore>) {
+    let id = store.store_id().await.unwrap();
+    assert!(Uuid::parse_str(&id).is_ok(), "{id}");
+    assert_eq!(store.store_id().await.unwrap(), id);
+}
 
 async fn ping_answers(store: Arc<dyn MetadataStore>) {
     store.ping().await.expect("ping");

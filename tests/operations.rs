@@ -296,3 +296,46 @@ fn write_object(app: &TestApp, shard: &str, key: &str, bytes: &[u8]) -> std::pat
     std::fs::write(&path, bytes).unwrap();
     path
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scrub_and_rebalance_at_once_report_only_real_problems() {
+    let app = spawn_app_with(
+        Backends { db: common::database::DbKind::Postgres, storage: common::StorageKind::Fs },
+        TestOptions::default(),
+    )
+    .await;
+    upload_many(&app, 80, 900_000).await;
+    app.replicate_until_idle().await;
+    let mut settings = app.settings.clone();
+    settings.shards.push(ShardSettings::fs("s3", app.dir.path().join("shards/s3")));
+    let router = Arc::new(open_storage(&settings, app.metadata.as_ref()).await.unwrap());
+    let plan = rebalance::plan(app.metadata.as_ref(), router.ring(), 2).await.unwrap();
+    assert!(plan.copies() > 10, "a fourth shard takes a share");
+
+    // One copy is damaged, of a blob that stays where it is; the others are healthy.
+    let moving: Vec<BlobKey> = plan.work.iter().map(|work| work.blob.blob.clone()).collect();
+    let blobs = app.metadata.list_blob_copies(None, 1000).await.unwrap();
+    let damaged = blobs.iter().find(|blob| !moving.contains(&blob.blob)).expect("a blob that stays").clone();
+    let damaged_on = damaged.replicas[0].shard.clone();
+    let path = app.object_path(&damaged_on, damaged.blob.as_str());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[30] ^= 0x5a;
+    std::fs::write(&path, bytes).unwrap();
+
+    let (scrubbing, moving) = (scrub_options(true), options(CancellationToken::new()));
+    let (report, summary) = tokio::join!(
+        scrub::scrub(app.metadata.as_ref(), &router, &scrubbing, &Silent),
+        rebalance::execute(app.metadata.clone(), router.clone(), plan, &moving, &Silent),
+    );
+    let report = report.unwrap();
+    assert!(summary.failures.is_empty(), "{:?}", summary.failures);
+    let bad: Vec<(&str, &str)> = report.bad_copies.iter().map(|(c, _)| (c.blob.as_str(), c.shard.as_str())).collect();
+    assert_eq!(bad, [(damaged.blob.as_str(), damaged_on.as_str())], "only the damaged copy: {report:?}");
+    assert_eq!((report.under_replicated, report.restored), (1, 1), "{report:?}");
+    assert!(report.lost.is_empty() && report.orphans.is_empty() && report.recovered.is_empty(), "{report:?}");
+    assert_eq!(std::fs::read(&path).map(|b| sha256_hex(&b)).unwrap(), damaged.blob.as_str(), "repaired in place");
+
+    assert_in_place(&app, &settings).await;
+    let clean = scrub::scrub(app.metadata.as_ref(), &router, &scrub_options(false), &Silent).await.unwrap();
+    assert!(clean.bad_copies.is_empty() && clean.under_replicated == 0, "{clean:?}");
+}

@@ -42,6 +42,7 @@ on_fs_shards!(
     a_lost_blob_restored_from_a_backup_onto_another_shard_is_adopted,
     copies_marked_missing_whose_bytes_are_good_are_stored_again,
     a_suspect_copy_is_marked_only_if_it_is_still_bad_under_the_lock,
+    a_late_delete_cannot_remove_a_copy_uploaded_after_it,
 );
 
 async fn upload_replicated(app: &TestApp, count: u64, seed: u64) -> Vec<(String, Vec<u8>)> {
@@ -262,4 +263,37 @@ async fn a_suspect_copy_is_marked_only_if_it_is_still_bad_under_the_lock(b: Back
     // No longer recorded stored: nothing more to decide.
     let verdict = recheck_copy(metadata, router, &copy, size, Finding::Absent, true).await.unwrap();
     assert_eq!(verdict, Verdict::FalseAlarm);
+}
+
+async fn a_late_delete_cannot_remove_a_copy_uploaded_after_it(b: Backends) {
+    let app = spawn_app_with(b, TestOptions::default()).await;
+    let uploaded = upload_replicated(&app, 1, 700).await;
+    let (id, bytes) = &uploaded[0];
+    let image = app.image(id).await;
+    let blob = BlobKey::parse(image["checksum"].as_str().unwrap()).unwrap();
+    let holders: Vec<String> = replica_states(&image).into_iter().map(|(shard, _)| shard).collect();
+
+    // The last reference goes, and the DELETE of one copy does not answer in time: its outcome
+    // is unknown, so the copy is fenced as the deletion worker would leave it.
+    app.metadata.delete_image(id.parse().unwrap()).await.unwrap();
+    let doubtful = CopyRef { blob: blob.clone(), shard: holders[0].clone() };
+    let guard = app.metadata.lock_copy_for_deletion(&doubtful).await.unwrap().expect("awaits deletion");
+    guard.leave_in_doubt(Duration::from_secs(3600)).await.unwrap();
+
+    // The same bytes are uploaded again: no copy is counted on the fenced shard.
+    let again = app.upload_ok("again.png", bytes.clone()).await;
+    let states = replica_states(&again);
+    assert!(!states.contains(&(holders[0].clone(), "stored".to_owned())), "{states:?}");
+    assert!(states.iter().any(|(_, state)| state == "stored"), "{states:?}");
+
+    // The late DELETE lands; nothing acknowledged is lost, and replication waits the fence out.
+    let _ = std::fs::remove_file(app.object_path(&holders[0], blob.as_str()));
+    let new_id = again["id"].as_str().unwrap();
+    assert_eq!(app.download(new_id).await.bytes().await.unwrap().to_vec(), *bytes);
+    app.replicate_until_idle().await;
+    assert!(
+        !replica_states(&app.image(new_id).await).contains(&(holders[0].clone(), "stored".to_owned())),
+        "nothing is copied onto the fenced shard before the fence expires"
+    );
+    assert_eq!(app.download(new_id).await.bytes().await.unwrap().to_vec(), *bytes);
 }

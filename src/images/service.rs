@@ -82,13 +82,23 @@ impl ImageService {
     /// written; deletions hold the same lock while they remove a copy, so once the lock is ours
     /// a check that the copies exist is final, and the commit makes the blob referenced again.
     async fn store_new_blob(&self, image: &NewImage, body: &BlobBody) -> Result<ImageRecord> {
+        // Shards where an earlier deletion of these bytes may still land (see
+        // `maintenance/deletion.rs`): a copy written there could vanish after the commit.
+        let mut avoid: Vec<String> = Vec::new();
         for _ in 0..STORE_ATTEMPTS {
             let receipt = self
                 .router
-                .write_copies(&image.blob, body, self.write_quorum)
+                .write_copies(&image.blob, body, self.write_quorum, &avoid)
                 .await
                 .map_err(ImageError::StorageUnavailable)?;
             let guard = self.metadata.lock_blob_for_upload(&image.blob, image.file_size).await?;
+            let in_doubt: Vec<String> =
+                receipt.stored.iter().filter(|shard| guard.shards_in_doubt().contains(shard)).cloned().collect();
+            if !in_doubt.is_empty() {
+                tracing::warn!(blob = %image.blob, shards = ?in_doubt, "a deletion of these bytes may still land there; writing elsewhere");
+                avoid.extend(in_doubt);
+                continue;
+            }
             if self.copies_still_exist(&receipt, image).await {
                 let record = guard.commit(image, &copies_after_write(&receipt)).await?;
                 tracing::info!(id = %record.id, blob = %record.blob, shards = ?receipt.stored, "stored a new blob");

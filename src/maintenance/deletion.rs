@@ -6,16 +6,28 @@
 //! the replication workers from the queue. Each copy is removed under the blob's lock (see
 //! `metadata`), so an upload of the same bytes racing with the deletion never ends up pointing
 //! at a deleted copy.
+//!
+//! A DELETE that does not answer within its deadline is not over: the shard may still carry it
+//! out later, after the lock is released. Such a copy is fenced for [`DELETION_DOUBT`] in the
+//! same transaction that releases the lock (`CopyDeletionGuard::leave_in_doubt`): uploads of
+//! the same bytes write elsewhere meanwhile, replication does not copy onto it, and the next
+//! attempt to delete it waits until the fence has expired, so a late DELETE can never remove a
+//! copy recorded as stored after it. A DELETE that failed with an answer is over: it is retried.
 
 use std::time::Duration;
 
 use crate::blob::BlobKey;
-use crate::metadata::{CopyRef, MetadataStore, ReplicaState};
+use crate::metadata::{CopyDeletionGuard, CopyRef, MetadataStore, ReplicaState};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
 /// How long one object deletion may hold the blob's lock.
 const DELETE_UNDER_LOCK: Duration = Duration::from_secs(3);
+
+/// How long a deletion whose outcome is unknown fences its copy: longer than a request to a
+/// shard can live (the S3 client gives up on an operation after `timeout_secs`, 60 by default),
+/// so that by then a DELETE still in flight has landed or died.
+pub const DELETION_DOUBT: Duration = Duration::from_secs(180);
 
 /// What one attempt to delete a copy did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,23 +41,52 @@ pub enum DeletionOutcome {
 
 /// Deletes one copy: lock, delete the object, forget the copy, commit.
 pub async fn try_delete_copy(metadata: &dyn MetadataStore, router: &StorageRouter, copy: &CopyRef) -> DeletionOutcome {
+    match metadata.deletion_in_doubt(copy).await {
+        Ok(false) => {}
+        Ok(true) => {
+            return DeletionOutcome::Failed("an earlier DELETE of this copy may still land; waiting for it".to_owned());
+        }
+        Err(error) => return DeletionOutcome::Failed(error.to_string()),
+    }
     let guard = match metadata.lock_copy_for_deletion(copy).await {
         Ok(Some(guard)) => guard,
         Ok(None) => return DeletionOutcome::NoLongerWanted,
         Err(error) => return DeletionOutcome::Failed(error.to_string()),
     };
-    if let Err(problem) = delete_object_under_lock(router, &copy.shard, &copy.blob).await {
-        return DeletionOutcome::Failed(problem);
-    }
-    match guard.commit().await {
+    match delete_locked_copy(router, guard, &copy.shard, &copy.blob).await {
         Ok(()) => DeletionOutcome::Deleted,
-        Err(error) => DeletionOutcome::Failed(error.to_string()),
+        Err(problem) => DeletionOutcome::Failed(problem),
     }
 }
 
-/// Deletes one object while its blob's lock is held. The lock (on SQLite, the whole database's
-/// write lock) must not wait on a slow shard for long: past [`DELETE_UNDER_LOCK`] this gives up,
-/// and the caller's retry tries again later.
+/// Deletes one object while `guard` holds its blob's lock, then commits the guard: the copy is
+/// forgotten once deleted, or fenced when the DELETE did not answer in time (see the module
+/// documentation). The lock (on SQLite, the whole database's write lock) never waits on a slow
+/// shard for longer than [`DELETE_UNDER_LOCK`].
+pub async fn delete_locked_copy(
+    router: &StorageRouter,
+    guard: Box<dyn CopyDeletionGuard>,
+    shard: &str,
+    key: &BlobKey,
+) -> Result<(), String> {
+    match tokio::time::timeout(DELETE_UNDER_LOCK, router.delete_on(shard, key)).await {
+        Ok(Ok(())) => guard.commit().await.map_err(|error| error_chain(&error)),
+        Ok(Err(error)) => Err(error_chain(&error)),
+        Err(_) => {
+            let problem = format!(
+                "no answer within {} s; the copy is fenced while the DELETE may land",
+                DELETE_UNDER_LOCK.as_secs()
+            );
+            match guard.leave_in_doubt(DELETION_DOUBT).await {
+                Ok(()) => Err(problem),
+                Err(error) => Err(format!("{problem}, but fencing it failed: {}", error_chain(&error))),
+            }
+        }
+    }
+}
+
+/// Deletes one object while its blob's lock is held, where no copy row records it (an orphan):
+/// past [`DELETE_UNDER_LOCK`] this gives up, and the caller's retry tries again later.
 pub async fn delete_object_under_lock(router: &StorageRouter, shard: &str, key: &BlobKey) -> Result<(), String> {
     match tokio::time::timeout(DELETE_UNDER_LOCK, router.delete_on(shard, key)).await {
         Ok(Ok(())) => Ok(()),

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::deletion::delete_object_under_lock;
+use super::deletion::delete_locked_copy;
 use super::progress::Progress;
+use super::suspicion::{Finding, RECHECK_DEADLINE, report_bad_copy};
 use crate::blob::BlobKey;
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, ReplicaState};
 use crate::placement::plan::{Move, moves_for, write_set_names};
@@ -216,7 +217,7 @@ async fn move_blob(
         }
     }
     for shard in &blob.surplus {
-        match remove_surplus(metadata, router, key, shard, &blob.wanted).await {
+        match remove_surplus(metadata, router, &blob.blob, shard, &blob.wanted).await {
             Ok(true) => outcome.copies_removed += 1,
             Ok(false) => outcome.copies_kept += 1,
             Err(problem) => {
@@ -229,21 +230,64 @@ async fn move_blob(
 }
 
 /// Deletes one surplus copy under the blob's lock; `false` when it must stay (the write set
-/// is not completely stored).
+/// is not completely stored). The copies it keeps are checked on their shards first, under the
+/// same lock and within [`RECHECK_DEADLINE`]: the metadata says they are stored, but a copy is
+/// only removed once its replacements are seen to exist.
 async fn remove_surplus(
     metadata: &dyn MetadataStore,
     router: &StorageRouter,
-    key: &BlobKey,
+    blob: &BlobCopies,
     shard: &str,
     wanted: &[String],
 ) -> Result<bool, String> {
-    let copy = CopyRef { blob: key.clone(), shard: shard.to_owned() };
+    let copy = CopyRef { blob: blob.blob.clone(), shard: shard.to_owned() };
     let Some(guard) = metadata.lock_surplus_copy(&copy, wanted).await.map_err(|e| error_chain(&e))? else {
         return Ok(false);
     };
-    delete_object_under_lock(router, shard, key).await?;
-    guard.commit().await.map_err(|e| error_chain(&e))?;
+    if let Some((kept, trouble)) = first_unconfirmed_copy(router, blob, wanted).await {
+        drop(guard); // Released first: the re-check of a bad copy takes the same lock.
+        if let KeptCopy::Bad(finding) = trouble {
+            let kept_copy = CopyRef { blob: blob.blob.clone(), shard: kept.clone() };
+            report_bad_copy(metadata, router, &kept_copy, blob.size, finding).await;
+        }
+        return Err(format!("the kept copy on {kept} is not confirmed ({trouble}); the surplus copy stays"));
+    }
+    delete_locked_copy(router, guard, shard, &blob.blob).await?;
     Ok(true)
+}
+
+/// Why a copy that rebalance keeps could not be confirmed.
+enum KeptCopy {
+    Bad(Finding),
+    Unchecked(String),
+}
+
+impl std::fmt::Display for KeptCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeptCopy::Bad(finding) => write!(f, "{finding:?}"),
+            KeptCopy::Unchecked(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// The first of `wanted` whose copy is not on its shard at the blob's size, with why.
+async fn first_unconfirmed_copy(
+    router: &StorageRouter,
+    blob: &BlobCopies,
+    wanted: &[String],
+) -> Option<(String, KeptCopy)> {
+    for kept in wanted {
+        let trouble = match tokio::time::timeout(RECHECK_DEADLINE, router.fetch_len_on(kept, &blob.blob)).await {
+            Ok(Ok(len)) if len == blob.size => continue,
+            Ok(Ok(_)) => KeptCopy::Bad(Finding::WrongSize),
+            Ok(Err(error)) if error.is_not_found() => KeptCopy::Bad(Finding::Absent),
+            Ok(Err(error)) => KeptCopy::Unchecked(error_chain(&error)),
+            Err(_) => KeptCopy::Unchecked(format!("no answer within {} ms", RECHECK_DEADLINE.as_millis())),
+        };
+        return Some((kept.clone(), trouble));
+    }
+    None
 }
 
 /// A cap on copied bytes per second, shared by the concurrent moves.

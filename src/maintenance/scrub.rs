@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use super::deletion::delete_object_under_lock;
 use super::progress::Progress;
 use super::suspicion::{Verdict, recheck_copy};
 use crate::blob::BlobKey;
@@ -74,7 +75,7 @@ pub struct ScrubReport {
     pub adopted: Vec<CopyRef>,
     /// Temporary files of interrupted writes removed (with `repair`).
     pub stale_temporaries_removed: u64,
-    /// Blobs with fewer good copies on their write set than the replication factor.
+    /// Blobs with fewer good copies than the replication factor.
     pub under_replicated: u64,
     /// Copies made to restore them (with `repair`).
     pub restored: u64,
@@ -165,6 +166,7 @@ async fn check_blob(
     report.blobs_checked += 1;
     let mut good = Vec::new();
     let mut unseen = 0;
+    let mut stale = false;
     let checked = blob.replicas.iter().filter(|r| matches!(r.state, ReplicaState::Stored | ReplicaState::Missing));
     for replica in checked {
         if let Some(pause) = pace {
@@ -190,9 +192,8 @@ async fn check_blob(
             CopyCheck::Bad(finding, problem) => {
                 match recheck_copy(metadata, router, &copy, blob.size, finding, options.repair).await? {
                     Verdict::Confirmed => report.bad_copies.push((copy, problem)),
-                    // Moved or rewritten since the page was read: the fresh read in `restore`
-                    // sees where it is now.
-                    Verdict::FalseAlarm => {}
+                    // Moved or rewritten since the page was read: judged below from a fresh read.
+                    Verdict::FalseAlarm => stale = true,
                     Verdict::Undecided(reason) => {
                         unseen += 1;
                         report.note_unreachable(&replica.shard, reason);
@@ -205,18 +206,39 @@ async fn check_blob(
             }
         }
     }
+    if stale && good.len() < router.replication_factor() {
+        add_fresh_stored_copies(metadata, &blob.blob, &mut good, report).await?;
+    }
     if good.is_empty() && unseen == 0 {
         report.lost.push((blob.blob.clone(), blob.ref_count));
         return Ok(());
     }
-    let wanted = router.write_set(&blob.blob);
-    let missing: Vec<&String> = wanted.iter().filter(|shard| !good.contains(shard)).collect();
-    if good.len() >= router.replication_factor() && missing.is_empty() {
+    // Enough good copies, wherever they are: moving them into place is rebalance's work, and
+    // a scrub that overlaps a rebalance must not count (or redo) its moves.
+    if good.len() >= router.replication_factor() {
         return Ok(());
     }
     report.under_replicated += 1;
     if options.repair && !good.is_empty() {
         restore(metadata, router, &blob.blob, &good, options, report).await?;
+    }
+    Ok(())
+}
+
+/// Counts as good the copies recorded `stored` now that the page did not show (another worker,
+/// rebalance say, wrote and verified them since), except those this scrub found bad.
+async fn add_fresh_stored_copies(
+    metadata: &dyn MetadataStore,
+    key: &BlobKey,
+    good: &mut Vec<String>,
+    report: &ScrubReport,
+) -> MetaResult<()> {
+    let Some(fresh) = metadata.find_blob_copies(key).await? else { return Ok(()) };
+    for replica in fresh.replicas.into_iter().filter(|r| r.state == ReplicaState::Stored) {
+        let found_bad = report.bad_copies.iter().any(|(copy, _)| &copy.blob == key && copy.shard == replica.shard);
+        if !found_bad && !good.contains(&replica.shard) {
+            good.push(replica.shard);
+        }
     }
     Ok(())
 }
@@ -347,12 +369,12 @@ async fn delete_orphan(metadata: &dyn MetadataStore, router: &StorageRouter, orp
     if is_recorded(metadata, &orphan.key, &orphan.shard).await? {
         return Ok(false);
     }
-    let deleted = router.delete_on(&orphan.shard, &orphan.key).await;
+    let deleted = delete_object_under_lock(router, &orphan.shard, &orphan.key).await;
     drop(guard); // Rolls back: the lock was all it was for.
     match deleted {
         Ok(()) => Ok(true),
-        Err(error) => {
-            tracing::warn!(shard = %orphan.shard, key = %orphan.key, error = %error_chain(&error), "could not delete an orphan");
+        Err(problem) => {
+            tracing::warn!(shard = %orphan.shard, key = %orphan.key, %problem, "could not delete an orphan");
             Ok(false)
         }
     }

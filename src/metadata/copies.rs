@@ -66,6 +66,10 @@ pub trait CopyStore: Send + Sync {
     /// Copies and bytes per shard and state.
     async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>>;
 
+    /// Whether an earlier deletion of this copy has an unknown outcome and is still within its
+    /// doubt window (see [`CopyDeletionGuard::leave_in_doubt`]): nothing may be written there yet.
+    async fn deletion_in_doubt(&self, copy: &CopyRef) -> MetaResult<bool>;
+
     /// Referenced blobs that have at least one `Stored` copy, all of them on shards outside
     /// `known_shards` (the shards of the config): removing those shards would lose them. A
     /// blob with no `Stored` copy anywhere is lost already, not stranded, and is not counted.
@@ -76,6 +80,11 @@ pub trait CopyStore: Send + Sync {
 /// Dropping it rolls back.
 #[async_trait]
 pub trait UploadGuard: Send {
+    /// Shards where a deletion of this blob's copy has an unknown outcome and is still within
+    /// its doubt window: a copy written there may yet be removed by a late DELETE, so the
+    /// upload must not count it (write elsewhere and list the shard as `Pending`).
+    fn shards_in_doubt(&self) -> &[String];
+
     /// Records the given copies, adds a reference, records the image, and commits.
     ///
     /// Each listed copy takes the given state, except that a copy already `Stored` stays
@@ -101,4 +110,9 @@ pub trait CopyDeletionGuard: Send {
     /// Forgets the copy and every task for it, and the blob once it has no copy left, and
     /// commits.
     async fn commit(self: Box<Self>) -> MetaResult<()>;
+
+    /// The deletion's outcome is unknown (it timed out, or failed in a way that may still have
+    /// removed the object): keeps the copy as it is recorded, fences it for `doubt`, and
+    /// commits, so that the lock is not released before the fence is in place.
+    async fn leave_in_doubt(self: Box<Self>, doubt: std::time::Duration) -> MetaResult<()>;
 }

@@ -138,6 +138,9 @@ impl Replicator {
         if blob.ref_count == 0 {
             return Ok(Completion::Finished); // Being deleted: its delete tasks handle it.
         }
+        if self.metadata.deletion_in_doubt(target).await.map_err(|e| error_chain(&e))? {
+            return Err("an earlier DELETE of this copy may still land; copying once it has settled".to_owned());
+        }
         let spool_dir = self.settings.spool_dir.clone();
         // A copy marked missing may have been right all along (a disk that came back): bytes
         // that verify need no copying.

@@ -151,18 +151,22 @@ impl StorageRouter {
 
     /// Writes the blob to the first `copies` shards of its preference list that take it (DESIGN
     /// invariant 4): a shard that is down does not fail the write while others can take it.
-    /// Fails only when fewer than `copies` shards could; copies written by then are orphans
-    /// that scrub collects.
+    /// Shards in `avoid` are passed over. Fails only when fewer than `copies` shards could;
+    /// copies written by then are orphans that scrub collects.
     pub async fn write_copies(
         &self,
         key: &BlobKey,
         body: &BlobBody,
         copies: usize,
+        avoid: &[String],
     ) -> Result<WriteReceipt, RouterError> {
         let mut attempts = Vec::new();
         let mut stored = Vec::with_capacity(copies);
         for index in self.preference_list(key) {
             let shard = &self.shards[index];
+            if avoid.contains(&shard.name) {
+                continue;
+            }
             match shard.breaker.call(shard.store.write_blob(key, body)).await {
                 Ok(()) => {
                     stored.push(shard.name.clone());

@@ -20,7 +20,8 @@ use super::queue::{
 };
 use crate::blob::BlobKey;
 use crate::metadata::rows::{
-    BlobCopyRow, ShardUsageRow, blob_copies_from_rows, from_column, shard_usage_from_rows, sql_error, to_column,
+    BlobCopyRow, ShardUsageRow, blob_copies_from_rows, duration_micros, from_column, shard_usage_from_rows, sql_error,
+    to_column,
 };
 use crate::metadata::sql::dialect::Dialect;
 use crate::metadata::sql::{SqlStore, Statement};
@@ -73,10 +74,27 @@ static COPY_IS_STORED: Statement = Statement::new(
     "SELECT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND shard = $2 AND state = 'stored')",
 );
 
+static SHARDS_IN_DOUBT: Statement =
+    Statement::new("SELECT shard FROM replicas WHERE blob_checksum = $1 AND delete_in_doubt_until > {now}");
+
+static DELETION_IN_DOUBT: Statement = Statement::new(
+    "SELECT EXISTS (SELECT 1 FROM replicas
+                    WHERE blob_checksum = $1 AND shard = $2 AND delete_in_doubt_until > {now})",
+);
+
+static LEAVE_DELETION_IN_DOUBT: Statement = Statement::new(
+    "UPDATE replicas SET delete_in_doubt_until = {after_micros:$3} WHERE blob_checksum = $1 AND shard = $2",
+);
+
 static FORGET_COPY: Statement = Statement::new("DELETE FROM replicas WHERE blob_checksum = $1 AND shard = $2");
 
-static FORGET_DELETING_COPIES: Statement =
-    Statement::new("DELETE FROM replicas WHERE blob_checksum = $1 AND state = 'deleting'");
+/// A copy whose deletion is in doubt keeps its row, and with it its fence, until the fence
+/// expires.
+static FORGET_DELETING_COPIES: Statement = Statement::new(
+    "DELETE FROM replicas
+     WHERE blob_checksum = $1 AND state = 'deleting'
+       AND (delete_in_doubt_until IS NULL OR delete_in_doubt_until <= {now})",
+);
 
 /// Tasks can only be left on a blob without copies by a bug, but they must not keep the blob
 /// row (their foreign key) alive: they go with it.
@@ -148,7 +166,12 @@ impl CopyStore for SqlStore<D> {
             .execute(&mut *tx)
             .await
             .map_err(sql_error(CONTEXT))?;
-        Ok(Box::new(SqlUploadGuard { tx, blob: blob.clone() }))
+        let in_doubt: Vec<String> = sqlx::query_scalar(SHARDS_IN_DOUBT.sql::<D>())
+            .bind(blob.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        Ok(Box::new(SqlUploadGuard { tx, blob: blob.clone(), in_doubt }))
     }
 
     async fn lock_copy_for_deletion(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>> {
@@ -267,6 +290,15 @@ impl CopyStore for SqlStore<D> {
         shard_usage_from_rows(rows)
     }
 
+    async fn deletion_in_doubt(&self, copy: &CopyRef) -> MetaResult<bool> {
+        sqlx::query_scalar(DELETION_IN_DOUBT.sql::<D>())
+            .bind(copy.blob.as_str())
+            .bind(&copy.shard)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_error("checking for a deletion in doubt"))
+    }
+
     async fn count_stranded_blobs(&self, known_shards: &[String]) -> MetaResult<u64> {
         const CONTEXT: &str = "counting blobs stored only on unknown shards";
         let known: Vec<&str> = known_shards.iter().map(String::as_str).collect();
@@ -283,12 +315,17 @@ impl CopyStore for SqlStore<D> {
 struct SqlUploadGuard {
     tx: Transaction<'static, Db>,
     blob: BlobKey,
+    in_doubt: Vec<String>,
 }
 
 #[async_trait]
 impl UploadGuard for SqlUploadGuard {
+    fn shards_in_doubt(&self) -> &[String] {
+        &self.in_doubt
+    }
+
     async fn commit(self: Box<Self>, image: &NewImage, copies: &[Replica]) -> MetaResult<ImageRecord> {
-        let Self { mut tx, blob } = *self;
+        let Self { mut tx, blob, .. } = *self;
         // A reference to another blob would leave this blob's count wrong: a caller bug.
         assert_eq!(image.blob, blob, "an upload guard commits an image of the blob it locked");
         run(&mut tx, &FORGET_DELETING_COPIES, &blob, "forgetting copies left by a deletion").await?;
@@ -352,6 +389,20 @@ impl CopyDeletionGuard for SqlCopyDeletionGuard {
             .map_err(sql_error(CONTEXT))?;
         forget_tasks_of_copy(&mut tx, &copy).await?;
         forget_bare_blob(&mut tx, &copy.blob).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(())
+    }
+
+    async fn leave_in_doubt(self: Box<Self>, doubt: std::time::Duration) -> MetaResult<()> {
+        const CONTEXT: &str = "fencing a copy whose deletion is in doubt";
+        let Self { mut tx, copy } = *self;
+        sqlx::query(LEAVE_DELETION_IN_DOUBT.sql::<D>())
+            .bind(copy.blob.as_str())
+            .bind(&copy.shard)
+            .bind(duration_micros(doubt, CONTEXT)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
         Ok(())
     }
