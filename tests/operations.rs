@@ -339,3 +339,27 @@ async fn scrub_and_rebalance_at_once_report_only_real_problems() {
     let clean = scrub::scrub(app.metadata.as_ref(), &router, &scrub_options(false), &Silent).await.unwrap();
     assert!(clean.bad_copies.is_empty() && clean.under_replicated == 0, "{clean:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_background_scrub_resumes_at_once_after_a_restart() {
+    let app = spawn_app_with(
+        Backends { db: common::database::DbKind::Sqlite, storage: common::StorageKind::Fs },
+        TestOptions::default(),
+    )
+    .await;
+    upload_many(&app, 4, 950_000).await;
+    // A background scrub stopped by a restart left its place behind.
+    let first = app.metadata.list_blob_copies(None, 1).await.unwrap()[0].blob.clone();
+    app.metadata.save_job_cursor(scrub::JOB, Some(&first)).await.unwrap();
+
+    let stop = CancellationToken::new();
+    let options = ScrubOptions { resume: true, stop: stop.clone(), ..scrub_options(true) };
+    let daily = Duration::from_secs(86_400);
+    let scrubber = tokio::spawn(scrub::run_periodic(app.metadata.clone(), app.router.clone(), daily, options));
+    common::eventually(Duration::from_secs(10), "the interrupted scrub has finished its run", || async {
+        app.metadata.load_job_cursor(scrub::JOB).await.unwrap().is_none()
+    })
+    .await;
+    stop.cancel();
+    scrubber.await.unwrap();
+}

@@ -168,3 +168,37 @@ async fn an_unreachable_endpoint_and_a_missing_bucket_are_named_in_health() {
         assert_eq!(app.download(image["id"].as_str().unwrap()).await.status(), StatusCode::OK);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_of_another_store_or_an_empty_wrong_bucket_is_fenced() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, TestOptions::default()).await;
+    let image = app.upload_ok("a.png", png(8, 8, 7)).await;
+    let key = chitram::blob::BlobKey::parse(image["checksum"].as_str().unwrap()).unwrap();
+    let holder = image["replicas"][0]["shard"].as_str().unwrap().to_owned();
+
+    // Another store (its own database) pointed at this store's buckets by mistake.
+    let other_db = common::database::TestDatabase::create(common::database::DbKind::Sqlite).await;
+    let mut other = app.settings.clone();
+    other.database.url = other_db.url.clone();
+    let metadata = chitram::app::open_metadata(&other.database.url).await.unwrap();
+    let router = chitram::app::open_storage(&other, metadata.as_ref()).await.unwrap();
+    for shard in router.check_health(Duration::from_secs(5)).await {
+        let reason = shard.result.expect_err("every shard is fenced").to_string();
+        assert!(reason.contains("another Chitram store"), "{reason}");
+    }
+    assert!(router.open_on(&holder, &key).await.is_err(), "a fenced bucket serves nothing");
+
+    // This store with one shard's bucket name mistyped: an empty bucket where copies should be.
+    let mut mistyped = app.settings.clone();
+    let index = mistyped.shards.iter().position(|shard| shard.name == holder).unwrap();
+    let server = app.shard_s3(&holder);
+    mistyped.shards[index] = chitram::config::ShardSettings::s3(&holder, &server.settings("chitram-typo"));
+    let router = chitram::app::open_storage(&mistyped, app.metadata.as_ref()).await.unwrap();
+    let health = router.check_health(Duration::from_secs(5)).await;
+    let reason = health.iter().find(|shard| shard.name == holder).unwrap().result.as_ref().unwrap_err().to_string();
+    assert!(reason.contains("is its disk mounted, and is this the right path or bucket"), "{reason}");
+    let read = router.open_on(&holder, &key).await.expect_err("fenced");
+    assert!(!read.to_string().contains("not on this shard"), "down, not NotFound: {read}");
+    // The service itself, on the right buckets, reads on.
+    assert_eq!(app.download(image["id"].as_str().unwrap()).await.status(), StatusCode::OK);
+}
