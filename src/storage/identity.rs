@@ -18,6 +18,7 @@
 //! A filesystem shard also checks, on every operation, that the label it has seen is still
 //! there (`storage/fs.rs`), so a disk unmounted while Chitram runs is caught at once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -72,6 +73,9 @@ pub struct LabelledStore {
     expected: ShardLabel,
     recorded_copies: bool,
     state: Mutex<LabelState>,
+    /// Set once the label is verified (it never goes back): every operation reads it, and only
+    /// a shard not verified yet takes the lock.
+    verified: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -85,7 +89,13 @@ enum LabelState {
 impl LabelledStore {
     /// Wraps `inner`, checking its label now if it answers.
     pub async fn open(inner: Box<dyn BlobStore>, expected: ShardLabel, recorded_copies: bool) -> Self {
-        let store = Self { inner, expected, recorded_copies, state: Mutex::new(LabelState::Unchecked) };
+        let store = Self {
+            inner,
+            expected,
+            recorded_copies,
+            state: Mutex::new(LabelState::Unchecked),
+            verified: AtomicBool::new(false),
+        };
         if let Err(error) = store.ensure_verified().await {
             tracing::warn!(shard = %store.expected.shard, %error, "shard is not serving");
         }
@@ -94,6 +104,9 @@ impl LabelledStore {
 
     /// Lets an operation through once the label is verified; checks it first if it has not been.
     async fn ensure_verified(&self) -> StorageResult<()> {
+        if self.verified.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut state = self.state.lock().await;
         match &*state {
             LabelState::Verified => Ok(()),
@@ -114,17 +127,22 @@ impl LabelledStore {
         let found = self.inner.read_label().await?;
         let holds_objects = found.is_none() && !self.inner.list_blobs(None, 1).await?.is_empty();
         match judge(found.as_ref(), &self.expected, self.recorded_copies, holds_objects) {
-            LabelVerdict::Matches => Ok(LabelState::Verified),
+            LabelVerdict::Matches => Ok(self.mark_verified()),
             LabelVerdict::Label => {
                 self.inner.write_label(&self.expected).await?;
                 tracing::info!(shard = %self.expected.shard, backend = %self.inner.describe(), "labelled the shard");
-                Ok(LabelState::Verified)
+                Ok(self.mark_verified())
             }
             LabelVerdict::Fence(reason) => {
                 tracing::error!(shard = %self.expected.shard, backend = %self.inner.describe(), %reason, "shard fenced");
                 Ok(LabelState::Fenced(reason))
             }
         }
+    }
+
+    fn mark_verified(&self) -> LabelState {
+        self.verified.store(true, Ordering::Release);
+        LabelState::Verified
     }
 
     fn fenced(&self, reason: &str) -> StorageError {
