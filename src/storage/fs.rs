@@ -29,11 +29,17 @@ const TEMP_DIR: &str = ".tmp";
 /// Read buffer for streaming an object out; large enough to keep syscalls rare.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// How often a health check may write its probe file; checks in between only look.
+const PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct FsStore {
     root: PathBuf,
     /// Set once the label has been read or written: from then on it must stay there.
     labelled: Arc<AtomicBool>,
+    /// When the last probe write succeeded: `/health` may be called often, by anyone, and must
+    /// not write to disk each time.
+    last_probe: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl FsStore {
@@ -41,7 +47,7 @@ impl FsStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(root.join(TEMP_DIR))?;
-        Ok(Self { root, labelled: Arc::new(AtomicBool::new(false)) })
+        Ok(Self { root, labelled: Arc::new(AtomicBool::new(false)), last_probe: Arc::default() })
     }
 
     /// Where a key lives. Keys are 64 hex digits (see [`BlobKey`]), so the path never leaves
@@ -224,12 +230,17 @@ impl BlobStore for FsStore {
         let store = self.clone();
         run_blocking(move || {
             store.check_root()?;
+            let mut last_probe = store.last_probe.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last_probe.is_some_and(|at| at.elapsed() < PROBE_INTERVAL) {
+                return Ok(());
+            }
             // A probe write catches a read-only or full filesystem, which a stat does not.
             let probe = store.root.join(TEMP_DIR).join(format!("health-{}", uuid::Uuid::new_v4().simple()));
-            let result = fs::write(&probe, b"ok").and_then(|()| fs::remove_file(&probe));
-            result.map_err(|err| {
+            fs::write(&probe, b"ok").and_then(|()| fs::remove_file(&probe)).map_err(|err| {
                 StorageError::unavailable(format!("shard root {} does not accept writes", store.root.display()), err)
-            })
+            })?;
+            *last_probe = Some(std::time::Instant::now());
+            Ok(())
         })
         .await
     }
