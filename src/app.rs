@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, UploadLimits};
-use crate::config::{BackendSettings, MaintenanceSettings, Settings};
+use crate::config::{BackendSettings, MaintenanceSettings, Settings, redact_url_password, sqlite_path};
 use crate::images::service::ImageService;
 use crate::images::spool::SpoolLimits;
 use crate::maintenance::scrub::{self, ScrubOptions};
@@ -28,6 +29,17 @@ use crate::storage::{BlobStore, ShardLabel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(
+        "the metadata database {url} does not exist{detail}: operator commands never create one. Run \
+         `chitram migrate` (or `chitram serve`) with this config to create it, or point --config or \
+         database.url at the existing database"
+    )]
+    NoDatabase { url: String, detail: String },
+    #[error(
+        "the metadata database {url} has no Chitram tables (it was never migrated): run `chitram migrate` \
+         with this config first, or point --config or database.url at the existing database"
+    )]
+    NotInitialised { url: String },
     #[error("cannot open the metadata database {url}")]
     Database {
         url: String,
@@ -67,7 +79,7 @@ pub struct Application {
     workers: Vec<Replicator>,
     shutdown_grace: Duration,
     maintenance: MaintenanceSettings,
-    spool_dir: Option<std::path::PathBuf>,
+    spool_dir: Option<PathBuf>,
 }
 
 impl Application {
@@ -204,18 +216,65 @@ fn replicators(settings: &Settings, metadata: &Arc<dyn MetadataStore>, router: &
         .collect()
 }
 
-/// Connects to the metadata database and applies its migrations.
+impl StartError {
+    /// The database is not there to work on (an operator command refuses it rather than create it).
+    pub fn is_absent_database(&self) -> bool {
+        matches!(self, StartError::NoDatabase { .. } | StartError::NotInitialised { .. })
+    }
+}
+
+/// Connects to the metadata database, creating it if needed, and applies its migrations
+/// (`serve`, `migrate`).
 pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartError> {
-    let error = |source| StartError::Database { url: redact_password(url), source };
+    let error = |source| StartError::Database { url: redact_url_password(url), source };
     let metadata = metadata::connect(url).await.map_err(error)?;
     metadata.migrate().await.map_err(error)?;
     Ok(metadata)
 }
 
+/// Connects to a metadata database that must already exist and hold Chitram's tables, for
+/// the operator commands: a wrong path or URL must fail, not answer "all clear" about a new
+/// empty database. A SQLite file is looked for before connecting (connecting creates it).
+/// Migrations still pending on an initialised database are applied.
+pub async fn open_existing_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartError> {
+    let shown = redact_url_password(url);
+    if let Some(path) = sqlite_path(url)
+        && !path.is_file()
+    {
+        let path = std::path::absolute(&path).unwrap_or(path);
+        return Err(StartError::NoDatabase { url: shown, detail: format!(" (no file at {})", path.display()) });
+    }
+    let error = |source| StartError::Database { url: shown.clone(), source };
+    let metadata = metadata::connect(url).await.map_err(error)?;
+    if !metadata.is_initialised().await.map_err(error)? {
+        return Err(StartError::NotInitialised { url: shown });
+    }
+    metadata.migrate().await.map_err(error)?;
+    Ok(metadata)
+}
+
 /// Builds the ring and opens every shard's backend, each behind its label check
-/// (`storage/identity.rs`). An S3 shard that cannot be reached is opened anyway (with a
-/// warning): it may come back, and `/health` names it meanwhile.
+/// (`storage/identity.rs`), creating the directory of an `fs` shard that has none (`serve`).
+/// An S3 shard that cannot be reached is opened anyway (with a warning): it may come back,
+/// and `/health` names it meanwhile.
 pub async fn open_storage(settings: &Settings, metadata: &dyn MetadataStore) -> Result<StorageRouter, StartError> {
+    open_storage_with(settings, metadata, true).await
+}
+
+/// Like [`open_storage`], but an `fs` shard whose directory does not exist is opened as a
+/// shard that is down, and nothing is created (the operator commands).
+pub async fn open_existing_storage(
+    settings: &Settings,
+    metadata: &dyn MetadataStore,
+) -> Result<StorageRouter, StartError> {
+    open_storage_with(settings, metadata, false).await
+}
+
+async fn open_storage_with(
+    settings: &Settings,
+    metadata: &dyn MetadataStore,
+    create_fs_roots: bool,
+) -> Result<StorageRouter, StartError> {
     let ring = Ring::new(settings.ring_members(), settings.placement.vnodes_per_weight)?;
     let breaker = BreakerSettings {
         failure_threshold: settings.replication.breaker_failures,
@@ -226,6 +285,7 @@ pub async fn open_storage(settings: &Settings, metadata: &dyn MetadataStore) -> 
     let mut shards = Vec::with_capacity(settings.shards.len());
     for (index, shard) in settings.shards.iter().enumerate() {
         let backend: Box<dyn BlobStore> = match shard.backend(index)? {
+            BackendSettings::Fs { path } if !create_fs_roots => Box::new(FsStore::open_existing(path)),
             BackendSettings::Fs { path } => Box::new(FsStore::open(&path).map_err(|source| StartError::Shard {
                 name: shard.name.clone(),
                 location: path.display().to_string(),
@@ -247,27 +307,4 @@ async fn open_s3_shard(name: &str, settings: &S3Settings) -> S3Store {
         tracing::warn!(shard = name, error = %crate::telemetry::error_chain(&error), "shard is not ready");
     }
     store
-}
-
-/// A database URL fit for logs: the password, if any, replaced by `***`.
-fn redact_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(super::redact_password("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(super::redact_password("sqlite://data/c.db"), "sqlite://data/c.db");
-    }
 }

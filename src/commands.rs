@@ -48,8 +48,9 @@ pub async fn ring(settings: &Settings, compare: Option<&Settings>) -> Result<Out
     let ring = ring_of(settings)?;
     let mut out = ring_report(&ring);
     // The metadata adds what each shard holds; the ring report stands without it.
-    let metadata = match app::open_metadata(&settings.database.url).await {
+    let metadata = match app::open_existing_metadata(&settings.database.url).await {
         Ok(metadata) => Some(metadata),
+        Err(error) if error.is_absent_database() => return Err(error.into()),
         Err(error) => {
             let _ = writeln!(out, "\n(metadata unavailable, stored copies not shown: {})", error_chain(&error));
             None
@@ -96,14 +97,19 @@ fn write_expected_movement(out: &mut String, old: &Ring, new: &Ring, replication
     let estimate = estimate_movement(old, new, replication_factor, COMPARE_SAMPLE_KEYS);
     let _ = writeln!(
         out,
-        "\nexpected movement over {} sample keys: {:.2}% of keys move a copy (ideal {:.2}%)",
+        "\nexpected movement over {} sample keys, {} copies each:\n  \
+         keys with a moved copy: {:>6.2}% (ideal {:.2}%)\n  \
+         copies moved:           {:>6.2}% (ideal {:.2}%)",
         estimate.sample_keys,
+        estimate.replication_factor,
         estimate.keys_moving * 100.0,
-        estimate.ideal * 100.0
+        estimate.ideal_keys * 100.0,
+        estimate.copies_moving * 100.0,
+        estimate.ideal_copies * 100.0
     );
     for (step, fraction) in &estimate.pairs {
         let from = step.from.as_deref().unwrap_or("(new copy)");
-        let _ = writeln!(out, "  {from:>12} -> {:<12} {:>7.2}% of keys", step.to, fraction * 100.0);
+        let _ = writeln!(out, "  {from:>12} -> {:<12} a copy of {:>6.2}% of keys", step.to, fraction * 100.0);
     }
 }
 
@@ -127,15 +133,16 @@ fn write_plan(out: &mut String, plan: &RebalancePlan, how: &str) {
     }
 }
 
-/// Opens what a job needs and checks both ends: the database must answer; shards that do not
-/// are listed, and the work that needs them will fail and can be resumed later.
+/// Opens what a job needs and checks both ends: the database must exist, hold Chitram's tables
+/// and answer (nothing is created); shards that do not answer, or whose directory does not
+/// exist, are listed, and the work that needs them will fail and can be resumed later.
 async fn open_for_job(
     settings: &Settings,
     out: &mut String,
 ) -> Result<(Arc<dyn MetadataStore>, Arc<StorageRouter>), CommandError> {
-    let metadata = app::open_metadata(&settings.database.url).await?;
+    let metadata = app::open_existing_metadata(&settings.database.url).await?;
     metadata.ping().await?;
-    let router = Arc::new(app::open_storage(settings, metadata.as_ref()).await?);
+    let router = Arc::new(app::open_existing_storage(settings, metadata.as_ref()).await?);
     for shard in router.check_health(Duration::from_secs(5)).await {
         if let Err(error) = shard.result {
             let _ = writeln!(

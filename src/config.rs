@@ -227,7 +227,12 @@ impl ShardSettings {
                 let s3_field = [
                     ("endpoint", self.endpoint.is_some()),
                     ("bucket", self.bucket.is_some()),
+                    ("region", self.region.is_some()),
                     ("access_key_id", self.access_key_id.is_some()),
+                    ("secret_access_key", self.secret_access_key.is_some()),
+                    ("create_bucket", self.create_bucket.is_some()),
+                    ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
+                    ("timeout_secs", self.timeout_secs.is_some()),
                 ]
                 .into_iter()
                 .find(|(_, set)| *set);
@@ -317,14 +322,98 @@ impl ShardSettings {
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
-    #[error("invalid configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
     #[error("invalid configuration: {key}: {problem}")]
     Invalid { key: String, problem: String },
+    #[error("cannot write the configuration as TOML")]
+    Print(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+/// The prefix of environment overrides, and the separator between their keys.
+const ENV_PREFIX: &str = "CHITRAM__";
+const ENV_SEPARATOR: &str = "__";
+
+/// Names the key of a figment error as the user wrote it: `server.max_upload_bytes` or
+/// `shards[1].kind` in a file, `CHITRAM__SERVER__MAX_UPLOAD_BYTES` in the environment.
+fn from_figment(error: figment::Error) -> ConfigError {
+    use figment::error::{Kind, OneOf};
+    let mut path = error.path.clone();
+    // Unknown keys come with their own name at the end of the path; missing ones without it.
+    let mut name_key = |field: &str| {
+        if path.last().is_none_or(|last| last != field) {
+            path.push(field.to_owned());
+        }
+    };
+    let problem = match &error.kind {
+        Kind::InvalidType(found, expected) => format!("expected {expected}, found {found}"),
+        Kind::InvalidValue(found, expected) => format!("expected {expected}, found {found}"),
+        Kind::UnknownField(field, expected) => {
+            name_key(field);
+            format!("unknown key (expected {})", OneOf(expected))
+        }
+        Kind::UnknownVariant(found, expected) => format!("unknown value {found:?} (expected {})", OneOf(expected)),
+        Kind::MissingField(field) => {
+            name_key(field);
+            "is required".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let source = error.metadata.as_ref().and_then(|metadata| metadata.source.as_ref());
+    let from_env = error.metadata.as_ref().is_some_and(|metadata| metadata.name.contains(ENV_PREFIX));
+    let (key, place) = match source {
+        // A syntax error has no key: the file is what to look at.
+        Some(figment::Source::File(file)) if path.is_empty() => (file.display().to_string(), String::new()),
+        Some(figment::Source::File(file)) => (dotted_key(&path), format!(" (in {})", file.display())),
+        _ if from_env => (env_key(&path), " (from the environment)".to_owned()),
+        _ if path.is_empty() => {
+            (error.metadata.as_ref().map_or("configuration".into(), |m| m.name.to_string()), String::new())
+        }
+        _ => (dotted_key(&path), String::new()),
+    };
+    invalid(key, format!("{problem}{place}"))
+}
+
+/// `shards[1].name` from `["shards", "1", "name"]`.
+fn dotted_key(path: &[String]) -> String {
+    let mut key = String::new();
+    for part in path {
+        if part.bytes().all(|b| b.is_ascii_digit()) && !part.is_empty() {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+    }
+    key
+}
+
+/// `CHITRAM__SERVER__BIND` from `["server", "bind"]`; inside a list set as a whole,
+/// `CHITRAM__SHARDS[1].kind`.
+fn env_key(path: &[String]) -> String {
+    let index = path.iter().position(|part| part.bytes().all(|b| b.is_ascii_digit())).unwrap_or(path.len());
+    let variable = path[..index].iter().map(|part| part.to_ascii_uppercase()).collect::<Vec<_>>().join(ENV_SEPARATOR);
+    format!("{ENV_PREFIX}{variable}{}", dotted_key(&path[index..]))
+}
+
+/// The file a `sqlite:` URL names, or `None` for another database or an in-memory one.
+pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = path.is_empty() || path == ":memory:" || params.split('&').any(|param| param == "mode=memory");
+    (!in_memory).then(|| PathBuf::from(path))
+}
+
+/// A `sqlite:` URL whose relative path is made relative to `base`; `None` when there is
+/// nothing to resolve (another database, an in-memory one, an absolute path).
+fn resolve_sqlite_url(url: &str, base: &Path) -> Option<String> {
+    let path = sqlite_path(url).filter(|path| path.is_relative())?;
+    let params = url.split_once('?').map(|(_, params)| format!("?{params}")).unwrap_or_default();
+    Some(format!("sqlite://{}{params}", base.join(path).display()))
 }
 
 impl Default for Settings {
@@ -344,30 +433,66 @@ impl Default for Settings {
 impl Settings {
     /// Loads the default, then `file` if given, then the environment, and validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_with_env(file, Env::prefixed("CHITRAM__").split("__"))
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split(ENV_SEPARATOR))
     }
 
     fn load_with_env(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        let mut base = None;
         if let Some(file) = file {
             if !file.is_file() {
                 return Err(ConfigError::MissingFile(file.to_path_buf()));
             }
-            figment = figment.merge(Toml::file(file));
+            let file = std::path::absolute(file).map_err(|_| ConfigError::MissingFile(file.to_path_buf()))?;
+            base = file.parent().map(Path::to_path_buf);
+            figment = figment.merge(Toml::file_exact(&file));
         }
-        let settings: Settings = figment.merge(env).extract().map_err(Box::new)?;
+        let figment = figment.merge(env);
+        let mut settings: Settings = figment.extract().map_err(from_figment)?;
+        if let Some(base) = base {
+            settings.resolve_paths_from_file(&figment, &base);
+        }
         settings.validate()?;
         Ok(settings)
     }
 
-    /// Parses TOML text alone (no environment), for tests and `ring --compare`.
+    /// Parses TOML text alone (no environment), for tests. Relative paths stay as written.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
             .merge(Toml::string(text))
             .extract()
-            .map_err(Box::new)?;
+            .map_err(from_figment)?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Makes the relative paths that the config file wrote (the SQLite database, `fs` shard
+    /// directories, the spool directory) relative to the file's directory `base`, so a config
+    /// means the same from any working directory. Values from the default or the environment
+    /// stay relative to the working directory.
+    fn resolve_paths_from_file(&mut self, figment: &Figment, base: &Path) {
+        let from_file = |key: &str| {
+            figment
+                .find_value(key)
+                .ok()
+                .and_then(|value| figment.get_metadata(value.tag()))
+                .is_some_and(|metadata| matches!(metadata.source, Some(figment::Source::File(_))))
+        };
+        if from_file("database.url")
+            && let Some(resolved) = resolve_sqlite_url(&self.database.url, base)
+        {
+            self.database.url = resolved;
+        }
+        if from_file("server.spool_dir")
+            && let Some(dir) = &mut self.server.spool_dir
+        {
+            *dir = base.join(&*dir);
+        }
+        if from_file("shards") {
+            for path in self.shards.iter_mut().filter_map(|shard| shard.path.as_mut()) {
+                *path = base.join(&*path);
+            }
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -443,6 +568,67 @@ impl Settings {
     pub fn shard_names(&self) -> Vec<String> {
         self.shards.iter().map(|shard| shard.name.clone()).collect()
     }
+
+    /// These settings with every secret replaced by [`MASK`]: the value of any key whose name
+    /// says it is secret ([`is_secret_key`]), and the password of any URL.
+    pub fn masked(&self) -> Result<Settings, ConfigError> {
+        let print_error = |error: Box<dyn std::error::Error + Send + Sync>| ConfigError::Print(error);
+        let mut value = toml::Value::try_from(self).map_err(|e| print_error(e.into()))?;
+        mask_secrets(&mut value);
+        value.try_into().map_err(|e: toml::de::Error| print_error(e.into()))
+    }
+
+    /// The effective settings as a TOML file that loads back to the same settings, secrets
+    /// masked (`chitram config`).
+    pub fn to_masked_toml(&self) -> Result<String, ConfigError> {
+        let body = toml::to_string(&self.masked()?).map_err(|e| ConfigError::Print(e.into()))?;
+        Ok(format!(
+            "# Chitram's effective configuration: the default, then the config file, then CHITRAM__*\n\
+             # environment overrides. Secrets are masked as \"{MASK}\": put them back (or set them in the\n\
+             # environment) before serving with this file; `chitram ring --compare` needs none.\n\n{body}"
+        ))
+    }
+}
+
+/// What a masked secret reads.
+pub const MASK: &str = "***";
+
+/// Whether a key holds a secret, by its name: `secret_access_key`, and any future `password`,
+/// `token`, `*_secret` or `private_key`.
+pub fn is_secret_key(key: &str) -> bool {
+    ["secret", "password", "passwd", "token", "private_key", "credential"].iter().any(|word| key.contains(word))
+}
+
+fn mask_secrets(value: &mut toml::Value) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table.iter_mut() {
+                if is_secret_key(key) && value.is_str() {
+                    *value = toml::Value::String(MASK.to_owned());
+                } else {
+                    mask_secrets(value);
+                }
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        toml::Value::String(text) => *text = redact_url_password(text),
+        _ => {}
+    }
+}
+
+/// A URL fit for output: its password, if any, replaced by `***`
+/// (`postgres://user:***@host/db`). Text that is not such a URL is returned as it is.
+pub fn redact_url_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:{MASK}{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 fn validate_shard(i: usize, shard: &ShardSettings, earlier: &[ShardSettings]) -> Result<(), ConfigError> {
@@ -516,6 +702,159 @@ mod tests {
         assert!(error_of(quorum).contains("placement.write_quorum"), "{}", error_of(quorum));
         let typo = "[server]\nmax_upload_byte = 1\n";
         assert!(error_of(typo).contains("max_upload_byte"), "{}", error_of(typo));
+        let fs_region = "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"a\"\nkind = \"fs\"\npath = \"a\"\nregion = \"eu\"\n";
+        assert_eq!(
+            error_of(fs_region),
+            "invalid configuration: shards[0].region: only s3 shards take this key (this one has kind = \"fs\")"
+        );
+        let fs_secret = "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"a\"\nkind = \"fs\"\npath = \"a\"\nsecret_access_key = \"s\"\n";
+        assert!(error_of(fs_secret).contains("shards[0].secret_access_key: only s3 shards"), "{}", error_of(fs_secret));
+    }
+
+    #[test]
+    fn a_wrong_type_names_its_key_once() {
+        assert_eq!(
+            error_of("[server]\nmax_upload_bytes = \"big\"\n"),
+            "invalid configuration: server.max_upload_bytes: expected u64, found string \"big\""
+        );
+        let in_a_shard = error_of("[[shards]]\nname = \"a\"\nkind = \"fs\"\npath = \"a\"\nweight = \"x\"\n");
+        assert_eq!(in_a_shard, "invalid configuration: shards[0].weight: expected u32, found string \"x\"");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_once_with_the_keys_that_exist() {
+        let missing = error_of("[[shards]]\nname = \"a\"\npath = \"a\"\n");
+        assert_eq!(missing, "invalid configuration: shards[0].kind: is required");
+        let message = error_of("[server]\nmax_upload_byte = 1\n");
+        assert!(
+            message.starts_with("invalid configuration: server.max_upload_byte: unknown key (expected one of `bind`,"),
+            "{message}"
+        );
+        assert_eq!(message.matches("max_upload_byte").count(), 2, "the key once, then `max_upload_bytes`: {message}");
+        assert!(!message.contains("default."), "{message}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type.
+    fn file_errors_name_the_file_and_environment_errors_the_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("chitram.toml", "[placement]\nreplication_factor = \"two\"\n")?;
+            let message = Settings::load(Some(Path::new("chitram.toml"))).unwrap_err().to_string();
+            assert!(message.starts_with("invalid configuration: placement.replication_factor: expected"), "{message}");
+            assert!(message.ends_with("chitram.toml)"), "{message}");
+            assert!(!message.contains("default."), "{message}");
+
+            jail.set_env("CHITRAM__SERVER__MAX_BATCH_FILES", "many");
+            let message = Settings::load(None).unwrap_err().to_string();
+            assert_eq!(
+                message,
+                "invalid configuration: CHITRAM__SERVER__MAX_BATCH_FILES: expected usize, found string \"many\" \
+                 (from the environment)"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type.
+    fn shards_can_be_set_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "CHITRAM__SHARDS",
+                r#"[{name="x", kind="fs", path="/srv/x"}, {name="y", kind="fs", path="/srv/y", weight=2}]"#,
+            );
+            let settings = Settings::load(None).expect("loads");
+            assert_eq!(settings.shard_names(), ["x", "y"]);
+            assert_eq!(settings.shards[1].weight, 2);
+            assert_eq!(settings.shards[0].path.as_deref(), Some(Path::new("/srv/x")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type.
+    fn relative_paths_in_a_file_resolve_against_its_directory() {
+        figment::Jail::expect_with(|jail| {
+            std::fs::create_dir("etc").expect("a directory for the config");
+            jail.create_file(
+                "etc/chitram.toml",
+                "[server]\nspool_dir = \"spool\"\n[database]\nurl = \"sqlite://db/c.db?mode=rwc\"\n\
+                 [[shards]]\nname = \"a\"\nkind = \"fs\"\npath = \"shards/a\"\n\
+                 [[shards]]\nname = \"b\"\nkind = \"fs\"\npath = \"/srv/b\"\n",
+            )?;
+            let etc = std::path::absolute("etc").unwrap();
+            let settings = Settings::load(Some(Path::new("etc/chitram.toml"))).expect("loads");
+            assert_eq!(settings.database.url, format!("sqlite://{}/db/c.db?mode=rwc", etc.display()));
+            assert_eq!(settings.server.spool_dir, Some(etc.join("spool")));
+            assert_eq!(settings.shards[0].path, Some(etc.join("shards/a")));
+            assert_eq!(settings.shards[1].path.as_deref(), Some(Path::new("/srv/b")), "absolute paths stay");
+
+            // Values from the environment are relative to the working directory.
+            jail.set_env("CHITRAM__DATABASE__URL", "sqlite://here.db");
+            let settings = Settings::load(Some(Path::new("etc/chitram.toml"))).expect("loads");
+            assert_eq!(settings.database.url, "sqlite://here.db");
+            assert_eq!(settings.shards[0].path, Some(etc.join("shards/a")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(redact_url_password("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url_password("sqlite://data/c.db"), "sqlite://data/c.db");
+        assert_eq!(redact_url_password("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn the_printed_configuration_loads_back_with_its_secrets_masked() {
+        let settings = Settings::from_toml(
+            "[database]\nurl = \"postgres://chitram:pg-pass-123@db:5432/chitram\"\n\
+             [server]\nspool_dir = \"/var/tmp/chitram\"\n\
+             [[shards]]\nname = \"a\"\nkind = \"fs\"\npath = \"/srv/a\"\ndraining = true\n\
+             [[shards]]\nname = \"m\"\nweight = 2\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://m:9000\"\n\
+             access_key_id = \"AKIDEXAMPLE\"\nsecret_access_key = \"s3-secret-456\"\n\
+             [[shards]]\nname = \"n\"\nkind = \"s3\"\nbucket = \"b\"\n",
+        )
+        .unwrap();
+        let printed = settings.to_masked_toml().unwrap();
+        assert!(!printed.contains("pg-pass-123") && !printed.contains("s3-secret-456"), "{printed}");
+        assert!(printed.contains("postgres://chitram:***@db:5432/chitram"), "{printed}");
+        let loaded = Settings::from_toml(&printed).expect("the output is a valid config");
+        let mut expected = settings.clone();
+        expected.database.url = "postgres://chitram:***@db:5432/chitram".to_owned();
+        expected.shards[1].secret_access_key = Some(MASK.to_owned());
+        assert_eq!(loaded, expected);
+        assert_eq!(loaded, settings.masked().unwrap());
+
+        let default = Settings::from_toml(&Settings::default().to_masked_toml().unwrap()).unwrap();
+        assert_eq!(default, Settings::default(), "the embedded default prints as itself");
+    }
+
+    #[test]
+    fn keys_named_as_secrets_are_masked() {
+        assert!(is_secret_key("secret_access_key") && is_secret_key("password") && is_secret_key("jwt_secret"));
+        assert!(!is_secret_key("access_key_id") && !is_secret_key("url"));
+        let mut value: toml::Value =
+            toml::from_str("[auth]\njwt_secret = \"x1\"\nissuer = \"me\"\n[redis]\nurl = \"redis://:pw@r:6379\"\n")
+                .unwrap();
+        mask_secrets(&mut value);
+        assert_eq!(value["auth"]["jwt_secret"].as_str(), Some(MASK));
+        assert_eq!(value["auth"]["issuer"].as_str(), Some("me"));
+        assert_eq!(value["redis"]["url"].as_str(), Some("redis://:***@r:6379"));
+    }
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        assert_eq!(sqlite_path("sqlite://data/c.db"), Some(PathBuf::from("data/c.db")));
+        assert_eq!(sqlite_path("sqlite:data/c.db?mode=rwc"), Some(PathBuf::from("data/c.db")));
+        assert_eq!(sqlite_path("sqlite:///var/c.db"), Some(PathBuf::from("/var/c.db")));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("sqlite://c.db?mode=memory"), None);
+        assert_eq!(sqlite_path("postgres://u@h/db"), None);
+        let base = Path::new("/etc/chitram");
+        assert_eq!(resolve_sqlite_url("sqlite:c.db", base).as_deref(), Some("sqlite:///etc/chitram/c.db"));
+        assert_eq!(resolve_sqlite_url("sqlite:///var/c.db", base), None);
+        assert_eq!(resolve_sqlite_url("postgres://u:p@h/db", base), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use chitram::app::{self, Application};
 use chitram::commands;
 use chitram::config::Settings;
+use chitram::telemetry::LogColor;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -14,6 +15,9 @@ struct Cli {
     /// TOML configuration file (the embedded default applies without one).
     #[arg(long, global = true, env = "CHITRAM_CONFIG")]
     config: Option<PathBuf>,
+    /// Colour in the logs: `auto` colours only a terminal, and not when NO_COLOR is set.
+    #[arg(long, global = true, value_enum, default_value_t = LogColor::Auto, value_name = "WHEN")]
+    log_color: LogColor,
     #[command(subcommand)]
     command: Command,
 }
@@ -22,8 +26,11 @@ struct Cli {
 enum Command {
     /// Apply migrations, start the background workers, and serve HTTP.
     Serve,
-    /// Apply the metadata migrations and exit.
+    /// Apply the metadata migrations and exit (creating the database if needed).
     Migrate,
+    /// Print the effective configuration (the default, then --config, then CHITRAM__*
+    /// environment overrides) as TOML, secrets masked.
+    Config,
     /// Show each shard's weight, vnodes, state and share of the keys; with --compare, what a
     /// new config would move.
     Ring {
@@ -51,8 +58,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    chitram::telemetry::init();
     let cli = Cli::parse();
+    chitram::telemetry::init(cli.log_color);
     let result = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => run(cli.command, settings).await,
         Err(error) => Err(error.into()),
@@ -77,6 +84,7 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
             app::open_metadata(&settings.database.url).await?;
             println!("migrations applied to {}", settings.database.url.split('@').next_back().unwrap_or_default());
         }
+        Command::Config => print!("{}", settings.to_masked_toml()?),
         Command::Ring { compare } => {
             let new = compare.map(|path| Settings::load(Some(&path))).transpose()?;
             return finish(commands::ring(&settings, new.as_ref()).await?);

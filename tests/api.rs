@@ -260,7 +260,7 @@ async fn health_reports_each_component() {
     assert_eq!(health["status"], "degraded");
     let down = &health["shards"][1];
     assert_eq!((down["name"].as_str(), down["status"].as_str()), (Some("s1"), Some("down")));
-    assert!(down["error"].as_str().unwrap().contains("not accessible"), "{down}");
+    assert!(down["error"].as_str().unwrap().contains("does not exist (an unmounted disk"), "{down}");
 
     app.take_shard_offline("s0").await;
     app.take_shard_offline("s2").await;

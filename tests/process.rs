@@ -292,6 +292,14 @@ async fn the_operator_commands_plan_move_and_check() {
     for expected in ["peak-to-mean", "expected movement", "plan (exactly, from the metadata)", "-> d"] {
         assert!(ring.contains(expected), "`ring --compare` prints {expected:?}:\n{ring}");
     }
+    for expected in ["keys with a moved copy:", "(ideal 25.00%)", "copies moved:"] {
+        assert!(ring.contains(expected), "`ring --compare` prints {expected:?}:\n{ring}");
+    }
+    // `serve` on the new config creates the new shard's directory; operator commands never do.
+    let (ok, refused, _) = run_cli(&new, &["rebalance", "--dry-run"]);
+    assert!(ok && refused.contains("warning: shard d is down") && refused.contains("does not exist"), "{refused}");
+    assert!(!dir.path().join("d").exists(), "rebalance created no directory");
+    std::fs::create_dir(dir.path().join("d")).unwrap();
     let (ok, dry, _) = run_cli(&new, &["rebalance", "--dry-run"]);
     assert!(ok && dry.contains("dry run"), "{dry}");
     let (ok, moved, stderr) = run_cli(&new, &["rebalance"]);
@@ -327,4 +335,194 @@ fn first_object(dir: &std::path::Path) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// Runs the binary in `dir` with no config file, with `env` set; returns (success, stdout, stderr).
+fn run_in(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chitram"));
+    command.current_dir(dir).args(args).env_remove("CHITRAM_CONFIG").env_remove("NO_COLOR");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn operator_commands_refuse_a_database_that_does_not_exist_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected_file = dir.path().canonicalize().unwrap().join("data/chitram.db");
+    for args in
+        [&["scrub", "--checksums"][..], &["scrub", "--repair"], &["rebalance"], &["rebalance", "--dry-run"], &["ring"]]
+    {
+        let (ok, stdout, stderr) = run_in(dir.path(), args, &[]);
+        assert!(!ok, "`chitram {args:?}` fails in an empty directory:\n{stdout}{stderr}");
+        assert!(!stdout.contains("scrub done"), "no all-clear about nothing:\n{stdout}");
+        assert!(
+            stderr.contains("the metadata database sqlite://data/chitram.db does not exist")
+                && stderr.contains(&expected_file.display().to_string())
+                && stderr.contains("chitram migrate"),
+            "`chitram {args:?}` names the file it looked for and the fix:\n{stderr}"
+        );
+        let created: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(created.is_empty(), "`chitram {args:?}` created nothing: {created:?}");
+    }
+
+    // An empty SQLite file is a database that was never migrated.
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/chitram.db"), b"").unwrap();
+    let (ok, _, stderr) = run_in(dir.path(), &["scrub"], &[]);
+    assert!(!ok && stderr.contains("sqlite://data/chitram.db has no Chitram tables"), "{stderr}");
+    assert!(!dir.path().join("data/shards").exists(), "no shard directory either");
+
+    // `migrate` creates it; then scrub runs, and the missing shard directories are shards that
+    // are down, not directories to create.
+    let (ok, _, stderr) = run_in(dir.path(), &["migrate"], &[]);
+    assert!(ok, "{stderr}");
+    let (ok, report, _) = run_in(dir.path(), &["scrub"], &[]);
+    assert!(!ok, "unreachable shards keep scrub from an all-clear:\n{report}");
+    assert!(report.contains("does not exist"), "{report}");
+    assert!(!dir.path().join("data/shards").exists(), "scrub created no shard directory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_refuse_an_unmigrated_postgres_database_without_showing_its_password() {
+    let database = TestDatabase::create(DbKind::Postgres).await;
+    let (scheme, rest) = database.url.split_once("://").unwrap();
+    let (user, server) = rest.split_once('@').unwrap();
+    let user = user.split(':').next().unwrap();
+    let with_password = format!("{scheme}://{user}:hunter2-secret@{server}");
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("CHITRAM__DATABASE__URL", with_password.as_str())];
+
+    let (ok, _, stderr) = run_in(dir.path(), &["scrub"], &env);
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("has no Chitram tables") && stderr.contains(&format!("{user}:***@")), "{stderr}");
+    assert!(!stderr.contains("hunter2-secret"), "the password stays out of the message:\n{stderr}");
+
+    let missing = with_password.replace("chitram_test_", "chitram_absent_");
+    let (ok, _, stderr) = run_in(dir.path(), &["rebalance"], &[("CHITRAM__DATABASE__URL", missing.as_str())]);
+    assert!(!ok && stderr.contains("chitram_absent_") && stderr.contains("does not exist"), "{stderr}");
+    assert!(!stderr.contains("hunter2-secret"), "{stderr}");
+
+    let (ok, _, stderr) = run_in(dir.path(), &["migrate"], &env);
+    assert!(ok && !stderr.contains("hunter2-secret"), "{stderr}");
+    let (ok, ring, stderr) = run_in(dir.path(), &["ring"], &env);
+    assert!(ok, "once migrated, the commands run:\n{ring}{stderr}");
+}
+
+#[test]
+fn relative_paths_in_a_config_file_resolve_against_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    std::fs::create_dir(root.join("etc")).unwrap();
+    std::fs::write(
+        root.join("etc/chitram.toml"),
+        "[database]\nurl = \"sqlite://db/chitram.db\"\n[placement]\nreplication_factor = 1\n\
+         [[shards]]\nname = \"a\"\nkind = \"fs\"\npath = \"shards/a\"\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = run_in(&root, &["--config", "etc/chitram.toml", "migrate"], &[]);
+    assert!(ok, "{stderr}");
+    assert!(root.join("etc/db/chitram.db").is_file(), "the database sits beside the config file");
+    assert!(!root.join("db").exists(), "not in the working directory");
+
+    // From anywhere else, the same file names the same database and shard.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let config = root.join("etc/chitram.toml");
+    let (ok, printed, stderr) = run_in(elsewhere.path(), &["--config", config.to_str().unwrap(), "config"], &[]);
+    assert!(ok, "{stderr}");
+    assert!(printed.contains(&format!("url = \"sqlite://{}\"", root.join("etc/db/chitram.db").display())), "{printed}");
+    assert!(printed.contains(&format!("path = \"{}\"", root.join("etc/shards/a").display())), "{printed}");
+    let (ok, ring, stderr) = run_in(elsewhere.path(), &["--config", config.to_str().unwrap(), "ring"], &[]);
+    assert!(ok, "{ring}{stderr}");
+    assert!(std::fs::read_dir(elsewhere.path()).unwrap().next().is_none(), "nothing appears in the working directory");
+}
+
+#[test]
+fn the_printed_configuration_masks_secrets_and_feeds_ring_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = [("CHITRAM__DATABASE__URL", "postgres://chitram:pg-secret-1@db.internal:5432/chitram")];
+    std::fs::write(
+        dir.path().join("s3.toml"),
+        "[placement]\nreplication_factor = 1\n[[shards]]\nname = \"m\"\nkind = \"s3\"\nbucket = \"b\"\n\
+         access_key_id = \"AKIDEXAMPLE\"\nsecret_access_key = \"s3-secret-2\"\n",
+    )
+    .unwrap();
+    let (ok, printed, stderr) = run_in(dir.path(), &["--config", "s3.toml", "config"], &secrets);
+    assert!(ok, "{stderr}");
+    assert!(!printed.contains("pg-secret-1") && !printed.contains("s3-secret-2"), "{printed}");
+    assert!(printed.contains("postgres://chitram:***@db.internal:5432/chitram"), "{printed}");
+    assert!(printed.contains("secret_access_key = \"***\""), "{printed}");
+    let loaded = chitram::config::Settings::from_toml(&printed).expect("the output is a config");
+    let mut expected = chitram::config::Settings::default();
+    expected.database.url = "postgres://chitram:***@db.internal:5432/chitram".to_owned();
+    expected.placement.replication_factor = 1;
+    let mut shard = chitram::config::ShardSettings::fs("m", "unused");
+    (shard.kind, shard.path, shard.bucket) = (chitram::config::ShardKind::S3, None, Some("b".to_owned()));
+    (shard.access_key_id, shard.secret_access_key) = (Some("AKIDEXAMPLE".to_owned()), Some("***".to_owned()));
+    expected.shards = vec![shard];
+    assert_eq!(loaded, expected);
+
+    // On the embedded default: save it, write the grown ring, and compare.
+    let (ok, current, _) = run_in(dir.path(), &["config"], &[]);
+    assert!(ok);
+    std::fs::write(dir.path().join("current.toml"), &current).unwrap();
+    let grown = format!("{current}\n[[shards]]\nname = \"d\"\nkind = \"fs\"\npath = \"data/shards/d\"\n");
+    std::fs::write(dir.path().join("new.toml"), grown).unwrap();
+    let (ok, _, stderr) = run_in(dir.path(), &["migrate"], &[]);
+    assert!(ok, "{stderr}");
+    let (ok, ring, stderr) = run_in(dir.path(), &["--config", "current.toml", "ring", "--compare", "new.toml"], &[]);
+    assert!(ok, "{ring}{stderr}");
+    let keys = ring.lines().find(|line| line.contains("keys with a moved copy")).unwrap_or_default();
+    let copies = ring.lines().find(|line| line.contains("copies moved")).unwrap_or_default();
+    assert!(keys.ends_with("(ideal 50.00%)"), "half the keys move one of their two copies:\n{ring}");
+    assert!(copies.ends_with("(ideal 25.00%)"), "a quarter of the copies move:\n{ring}");
+    let (ok, same, _) = run_in(dir.path(), &["ring", "--compare", "current.toml"], &[]);
+    assert!(ok && same.contains("(ideal 0.00%)"), "the saved default is the default:\n{same}");
+}
+
+/// Starts `serve` in `dir` with stderr to a file, waits for its first log lines, and returns them.
+fn serve_log(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Vec<u8> {
+    let log = dir.join(format!("serve-{}.log", args.len()));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chitram"));
+    command
+        .current_dir(dir)
+        .args(args)
+        .arg("serve")
+        .env_remove("CHITRAM_CONFIG")
+        .env_remove("NO_COLOR")
+        .env("CHITRAM__SERVER__BIND", "127.0.0.1:0")
+        .env("CHITRAM__MAINTENANCE__SCRUB_INTERVAL_SECS", "0")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("serving") {
+        assert!(started.elapsed() < Duration::from_secs(30), "serve did not start: {:?}", std::fs::read(&log));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::read(&log).unwrap()
+}
+
+#[test]
+fn logs_into_a_file_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    const ESC: u8 = 0x1b;
+    let auto = serve_log(dir.path(), &[], &[]);
+    assert!(!auto.contains(&ESC), "stderr is a file: no ANSI codes\n{}", String::from_utf8_lossy(&auto));
+    let always = serve_log(dir.path(), &["--log-color", "always"], &[]);
+    assert!(always.contains(&ESC), "--log-color always colours even a file");
+    let never = serve_log(dir.path(), &["--log-color=never"], &[("NO_COLOR", "1")]);
+    assert!(!never.contains(&ESC));
 }

@@ -52,6 +52,10 @@ pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors {
     /// Applies this backend's migrations (`migrations/postgres` or `migrations/sqlite`).
     async fn migrate(&self) -> MetaResult<()>;
 
+    /// Whether the migrations have created the store's tables: false for an empty database,
+    /// which operator commands refuse rather than initialise.
+    async fn is_initialised(&self) -> MetaResult<bool>;
+
     /// A trivial query, to tell whether the database answers.
     async fn ping(&self) -> MetaResult<()>;
 

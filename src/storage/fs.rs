@@ -45,9 +45,15 @@ pub struct FsStore {
 impl FsStore {
     /// Opens (creating if needed) the shard rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
-        let root = root.into();
+        let root: PathBuf = root.into();
         fs::create_dir_all(root.join(TEMP_DIR))?;
-        Ok(Self { root, labelled: Arc::new(AtomicBool::new(false)), last_probe: Arc::default() })
+        Ok(Self::open_existing(root))
+    }
+
+    /// Opens the shard rooted at `root` without creating anything: a root that does not exist
+    /// is a shard that is down (the operator commands must not create directories).
+    pub fn open_existing(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into(), labelled: Arc::new(AtomicBool::new(false)), last_probe: Arc::default() }
     }
 
     /// Where a key lives. Keys are 64 hex digits (see [`BlobKey`]), so the path never leaves
@@ -80,6 +86,14 @@ impl FsStore {
                 reason: format!("shard root {} is not a directory", self.root.display()),
                 source: None,
             }),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Err(StorageError::unavailable(
+                format!(
+                    "shard directory {} does not exist (an unmounted disk, a wrong path, or a new shard that \
+                     `chitram serve` has not created yet)",
+                    self.root.display()
+                ),
+                err,
+            )),
             Err(err) => Err(StorageError::unavailable(
                 format!("shard root {} is not accessible (unmounted or removed?)", self.root.display()),
                 err,
@@ -110,10 +124,23 @@ impl FsStore {
         let target = self.object_path(key);
         let directory = target.parent().expect("object paths have a parent");
         create_fanout_dirs(&self.root, directory).map_err(|e| self.classify(key, "creating the directory of", e))?;
-        let temp = TempFile::create(&self.root.join(TEMP_DIR), key).map_err(|e| self.classify(key, "writing", e))?;
+        let temp_dir = self.temp_dir().map_err(|e| self.classify(key, "writing", e))?;
+        let temp = TempFile::create(&temp_dir, key).map_err(|e| self.classify(key, "writing", e))?;
         temp.fill(body).map_err(|e| self.classify(key, "writing", e))?;
         temp.persist(&target).map_err(|e| self.classify(key, "renaming into place", e))?;
         sync_directory(directory).map_err(|e| self.classify(key, "syncing the directory of", e))
+    }
+
+    /// The directory of writes in progress, created inside the (existing) root if needed: a
+    /// shard directory an operator made by hand has none yet.
+    fn temp_dir(&self) -> io::Result<PathBuf> {
+        let temp_dir = self.root.join(TEMP_DIR);
+        match fs::create_dir(&temp_dir) {
+            Ok(()) => sync_directory(&self.root)?,
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(err),
+        }
+        Ok(temp_dir)
     }
 
     fn read_label_blocking(&self) -> StorageResult<Option<ShardLabel>> {
@@ -134,7 +161,8 @@ impl FsStore {
         self.check_root_directory()?;
         let io_error = |err: io::Error| StorageError::other(format!("labelling {}", self.root.display()), err);
         let text = serde_json::to_vec_pretty(label).map_err(|err| io_error(io::Error::other(err)))?;
-        let temp = self.root.join(TEMP_DIR).join(format!("{LABEL_NAME}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let temp =
+            self.temp_dir().map_err(io_error)?.join(format!("{LABEL_NAME}.{}.tmp", uuid::Uuid::new_v4().simple()));
         let write = || -> io::Result<()> {
             let mut file = File::create_new(&temp)?;
             file.write_all(&text)?;

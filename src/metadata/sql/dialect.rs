@@ -15,6 +15,7 @@
 //! | `{in:$N}` / `{not_in:$N}` | `= ANY($N)` / `<> ALL($N)` over a `TEXT[]` | `IN` / `NOT IN` over `json_each($N)` |
 //! | `{for_update}` | `FOR UPDATE`: lock the rows read | nothing: see below |
 //! | `{skip_locked}` | `FOR UPDATE SKIP LOCKED` | nothing |
+//! | `{table_exists:$N}` | `to_regclass($N) IS NOT NULL` | a lookup in `sqlite_master` |
 //!
 //! Locking is where the two differ most, and Postgres keeps its row locks: two uploads of
 //! different blobs, or a claim and a deletion, never wait for each other there. SQLite locks
@@ -108,6 +109,7 @@ impl Dialect for Postgres {
             "not_in" => format!("<> ALL({argument})"),
             "for_update" => "FOR UPDATE".to_owned(),
             "skip_locked" => "FOR UPDATE SKIP LOCKED".to_owned(),
+            "table_exists" => format!("to_regclass({argument}) IS NOT NULL"),
             other => panic!("unknown SQL marker {{{other}}}"),
         })
     }
@@ -182,6 +184,9 @@ impl Dialect for Sqlite {
             "in" => format!("IN (SELECT value FROM json_each({argument}))"),
             "not_in" => format!("NOT IN (SELECT value FROM json_each({argument}))"),
             "for_update" | "skip_locked" => String::new(),
+            "table_exists" => {
+                format!("EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = {argument})")
+            }
             other => panic!("unknown SQL marker {{{other}}}"),
         })
     }
@@ -296,6 +301,15 @@ mod tests {
             "CAST(EXTRACT(EPOCH FROM clock_timestamp() - MIN(created_at)) * 1000000 AS BIGINT)"
         );
         assert_eq!(Sqlite::render("{micros_since:MIN(created_at)}"), format!("({SQLITE_NOW} - MIN(created_at))"));
+    }
+
+    #[test]
+    fn both_tell_whether_a_table_exists() {
+        assert_eq!(Postgres::render("SELECT {table_exists:$1}"), "SELECT to_regclass($1) IS NOT NULL");
+        assert_eq!(
+            Sqlite::render("SELECT {table_exists:$1}"),
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)"
+        );
     }
 
     #[test]

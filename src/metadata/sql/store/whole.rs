@@ -1,4 +1,5 @@
-//! The store as a whole ([`MetadataStore`]): its name, its migrations, and a liveness check.
+//! The store as a whole ([`MetadataStore`]): its name, its migrations, whether they ran, and a
+//! liveness check.
 
 use async_trait::async_trait;
 
@@ -16,6 +17,11 @@ static CREATE_STORE_ID: Statement = Statement::new(
 
 static STORE_ID: Statement = Statement::new("SELECT id FROM store_identity WHERE singleton = 1");
 
+/// The table every version of the schema has: the database is initialised when it exists.
+const SCHEMA_TABLE: &str = "images";
+
+static TABLE_EXISTS: Statement = Statement::new("SELECT {table_exists:$1}");
+
 #[async_trait]
 impl MetadataStore for SqlStore<D> {
     fn backend_name(&self) -> &'static str {
@@ -24,6 +30,14 @@ impl MetadataStore for SqlStore<D> {
 
     async fn migrate(&self) -> MetaResult<()> {
         D::migrate(&self.pool).await
+    }
+
+    async fn is_initialised(&self) -> MetaResult<bool> {
+        sqlx::query_scalar(TABLE_EXISTS.sql::<D>())
+            .bind(SCHEMA_TABLE)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_error("looking for the metadata tables"))
     }
 
     async fn ping(&self) -> MetaResult<()> {
