@@ -1,7 +1,8 @@
 //! A circuit breaker per shard: closed, open, half-open.
 //!
 //! A shard that fails `failure_threshold` calls in a row (failures that mean it is down:
-//! unreachable, timing out, refusing us) opens its circuit. While open, calls fail at once
+//! unreachable, refusing us, or not answering within the call's deadline — a shard that keeps
+//! answering late is as good as down) opens its circuit. While open, calls fail at once
 //! without touching the network, so a dead shard costs nothing per request. After `cooldown`
 //! one call is let through as a trial (half-open): success closes the circuit, failure opens it
 //! for another cooldown. So a dead shard costs at most one timeout per cooldown.
@@ -13,7 +14,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{StorageError, StorageResult};
+use super::{StorageError, StorageResult, deadline};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerSettings {
@@ -79,6 +80,17 @@ impl CircuitBreaker {
         let result = call.await;
         permit.report(result.as_ref().err().is_none_or(|error| !error.is_unavailable()));
         result
+    }
+
+    /// Runs `call` unless the circuit is open, bounded by `deadline`: a call that runs out of
+    /// time is cancelled, fails with [`StorageError::DeadlineExceeded`] and counts as a failure.
+    pub async fn call_within<T>(
+        &self,
+        operation: &'static str,
+        deadline: Duration,
+        call: impl Future<Output = StorageResult<T>>,
+    ) -> StorageResult<T> {
+        self.call(deadline::within(operation, deadline, call)).await
     }
 
     pub fn status(&self) -> CircuitStatus {
@@ -197,6 +209,57 @@ mod tests {
         assert_eq!(breaker.status().state, CircuitState::Open, "a failed trial reopens at once");
         tokio::time::sleep(Duration::from_millis(30)).await;
         breaker.call(async { Ok(()) }).await.unwrap();
+        assert_eq!(breaker.status(), CircuitStatus { state: CircuitState::Closed, consecutive_failures: 0 });
+    }
+
+    #[tokio::test]
+    async fn calls_past_their_deadline_are_failures_and_open_the_circuit() {
+        let breaker = breaker(60_000);
+        let late = || async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            Ok(())
+        };
+        let started = Instant::now();
+        let error = breaker.call_within("write", Duration::from_millis(20), late()).await.unwrap_err();
+        assert!(error.is_deadline_exceeded(), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(5), "the call was cut at its deadline");
+        assert_eq!(breaker.status(), CircuitStatus { state: CircuitState::Closed, consecutive_failures: 1 });
+        let _ = breaker.call_within("write", Duration::from_millis(20), late()).await;
+        assert_eq!(breaker.status().state, CircuitState::Open, "a shard that keeps answering late opens");
+        // While open, a call fails at once instead of waiting out another deadline.
+        let started = Instant::now();
+        let rejected = breaker.call_within("write", Duration::from_secs(10), late()).await.unwrap_err();
+        assert!(rejected.to_string().contains("circuit open"), "{rejected}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn a_late_trial_reopens_and_a_prompt_answer_resets_the_count() {
+        let breaker = breaker(20);
+        let _ =
+            breaker.call_within("head", Duration::from_millis(10), std::future::pending::<StorageResult<()>>()).await;
+        breaker.call_within("head", Duration::from_millis(10), async { Ok(()) }).await.unwrap();
+        assert_eq!(breaker.status().consecutive_failures, 0, "an answer in time resets the count");
+        for _ in 0..2 {
+            let _ = breaker
+                .call_within("head", Duration::from_millis(10), std::future::pending::<StorageResult<()>>())
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(breaker.status().state, CircuitState::HalfOpen);
+        let _ =
+            breaker.call_within("head", Duration::from_millis(10), std::future::pending::<StorageResult<()>>()).await;
+        assert_eq!(breaker.status().state, CircuitState::Open, "a trial that runs out of time reopens");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_call_judges_nothing() {
+        // A hedged read whose other holder answered first is dropped, not failed.
+        let breaker = breaker(60_000);
+        for _ in 0..5 {
+            let call = breaker.call(std::future::pending::<StorageResult<()>>());
+            let _ = tokio::time::timeout(Duration::from_millis(5), call).await;
+        }
         assert_eq!(breaker.status(), CircuitStatus { state: CircuitState::Closed, consecutive_failures: 0 });
     }
 
