@@ -231,7 +231,8 @@ pub async fn open_storage(settings: &Settings) -> Result<StorageRouter, StartErr
         };
         shards.push(Shard::new(shard.name.clone(), store, breaker));
     }
-    Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor))
+    Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor)
+        .with_latency_limits(settings.latency.deadlines(), settings.latency.hedge()))
 }
 
 async fn open_s3_shard(name: &str, settings: &S3Settings) -> S3Store {
