@@ -162,35 +162,27 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A holder that answers `answer` after `after`, counting the reads dropped unfinished.
+    /// A holder that answers `answer` after `after`.
     struct Holder {
         after: Duration,
         answer: Result<&'static str, &'static str>,
     }
 
-    struct DropCounter(Arc<AtomicUsize>, bool);
-    impl Drop for DropCounter {
-        fn drop(&mut self) {
-            if !self.1 {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    }
-
     async fn read(holders: &[(&'static str, Holder)], delay: Option<Duration>) -> (Vec<String>, usize) {
-        let cancelled = Arc::new(AtomicUsize::new(0));
+        // Reads started and reads that ran to their end: the difference was cancelled.
+        let (started, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let order: Vec<&str> = holders.iter().map(|(name, _)| *name).collect();
         let mut outcomes = Vec::new();
         {
             let attempt = |shard: &str| {
                 let holder = &holders.iter().find(|(name, _)| *name == shard).unwrap().1;
-                let mut guard = DropCounter(cancelled.clone(), false);
+                let (started, finished) = (&started, &finished);
                 async move {
+                    started.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(holder.after).await;
-                    guard.1 = true;
+                    finished.fetch_add(1, Ordering::SeqCst);
                     holder.answer
                 }
             };
@@ -202,7 +194,7 @@ mod tests {
                 }
             }
         }
-        (outcomes, cancelled.load(Ordering::SeqCst))
+        (outcomes, started.load(Ordering::SeqCst) - finished.load(Ordering::SeqCst))
     }
 
     fn holder(ms: u64, answer: Result<&'static str, &'static str>) -> Holder {
