@@ -7,7 +7,7 @@
 //! Uploads arrive in waves of 30 at once (the reproduction); reads are of images whose
 //! first holder is the late shard and whose second copy is on a healthy one.
 
-#[allow(dead_code, unused_imports, unused_macros)]
+#[allow(unused_imports, unused_macros)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -76,6 +76,10 @@ impl LatencyWindow {
 }
 
 type Attempt<'a, T, E> = BoxFuture<'a, (&'a str, Duration, Result<T, E>)>;
+/// A holder's hedge delay (`None`: never hedge it).
+type DelayOf<'a> = Box<dyn Fn(&str) -> Option<Duration> + Send + Sync + 'a>;
+/// Learns how long a holder took to answer.
+type OnAnswer<'a> = Box<dyn Fn(&str, Duration) + Send + Sync + 'a>;
 
 /// Reads of one blob from its holders, in read order, hedged. [`HedgedReads::next`] gives the
 /// outcome of each attempt as it finishes: the caller serves the first success and drops this
@@ -86,8 +90,8 @@ pub struct HedgedReads<'a, T, E, F> {
     attempt: F,
     in_flight: FuturesUnordered<Attempt<'a, T, E>>,
     hedge_at: Option<Instant>,
-    delay_of: Box<dyn Fn(&str) -> Option<Duration> + Send + Sync + 'a>,
-    on_answer: Box<dyn Fn(&str, Duration) + Send + Sync + 'a>,
+    delay_of: DelayOf<'a>,
+    on_answer: OnAnswer<'a>,
 }
 
 impl<'a, T, E, F, Fut> HedgedReads<'a, T, E, F>
