@@ -7,6 +7,11 @@
 //! one call is let through as a trial (half-open): success closes the circuit, failure opens it
 //! for another cooldown. So a dead shard costs at most one timeout per cooldown.
 //!
+//! A read abandoned because it was slower than usual and another holder answered first (a lost
+//! hedge) is not a failure on its own — a healthy shard loses a few at its p95 — but
+//! [`LOST_HEDGES_TO_OPEN`] of them in a row, with no call succeeding in between, open the
+//! circuit: a shard whose reads are always overtaken is as good as down.
+//!
 //! Answers that prove the shard is up — "not found", an unexpected error status — count as
 //! successes: the circuit tracks reachability, not the outcome of each operation.
 
@@ -15,6 +20,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{StorageError, StorageResult, deadline};
+
+/// Lost hedges in a row, with no success in between, that open the circuit. A healthy shard
+/// loses about one read in twenty at its p95, so ten in a row (about 1e-13) means it is stuck.
+pub const LOST_HEDGES_TO_OPEN: u32 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerSettings {
@@ -59,6 +68,8 @@ struct Inner {
     opened_at: Option<Instant>,
     /// A half-open trial is running: other calls are still rejected.
     trial_running: bool,
+    /// Reads overtaken by another holder's answer since the last success.
+    lost_hedges: u32,
 }
 
 /// Permission to make one call. Dropping it unreported (a cancelled call) ends a trial
@@ -122,6 +133,23 @@ impl CircuitBreaker {
             ),
             source: None,
         })
+    }
+
+    /// A read of this shard was cancelled after its hedge delay because another holder answered
+    /// first. Opens the circuit after [`LOST_HEDGES_TO_OPEN`] in a row; a lost trial reopens it.
+    pub fn record_lost_hedge(&self) {
+        let mut inner = self.inner.lock().expect("breaker lock");
+        inner.lost_hedges = inner.lost_hedges.saturating_add(1);
+        let trial_lost = inner.opened_at.is_some_and(|opened| opened.elapsed() >= self.settings.cooldown);
+        if trial_lost || (inner.opened_at.is_none() && inner.lost_hedges >= LOST_HEDGES_TO_OPEN) {
+            if inner.opened_at.is_none() {
+                tracing::warn!(
+                    lost_hedges = inner.lost_hedges,
+                    "circuit opened: the shard's reads are always overtaken"
+                );
+            }
+            inner.opened_at = Some(Instant::now());
+        }
     }
 
     fn record(&self, trial: bool, success: bool) {
@@ -250,6 +278,21 @@ mod tests {
         let _ =
             breaker.call_within("head", Duration::from_millis(10), std::future::pending::<StorageResult<()>>()).await;
         assert_eq!(breaker.status().state, CircuitState::Open, "a trial that runs out of time reopens");
+    }
+
+    #[tokio::test]
+    async fn a_shard_that_keeps_losing_hedges_opens_and_a_success_resets_the_count() {
+        let breaker = breaker(60_000);
+        for _ in 0..LOST_HEDGES_TO_OPEN - 1 {
+            breaker.record_lost_hedge();
+        }
+        breaker.call(async { Ok(()) }).await.unwrap();
+        for _ in 0..LOST_HEDGES_TO_OPEN - 1 {
+            breaker.record_lost_hedge();
+        }
+        assert_eq!(breaker.status().state, CircuitState::Closed, "a success in between resets the count");
+        breaker.record_lost_hedge();
+        assert_eq!(breaker.status().state, CircuitState::Open);
     }
 
     #[tokio::test]

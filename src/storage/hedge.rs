@@ -7,6 +7,11 @@
 //! hedges soon). Only answers count: a read cancelled because another holder won records
 //! nothing, so a shard that turned slow keeps the p95 of its healthy days, and reads of blobs
 //! with a copy elsewhere keep their usual latency.
+//!
+//! A read cancelled after its hedge delay because another holder won is a *lost hedge*,
+//! reported to the shard's circuit breaker: not a failure on its own (a healthy shard loses a
+//! few), but a shard that keeps losing them with nothing succeeding in between opens its circuit
+//! like a dead one (see `CircuitBreaker::record_lost_hedge`).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -80,6 +85,15 @@ type Attempt<'a, T, E> = BoxFuture<'a, (&'a str, Duration, Result<T, E>)>;
 type DelayOf<'a> = Box<dyn Fn(&str) -> Option<Duration> + Send + Sync + 'a>;
 /// Learns how long a holder took to answer.
 type OnAnswer<'a> = Box<dyn Fn(&str, Duration) + Send + Sync + 'a>;
+/// Learns that a holder's read, slower than its hedge delay, was cancelled for another's answer.
+type OnLost<'a> = Box<dyn Fn(&str) + Send + Sync + 'a>;
+
+/// A read still running: its holder, when it started, and its hedge delay.
+struct Running<'a> {
+    shard: &'a str,
+    started: Instant,
+    delay: Option<Duration>,
+}
 
 /// Reads of one blob from its holders, in read order, hedged. [`HedgedReads::next`] gives the
 /// outcome of each attempt as it finishes: the caller serves the first success and drops this
@@ -92,6 +106,10 @@ pub struct HedgedReads<'a, T, E, F> {
     hedge_at: Option<Instant>,
     delay_of: DelayOf<'a>,
     on_answer: OnAnswer<'a>,
+    on_lost: OnLost<'a>,
+    running: Vec<Running<'a>>,
+    /// A read succeeded: the reads still running when this is dropped lost to it.
+    answered: bool,
 }
 
 impl<'a, T, E, F, Fut> HedgedReads<'a, T, E, F>
@@ -102,12 +120,13 @@ where
     E: Send + 'a,
 {
     /// `delay_of` gives a holder's hedge delay (`None`: never hedge it); `on_answer` learns how
-    /// long each successful read took.
+    /// long each successful read took; `on_lost` learns of each lost hedge.
     pub fn new(
         order: Vec<&'a str>,
         attempt: F,
         delay_of: impl Fn(&str) -> Option<Duration> + Send + Sync + 'a,
         on_answer: impl Fn(&str, Duration) + Send + Sync + 'a,
+        on_lost: impl Fn(&str) + Send + Sync + 'a,
     ) -> Self {
         Self {
             order: order.into_iter(),
@@ -116,6 +135,9 @@ where
             hedge_at: None,
             delay_of: Box::new(delay_of),
             on_answer: Box::new(on_answer),
+            on_lost: Box::new(on_lost),
+            running: Vec::new(),
+            answered: false,
         }
     }
 
@@ -129,7 +151,9 @@ where
             tokio::select! {
                 biased;
                 Some((shard, elapsed, result)) = self.in_flight.next() => {
+                    self.running.retain(|running| running.shard != shard);
                     if result.is_ok() {
+                        self.answered = true;
                         (self.on_answer)(shard, elapsed);
                     }
                     return Some((shard, result));
@@ -151,8 +175,23 @@ where
             let result = read.await;
             (shard, started.elapsed(), result)
         }));
-        self.hedge_at = (self.delay_of)(shard).map(|delay| started + delay);
+        let delay = (self.delay_of)(shard);
+        self.hedge_at = delay.map(|delay| started + delay);
+        self.running.push(Running { shard, started, delay });
         true
+    }
+}
+
+impl<T, E, F> Drop for HedgedReads<'_, T, E, F> {
+    fn drop(&mut self) {
+        if !self.answered {
+            return;
+        }
+        for running in &self.running {
+            if running.delay.is_some_and(|delay| running.started.elapsed() >= delay) {
+                (self.on_lost)(running.shard);
+            }
+        }
     }
 }
 
@@ -175,6 +214,14 @@ mod tests {
     }
 
     async fn read(holders: &[(&'static str, Holder)], delay: Option<Duration>) -> (Vec<String>, usize) {
+        read_counting_losses(holders, delay).await.0
+    }
+
+    async fn read_counting_losses(
+        holders: &[(&'static str, Holder)],
+        delay: Option<Duration>,
+    ) -> ((Vec<String>, usize), Vec<String>) {
+        let lost = std::sync::Mutex::new(Vec::new());
         // Reads started and reads that ran to their end: the difference was cancelled.
         let (started, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let order: Vec<&str> = holders.iter().map(|(name, _)| *name).collect();
@@ -190,7 +237,8 @@ mod tests {
                     holder.answer
                 }
             };
-            let mut reads = HedgedReads::new(order, attempt, move |_| delay, |_, _| {});
+            let on_lost = |shard: &str| lost.lock().unwrap().push(shard.to_owned());
+            let mut reads = HedgedReads::new(order, attempt, move |_| delay, |_, _| {}, on_lost);
             while let Some((shard, result)) = reads.next().await {
                 outcomes.push(format!("{shard}:{}", result.unwrap_or_else(|e| e)));
                 if result.is_ok() {
@@ -198,7 +246,8 @@ mod tests {
                 }
             }
         }
-        (outcomes, started.load(Ordering::SeqCst) - finished.load(Ordering::SeqCst))
+        let cancelled = started.load(Ordering::SeqCst) - finished.load(Ordering::SeqCst);
+        ((outcomes, cancelled), lost.into_inner().unwrap())
     }
 
     fn holder(ms: u64, answer: Result<&'static str, &'static str>) -> Holder {
@@ -216,6 +265,16 @@ mod tests {
         assert_eq!(outcomes, ["fast:bytes"]);
         assert_eq!(cancelled, 1, "the slow read was dropped");
         assert!(started.elapsed() < Duration::from_millis(100), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn the_overtaken_holder_is_reported_as_a_lost_hedge() {
+        let holders = [("slow", holder(20_000, Ok("late"))), ("fast", holder(5, Ok("bytes")))];
+        let (_, lost) = read_counting_losses(&holders, Some(Duration::from_millis(30))).await;
+        assert_eq!(lost, ["slow"]);
+        let prompt = [("a", holder(5, Ok("bytes"))), ("b", holder(5, Ok("other")))];
+        let (_, lost) = read_counting_losses(&prompt, Some(Duration::from_millis(50))).await;
+        assert!(lost.is_empty(), "{lost:?}");
     }
 
     #[tokio::test]

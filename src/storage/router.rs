@@ -255,6 +255,11 @@ impl StorageRouter {
                     shard.latency.observe(took);
                 }
             },
+            move |name| {
+                if let Ok(shard) = self.shard(name) {
+                    shard.breaker.record_lost_hedge();
+                }
+            },
         )
     }
 
