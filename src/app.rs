@@ -298,7 +298,8 @@ async fn open_storage_with(
         let store = LabelledStore::open(backend, label, recorded_copies).await;
         shards.push(Shard::new(shard.name.clone(), Arc::new(store), breaker));
     }
-    Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor))
+    Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor)
+        .with_latency_limits(settings.latency.deadlines(), settings.latency.hedge()))
 }
 
 async fn open_s3_shard(name: &str, settings: &S3Settings) -> S3Store {

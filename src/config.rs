@@ -23,6 +23,7 @@ pub struct Settings {
     pub placement: PlacementSettings,
     pub replication: ReplicationSettings,
     pub maintenance: MaintenanceSettings,
+    pub latency: LatencySettings,
     pub shards: Vec<ShardSettings>,
 }
 
@@ -147,6 +148,76 @@ impl Default for MaintenanceSettings {
             scrub_copies_per_sec: 20,
             orphan_grace_secs: 3_600,
         }
+    }
+}
+
+/// `[latency]`: how a shard that answers, but late, is treated (README, "Slow shards"): deadlines
+/// on its calls, an idle timeout on the bodies it sends, and hedged reads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LatencySettings {
+    /// A write on the upload path not finished after this (plus the size allowance) goes to the
+    /// next shard of the preference list, as if the shard were down.
+    pub write_deadline_ms: u64,
+    /// The size allowance: a body of N MiB gets N / this many more seconds (0: none).
+    pub write_min_mib_per_sec: u64,
+    /// Bound on a HEAD or DELETE (they run under the blob's lock, i.e. SQLite's write lock).
+    pub control_deadline_ms: u64,
+    /// A body being read that sends nothing for this long fails (and its task retries).
+    pub body_idle_ms: u64,
+    /// Hedged reads: a holder slower than its p95 (within the bounds) gets a second read sent
+    /// to the next holder, and the first answer wins.
+    pub hedge_reads: bool,
+    pub hedge_min_ms: u64,
+    pub hedge_max_ms: u64,
+}
+
+impl Default for LatencySettings {
+    fn default() -> Self {
+        Self {
+            write_deadline_ms: 5_000,
+            write_min_mib_per_sec: 10,
+            control_deadline_ms: 1_000,
+            body_idle_ms: 10_000,
+            hedge_reads: true,
+            hedge_min_ms: 20,
+            hedge_max_ms: 500,
+        }
+    }
+}
+
+impl LatencySettings {
+    pub fn deadlines(&self) -> crate::storage::deadline::Deadlines {
+        crate::storage::deadline::Deadlines {
+            write: Duration::from_millis(self.write_deadline_ms),
+            write_min_bytes_per_sec: (self.write_min_mib_per_sec > 0).then(|| self.write_min_mib_per_sec * 1024 * 1024),
+            control: Duration::from_millis(self.control_deadline_ms),
+            body_idle: Duration::from_millis(self.body_idle_ms),
+        }
+    }
+
+    pub fn hedge(&self) -> crate::storage::hedge::HedgeSettings {
+        crate::storage::hedge::HedgeSettings {
+            enabled: self.hedge_reads,
+            min_delay: Duration::from_millis(self.hedge_min_ms),
+            max_delay: Duration::from_millis(self.hedge_max_ms),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("latency.write_deadline_ms", self.write_deadline_ms),
+            ("latency.control_deadline_ms", self.control_deadline_ms),
+            ("latency.body_idle_ms", self.body_idle_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be above 0"));
+            }
+        }
+        if self.hedge_min_ms > self.hedge_max_ms {
+            return Err(invalid("latency.hedge_min_ms", "must be at most hedge_max_ms"));
+        }
+        Ok(())
     }
 }
 
@@ -425,6 +496,7 @@ impl Default for Settings {
             placement: PlacementSettings::default(),
             replication: ReplicationSettings::default(),
             maintenance: MaintenanceSettings::default(),
+            latency: LatencySettings::default(),
             shards: vec![shard("a"), shard("b"), shard("c")],
         }
     }
@@ -553,6 +625,7 @@ impl Settings {
         if self.server.max_batch_files == 0 {
             return Err(invalid("server.max_batch_files", "must be above 0"));
         }
+        self.latency.validate()?;
         Ok(())
     }
 

@@ -81,30 +81,52 @@ impl ImageService {
     /// deletion of the same blob (its last reference going away) may remove a copy just
     /// written; deletions hold the same lock while they remove a copy, so once the lock is ours
     /// a check that the copies exist is final, and the commit makes the blob referenced again.
+    ///
+    /// The writes have the router's write deadline, and the check under the lock its short
+    /// control deadline (DESIGN invariant 4). A copy the check cannot confirm in time is never
+    /// recorded: the lock is released and the next attempt writes to other shards.
     async fn store_new_blob(&self, image: &NewImage, body: &BlobBody) -> Result<ImageRecord> {
+        let mut unconfirmed: Vec<(String, StorageError)> = Vec::new();
         // Shards where an earlier deletion of these bytes may still land (see
         // `maintenance/deletion.rs`): a copy written there could vanish after the commit.
-        let mut avoid: Vec<String> = Vec::new();
+        let mut in_doubt: Vec<String> = Vec::new();
         for _ in 0..STORE_ATTEMPTS {
+            let avoid: Vec<String> =
+                unconfirmed.iter().map(|(shard, _)| shard.clone()).chain(in_doubt.clone()).collect();
             let receipt = self
                 .router
                 .write_copies(&image.blob, body, self.write_quorum, &avoid)
                 .await
                 .map_err(ImageError::StorageUnavailable)?;
             let guard = self.metadata.lock_blob_for_upload(&image.blob, image.file_size).await?;
-            let in_doubt: Vec<String> =
+            let doubtful: Vec<String> =
                 receipt.stored.iter().filter(|shard| guard.shards_in_doubt().contains(shard)).cloned().collect();
-            if !in_doubt.is_empty() {
-                tracing::warn!(blob = %image.blob, shards = ?in_doubt, "a deletion of these bytes may still land there; writing elsewhere");
-                avoid.extend(in_doubt);
+            if !doubtful.is_empty() {
+                drop(guard);
+                tracing::warn!(blob = %image.blob, shards = ?doubtful, "a deletion of these bytes may still land there; writing elsewhere");
+                in_doubt.extend(doubtful);
                 continue;
             }
-            if self.copies_still_exist(&receipt, image).await {
-                let record = guard.commit(image, &copies_after_write(&receipt)).await?;
-                tracing::info!(id = %record.id, blob = %record.blob, shards = ?receipt.stored, "stored a new blob");
-                return Ok(record);
+            match self.copies_still_exist(&receipt, image).await {
+                Confirmation::Confirmed => {
+                    let record = guard.commit(image, &copies_after_write(&receipt)).await?;
+                    tracing::info!(id = %record.id, blob = %record.blob, shards = ?receipt.stored, "stored a new blob");
+                    return Ok(record);
+                }
+                Confirmation::Gone => {
+                    tracing::warn!(blob = %image.blob, "a copy just written is gone (a concurrent deletion); writing again");
+                }
+                Confirmation::Unconfirmed(shard, error) => {
+                    drop(guard);
+                    tracing::warn!(%shard, blob = %image.blob, %error, "could not confirm a copy in time; writing elsewhere");
+                    unconfirmed.push((shard, error));
+                }
             }
-            tracing::warn!(blob = %image.blob, "a copy just written is gone (a concurrent deletion); writing again");
+        }
+        if !unconfirmed.is_empty() {
+            let error =
+                RouterError::NoShardAvailable { operation: "confirm", key: image.blob.clone(), attempts: unconfirmed };
+            return Err(ImageError::StorageUnavailable(error));
         }
         Err(ImageError::Internal {
             context: "storing the blob: its copy kept disappearing",
@@ -112,14 +134,22 @@ impl ImageService {
         })
     }
 
-    async fn copies_still_exist(&self, receipt: &WriteReceipt, image: &NewImage) -> bool {
+    /// Checks, under the blob's lock, that every copy just written is there, each check bounded
+    /// by the router's control deadline.
+    async fn copies_still_exist(&self, receipt: &WriteReceipt, image: &NewImage) -> Confirmation {
         for shard in &receipt.stored {
             match self.router.fetch_len_on(shard, &image.blob).await {
                 Ok(len) if len == image.file_size => {}
-                _ => return false,
+                Ok(_) => return Confirmation::Gone,
+                Err(error) if error.is_not_found() => return Confirmation::Gone,
+                Err(RouterError::Shard { source, .. }) => return Confirmation::Unconfirmed(shard.clone(), source),
+                Err(other) => {
+                    let error = StorageError::Other { reason: other.to_string(), source: None };
+                    return Confirmation::Unconfirmed(shard.clone(), error);
+                }
             }
         }
-        true
+        Confirmation::Confirmed
     }
 
     pub async fn find(&self, id: &str) -> Result<ImageRecord> {
@@ -147,13 +177,23 @@ impl ImageService {
     /// Opens the image's bytes from the first stored copy that answers, in read order, and
     /// checks them against the blob's SHA-256. A holder that lacks the blob or serves wrong
     /// bytes is recorded `Missing` with a repair queued (read repair), and the next one is tried.
+    ///
+    /// Reads are hedged (DESIGN invariant 5): a holder slower than its usual latency gets a
+    /// second read sent to the next holder; the first checked copy wins and the other read is
+    /// cancelled.
     pub async fn open_file(&self, record: ImageRecord) -> Result<ImageFile> {
         let holders: Vec<&str> =
             record.replicas.iter().filter(|r| r.state == ReplicaState::Stored).map(|r| r.shard.as_str()).collect();
         let mut attempts = Vec::new();
-        for shard in self.router.read_order(&record.blob, &holders) {
-            match self.open_checked(&record, shard).await {
-                Ok(stream) => return Ok(ImageFile { reader: BlobReader { len: record.file_size, stream }, record }),
+        let order = self.router.read_order(&record.blob, &holders);
+        let mut reads = self.router.hedged_reads(order, |shard| self.open_checked(&record, shard));
+        let mut served = None;
+        while let Some((shard, result)) = reads.next().await {
+            match result {
+                Ok(stream) => {
+                    served = Some(stream);
+                    break;
+                }
                 Err(HolderFailure::Bad(finding, problem)) => {
                     tracing::warn!(%shard, blob = %record.blob, %problem, "bad copy; reading the next holder");
                     self.report_bad_copy(&record, shard, finding);
@@ -164,6 +204,10 @@ impl ImageService {
                     attempts.push((shard.to_owned(), error));
                 }
             }
+        }
+        drop(reads); // cancels a read still running
+        if let Some(stream) = served {
+            return Ok(ImageFile { reader: BlobReader { len: record.file_size, stream }, record });
         }
         let error = RouterError::NoShardAvailable { operation: "read", key: record.blob.clone(), attempts };
         Err(ImageError::StorageUnavailable(error))
@@ -222,6 +266,15 @@ impl ImageService {
         }
         Ok(())
     }
+}
+
+/// What the check of freshly written copies found.
+enum Confirmation {
+    Confirmed,
+    /// A copy is absent or has the wrong size: a concurrent deletion removed it.
+    Gone,
+    /// A shard did not answer the check (in time): its copy must not be recorded.
+    Unconfirmed(String, StorageError),
 }
 
 /// Why one holder could not serve a read.

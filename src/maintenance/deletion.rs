@@ -7,8 +7,9 @@
 //! `metadata`), so an upload of the same bytes racing with the deletion never ends up pointing
 //! at a deleted copy.
 //!
-//! A DELETE that does not answer within its deadline is not over: the shard may still carry it
-//! out later, after the lock is released. Such a copy is fenced for [`DELETION_DOUBT`] in the
+//! A DELETE that does not answer within its deadline (the router's `control_deadline_ms`, so
+//! the lock never waits long on a slow shard) is not over: the shard may still carry it out
+//! later, after the lock is released. Such a copy is fenced for [`DELETION_DOUBT`] in the
 //! same transaction that releases the lock (`CopyDeletionGuard::leave_in_doubt`): uploads of
 //! the same bytes write elsewhere meanwhile, replication does not copy onto it, and the next
 //! attempt to delete it waits until the fence has expired, so a late DELETE can never remove a
@@ -20,9 +21,6 @@ use crate::blob::BlobKey;
 use crate::metadata::{CopyDeletionGuard, CopyRef, MetadataStore, ReplicaState};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
-
-/// How long one object deletion may hold the blob's lock.
-const DELETE_UNDER_LOCK: Duration = Duration::from_secs(3);
 
 /// How long a deletion whose outcome is unknown fences its copy: longer than a request to a
 /// shard can live (the S3 client gives up on an operation after `timeout_secs`, 60 by default),
@@ -60,39 +58,31 @@ pub async fn try_delete_copy(metadata: &dyn MetadataStore, router: &StorageRoute
 }
 
 /// Deletes one object while `guard` holds its blob's lock, then commits the guard: the copy is
-/// forgotten once deleted, or fenced when the DELETE did not answer in time (see the module
-/// documentation). The lock (on SQLite, the whole database's write lock) never waits on a slow
-/// shard for longer than [`DELETE_UNDER_LOCK`].
+/// forgotten once deleted, or fenced when the DELETE did not answer within its deadline (see
+/// the module documentation).
 pub async fn delete_locked_copy(
     router: &StorageRouter,
     guard: Box<dyn CopyDeletionGuard>,
     shard: &str,
     key: &BlobKey,
 ) -> Result<(), String> {
-    match tokio::time::timeout(DELETE_UNDER_LOCK, router.delete_on(shard, key)).await {
-        Ok(Ok(())) => guard.commit().await.map_err(|error| error_chain(&error)),
-        Ok(Err(error)) => Err(error_chain(&error)),
-        Err(_) => {
-            let problem = format!(
-                "no answer within {} s; the copy is fenced while the DELETE may land",
-                DELETE_UNDER_LOCK.as_secs()
-            );
+    match router.delete_on(shard, key).await {
+        Ok(()) => guard.commit().await.map_err(|error| error_chain(&error)),
+        Err(error) if error.is_deadline_exceeded() => {
+            let problem = format!("{}; the copy is fenced while the DELETE may still land", error_chain(&error));
             match guard.leave_in_doubt(DELETION_DOUBT).await {
                 Ok(()) => Err(problem),
                 Err(error) => Err(format!("{problem}, but fencing it failed: {}", error_chain(&error))),
             }
         }
+        Err(error) => Err(error_chain(&error)),
     }
 }
 
-/// Deletes one object while its blob's lock is held, where no copy row records it (an orphan):
-/// past [`DELETE_UNDER_LOCK`] this gives up, and the caller's retry tries again later.
+/// Deletes one object while its blob's lock is held, where no copy row records it (an orphan);
+/// the router's deadline bounds how long the lock waits.
 pub async fn delete_object_under_lock(router: &StorageRouter, shard: &str, key: &BlobKey) -> Result<(), String> {
-    match tokio::time::timeout(DELETE_UNDER_LOCK, router.delete_on(shard, key)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(error_chain(&error)),
-        Err(_) => Err(format!("no answer within {} s", DELETE_UNDER_LOCK.as_secs())),
-    }
+    router.delete_on(shard, key).await.map_err(|error| error_chain(&error))
 }
 
 /// Deletes every copy of an unreferenced blob, logging the ones left for the workers.

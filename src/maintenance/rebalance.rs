@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::deletion::delete_locked_copy;
 use super::progress::Progress;
-use super::suspicion::{Finding, RECHECK_DEADLINE, report_bad_copy};
+use super::suspicion::{Finding, report_bad_copy};
 use crate::blob::BlobKey;
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, ReplicaState};
 use crate::placement::plan::{Move, moves_for, write_set_names};
@@ -231,8 +231,8 @@ async fn move_blob(
 
 /// Deletes one surplus copy under the blob's lock; `false` when it must stay (the write set
 /// is not completely stored). The copies it keeps are checked on their shards first, under the
-/// same lock and within [`RECHECK_DEADLINE`]: the metadata says they are stored, but a copy is
-/// only removed once its replacements are seen to exist.
+/// same lock and within the router's control deadline: the metadata says they are stored, but a
+/// copy is only removed once its replacements are seen to exist.
 async fn remove_surplus(
     metadata: &dyn MetadataStore,
     router: &StorageRouter,
@@ -278,12 +278,11 @@ async fn first_unconfirmed_copy(
     wanted: &[String],
 ) -> Option<(String, KeptCopy)> {
     for kept in wanted {
-        let trouble = match tokio::time::timeout(RECHECK_DEADLINE, router.fetch_len_on(kept, &blob.blob)).await {
-            Ok(Ok(len)) if len == blob.size => continue,
-            Ok(Ok(_)) => KeptCopy::Bad(Finding::WrongSize),
-            Ok(Err(error)) if error.is_not_found() => KeptCopy::Bad(Finding::Absent),
-            Ok(Err(error)) => KeptCopy::Unchecked(error_chain(&error)),
-            Err(_) => KeptCopy::Unchecked(format!("no answer within {} ms", RECHECK_DEADLINE.as_millis())),
+        let trouble = match router.fetch_len_on(kept, &blob.blob).await {
+            Ok(len) if len == blob.size => continue,
+            Ok(_) => KeptCopy::Bad(Finding::WrongSize),
+            Err(error) if error.is_not_found() => KeptCopy::Bad(Finding::Absent),
+            Err(error) => KeptCopy::Unchecked(error_chain(&error)),
         };
         return Some((kept.clone(), trouble));
     }

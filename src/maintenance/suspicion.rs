@@ -5,22 +5,17 @@
 //! written it again, or the shard may have been briefly unreachable in a way that looked like
 //! absence. So before a copy is recorded `missing`, the finding is checked again under the
 //! blob's lock, where nothing can change the blob's copies: the copy must still be recorded
-//! `stored`, and the object must still look bad. A check that does not finish within
-//! [`RECHECK_DEADLINE`] decides nothing: the lock (on SQLite, the whole database's write lock)
-//! never waits long on a shard.
+//! `stored`, and the object must still look bad. A check that does not finish within the
+//! router's control deadline (`[latency] control_deadline_ms`) decides nothing: the lock (on
+//! SQLite, the whole database's write lock) never waits long on a shard.
 //!
 //! Even a confirmed mark is not the end: scrub verifies `missing` copies again and restores
 //! those whose bytes are good, and repair reads from them when no `stored` copy is left
 //! (`replication/copy.rs`).
 
-use std::time::Duration;
-
 use crate::metadata::{CopyRef, MetaResult, MetadataStore};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
-
-/// How long the re-check of a suspect copy may hold the blob's lock.
-pub const RECHECK_DEADLINE: Duration = Duration::from_secs(2);
 
 /// What was found wrong with a copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +35,7 @@ pub enum Verdict {
     Confirmed,
     /// The copy is fine after all, or is no longer recorded `stored`: nothing to do.
     FalseAlarm,
-    /// The shard did not answer the re-check in time; nothing was recorded.
+    /// The shard did not answer the re-check (in time); nothing was recorded.
     Undecided(String),
 }
 
@@ -57,16 +52,14 @@ pub async fn recheck_copy(
     let Some(guard) = metadata.lock_stored_copy(copy).await? else {
         return Ok(Verdict::FalseAlarm);
     };
-    let looked = tokio::time::timeout(RECHECK_DEADLINE, router.fetch_len_on(&copy.shard, &copy.blob)).await;
-    let verdict = match looked {
-        Err(_) => Verdict::Undecided(format!("no answer within {} ms", RECHECK_DEADLINE.as_millis())),
-        Ok(Err(error)) if error.is_not_found() => Verdict::Confirmed,
-        Ok(Err(error)) => Verdict::Undecided(error_chain(&error)),
-        Ok(Ok(len)) if len != size => Verdict::Confirmed,
+    let verdict = match router.fetch_len_on(&copy.shard, &copy.blob).await {
+        Err(error) if error.is_not_found() => Verdict::Confirmed,
+        Err(error) => Verdict::Undecided(error_chain(&error)),
+        Ok(len) if len != size => Verdict::Confirmed,
         // Present at the right length: absence and size were passing states, but bytes that
         // hashed wrong stay wrong.
-        Ok(Ok(_)) if finding == Finding::WrongBytes => Verdict::Confirmed,
-        Ok(Ok(_)) => Verdict::FalseAlarm,
+        Ok(_) if finding == Finding::WrongBytes => Verdict::Confirmed,
+        Ok(_) => Verdict::FalseAlarm,
     };
     if verdict == Verdict::Confirmed && record {
         guard.confirm_missing().await?;

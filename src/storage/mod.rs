@@ -5,7 +5,9 @@
 //! `is_unavailable()` and never matches on a backend's own error types.
 
 pub mod breaker;
+pub mod deadline;
 pub mod fs;
+pub mod hedge;
 pub mod identity;
 pub mod router;
 pub mod s3;
@@ -96,6 +98,10 @@ pub enum StorageError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The shard did not finish in time (see [`deadline`]). A late shard is treated as a down
+    /// one: the router tries another, and the circuit breaker counts it as a failure.
+    #[error("no answer from the shard within {} ms ({operation})", .deadline.as_millis())]
+    DeadlineExceeded { operation: &'static str, deadline: std::time::Duration },
     /// The shard refused our credentials. Also a reason to fail over, but one an operator must fix.
     #[error("access denied by the shard: {0}")]
     AccessDenied(String),
@@ -114,7 +120,15 @@ impl StorageError {
     }
 
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StorageError::Unavailable { .. } | StorageError::AccessDenied(_))
+        matches!(
+            self,
+            StorageError::Unavailable { .. } | StorageError::DeadlineExceeded { .. } | StorageError::AccessDenied(_)
+        )
+    }
+
+    /// True when the shard did not answer within its deadline.
+    pub fn is_deadline_exceeded(&self) -> bool {
+        matches!(self, StorageError::DeadlineExceeded { .. })
     }
 
     pub fn unavailable(reason: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {

@@ -8,7 +8,9 @@
 //!   preference list (holders outside it, such as draining shards, come last).
 //!
 //! Every call to a shard goes through its circuit breaker, so a dead shard is skipped at once
-//! instead of costing a timeout per request. The router never consults metadata: callers pass
+//! instead of costing a timeout per request, and calls made on the request path or under a
+//! lock have a deadline ([`super::deadline`]), so a shard that answers late is skipped like a
+//! dead one. Every body read has an idle timeout, and reads hedge ([`super::hedge`]). The router never consults metadata: callers pass
 //! the recorded holders in and record what the router reports back (DESIGN, "storage/ knows
 //! nothing of metadata").
 
@@ -16,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::breaker::{BreakerSettings, CircuitBreaker, CircuitStatus};
+use super::deadline::{self, Deadlines};
+use super::hedge::{HedgeSettings, HedgedReads, LatencyWindow};
 use super::{BlobBody, BlobReader, BlobStore, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
 use crate::placement::ring::{Ring, key_hash};
@@ -26,11 +30,18 @@ pub struct Shard {
     pub name: String,
     pub store: Arc<dyn BlobStore>,
     breaker: Arc<CircuitBreaker>,
+    /// How long its recent reads took to answer: when to hedge a read of it.
+    latency: Arc<LatencyWindow>,
 }
 
 impl Shard {
     pub fn new(name: String, store: Arc<dyn BlobStore>, breaker: BreakerSettings) -> Self {
-        Self { name, store, breaker: Arc::new(CircuitBreaker::new(breaker)) }
+        Self {
+            name,
+            store,
+            breaker: Arc::new(CircuitBreaker::new(breaker)),
+            latency: Arc::new(LatencyWindow::default()),
+        }
     }
 
     pub fn circuit(&self) -> CircuitStatus {
@@ -58,6 +69,11 @@ impl RouterError {
     /// True when the shard answered that it lacks the blob.
     pub fn is_not_found(&self) -> bool {
         matches!(self, RouterError::Shard { source, .. } if source.is_not_found())
+    }
+
+    /// The shard did not answer within its deadline: the call's outcome is unknown.
+    pub fn is_deadline_exceeded(&self) -> bool {
+        matches!(self, RouterError::Shard { source, .. } if source.is_deadline_exceeded())
     }
 }
 
@@ -95,6 +111,8 @@ pub struct StorageRouter {
     /// Indexed like `ring.members()`.
     shards: Vec<Shard>,
     replication_factor: usize,
+    deadlines: Deadlines,
+    hedge: HedgeSettings,
 }
 
 impl StorageRouter {
@@ -104,7 +122,18 @@ impl StorageRouter {
         for (member, shard) in ring.members().iter().zip(&shards) {
             assert_eq!(member.name, shard.name, "backends in ring order");
         }
-        Self { ring, shards, replication_factor }
+        Self { ring, shards, replication_factor, deadlines: Deadlines::default(), hedge: HedgeSettings::default() }
+    }
+
+    /// Sets how long calls may wait on a shard, and when reads hedge.
+    pub fn with_latency_limits(mut self, deadlines: Deadlines, hedge: HedgeSettings) -> Self {
+        self.deadlines = deadlines;
+        self.hedge = hedge;
+        self
+    }
+
+    pub fn deadlines(&self) -> &Deadlines {
+        &self.deadlines
     }
 
     pub fn ring(&self) -> &Ring {
@@ -150,9 +179,12 @@ impl StorageRouter {
     }
 
     /// Writes the blob to the first `copies` shards of its preference list that take it (DESIGN
-    /// invariant 4): a shard that is down does not fail the write while others can take it.
-    /// Shards in `avoid` are passed over. Fails only when fewer than `copies` shards could;
-    /// copies written by then are orphans that scrub collects.
+    /// invariant 4): a shard that is down, or has not finished within the write deadline, does
+    /// not fail the write while others can take it. Shards named in `avoid` are skipped (they
+    /// took an earlier attempt that could not be confirmed, or a deletion of these bytes may
+    /// still land there). Fails only when fewer than `copies` shards could; copies written by
+    /// then are orphans that scrub collects, and so is a write abandoned at its deadline that
+    /// the shard completes later.
     pub async fn write_copies(
         &self,
         key: &BlobKey,
@@ -162,12 +194,13 @@ impl StorageRouter {
     ) -> Result<WriteReceipt, RouterError> {
         let mut attempts = Vec::new();
         let mut stored = Vec::with_capacity(copies);
+        let deadline = self.deadlines.write_for(body.len());
         for index in self.preference_list(key) {
             let shard = &self.shards[index];
             if avoid.contains(&shard.name) {
                 continue;
             }
-            match shard.breaker.call(shard.store.write_blob(key, body)).await {
+            match shard.breaker.call_within("write", deadline, shard.store.write_blob(key, body)).await {
                 Ok(()) => {
                     stored.push(shard.name.clone());
                     if stored.len() == copies {
@@ -187,16 +220,53 @@ impl StorageRouter {
         self.on_shard(shard, |store| store.write_blob(key, body)).await
     }
 
+    /// Opens the blob on one shard. Its body fails with `TimedOut` if the shard stops sending
+    /// for `deadlines.body_idle`, so no reader (a client, a replication worker, a scrub) waits
+    /// on a stalled body forever.
     pub async fn open_on(&self, shard: &str, key: &BlobKey) -> Result<BlobReader, RouterError> {
-        self.on_shard(shard, |store| store.read_blob(key)).await
+        let reader = self.on_shard(shard, |store| store.read_blob(key)).await?;
+        Ok(BlobReader { len: reader.len, stream: deadline::idle_timeout(reader.stream, self.deadlines.body_idle) })
     }
 
+    /// The blob's length on one shard, within `deadlines.control`: callers run this under the
+    /// blob's lock, which must not wait on a late shard.
     pub async fn fetch_len_on(&self, shard: &str, key: &BlobKey) -> Result<u64, RouterError> {
-        self.on_shard(shard, |store| store.fetch_blob_len(key)).await
+        let deadline = self.deadlines.control;
+        self.on_shard(shard, |store| deadline::within("head", deadline, store.fetch_blob_len(key))).await
     }
 
+    /// Deletes the blob on one shard, within `deadlines.control` (deletions hold the blob's lock).
     pub async fn delete_on(&self, shard: &str, key: &BlobKey) -> Result<(), RouterError> {
-        self.on_shard(shard, |store| store.delete_blob(key)).await
+        let deadline = self.deadlines.control;
+        self.on_shard(shard, |store| deadline::within("delete", deadline, store.delete_blob(key))).await
+    }
+
+    /// Reads a blob from `order` (holders in read order, see [`StorageRouter::read_order`]),
+    /// hedged: `attempt` opens (and checks) one holder's copy; when a holder is slower than its
+    /// usual latency the next one is asked too. See [`HedgedReads`].
+    pub fn hedged_reads<'a, T, E, F, Fut>(&'a self, order: Vec<&'a str>, attempt: F) -> HedgedReads<'a, T, E, F>
+    where
+        F: FnMut(&'a str) -> Fut + Send,
+        Fut: Future<Output = Result<T, E>> + Send + 'a,
+        T: Send + 'a,
+        E: Send + 'a,
+    {
+        let hedge = self.hedge;
+        HedgedReads::new(
+            order,
+            attempt,
+            move |name| self.shard(name).ok().and_then(|shard| hedge.delay(&shard.latency)),
+            move |name, took| {
+                if let Ok(shard) = self.shard(name) {
+                    shard.latency.observe(took);
+                }
+            },
+            move |name| {
+                if let Ok(shard) = self.shard(name) {
+                    shard.breaker.record_lost_hedge();
+                }
+            },
+        )
     }
 
     pub async fn list_on(

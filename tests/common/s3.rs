@@ -1,8 +1,11 @@
 //! S3-protocol servers inside the test process: s3s-fs over a temporary directory, on
 //! 127.0.0.1:0, with SigV4 authentication. A server can be stopped for real — the port refuses
 //! connections and pooled keep-alive connections are cut — and started again on the same port.
+//! A server can also misbehave while up ([`S3Server::misbehave`]): answer late, the way a MinIO
+//! under GC or on a saturated disk does, or stop sending a body halfway.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +14,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 pub const ACCESS_KEY: &str = "chitram-test";
@@ -23,6 +27,38 @@ pub struct S3Server {
     service: S3Service,
     /// The accept loop and every connection task; aborting it takes the server down.
     running: Mutex<Option<JoinSet<()>>>,
+    /// What the misbehaving server did.
+    pub faults: Arc<FaultCounters>,
+}
+
+/// How a misbehaving server misbehaves (see [`S3Server::misbehave`]).
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Requests are answered this late (each one waits this long before the server sees it).
+    pub late: Option<Duration>,
+    /// Only requests of this method are late (`"HEAD"`, say); all of them when `None`.
+    pub late_method: Option<&'static str>,
+    /// Each connection sends this many bytes of answers, then nothing more: a stalled body.
+    pub stall_after: Option<usize>,
+}
+
+/// Counts kept by a misbehaving server.
+#[derive(Debug, Default)]
+pub struct FaultCounters {
+    /// Requests held back as late.
+    pub delayed: AtomicUsize,
+    /// Late requests whose client gave up (closed the connection) before the answer.
+    pub abandoned: AtomicUsize,
+}
+
+impl FaultCounters {
+    pub fn abandoned(&self) -> usize {
+        self.abandoned.load(Ordering::SeqCst)
+    }
+
+    pub fn delayed(&self) -> usize {
+        self.delayed.load(Ordering::SeqCst)
+    }
 }
 
 impl S3Server {
@@ -34,6 +70,7 @@ impl S3Server {
             root: root.to_path_buf(),
             service: build_service(root),
             running: Mutex::new(None),
+            faults: Arc::default(),
         });
         server.serve(listener);
         server
@@ -105,6 +142,38 @@ impl S3Server {
         *self.running.lock().unwrap() = Some(tasks);
     }
 
+    /// Keeps serving, but badly: open connections are cut, and every new one goes through a
+    /// bridge that applies `faults`. `restart` heals it.
+    pub async fn misbehave(&self, faults: Faults) {
+        self.stop().await;
+        let listener = TcpListener::bind(self.addr).await.expect("the server's port is free again");
+        let (service, counters) = (self.service.clone(), self.faults.clone());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((socket, _)) = accepted else { continue };
+                        let _ = socket.set_nodelay(true);
+                        let (service, faults, counters) = (service.clone(), faults.clone(), counters.clone());
+                        connections.spawn(async move {
+                            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                            let builder = ConnBuilder::new(TokioExecutor::new());
+                            let serve = builder.serve_connection(TokioIo::new(ours), service);
+                            tokio::select! {
+                                _ = serve => {}
+                                () = bridge(socket, theirs, faults, counters) => {}
+                            }
+                        });
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        *self.running.lock().unwrap() = Some(tasks);
+    }
+
     /// Brings the server back on the same port, with the same data.
     pub async fn restart(&self) {
         let listener = TcpListener::bind(self.addr).await.expect("the server's port is free again");
@@ -122,4 +191,63 @@ fn build_service(root: &Path) -> S3Service {
     let mut builder = S3ServiceBuilder::new(fs);
     builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
     builder.build()
+}
+
+/// Carries one connection between the client and the server, applying `faults`.
+async fn bridge(client: TcpStream, server: DuplexStream, faults: Faults, counters: Arc<FaultCounters>) {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = tokio::io::split(server);
+    // The next bytes from the client start a new request (HTTP/1.1 without pipelining).
+    let request_starts = AtomicBool::new(true);
+    let upstream = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let Ok(n @ 1..) = from_client.read(&mut buffer).await else { return };
+            let mut pending = buffer[..n].to_vec();
+            let is_late = request_starts.swap(false, Ordering::SeqCst)
+                && faults.late.is_some()
+                && faults.late_method.is_none_or(|method| pending.starts_with(format!("{method} ").as_bytes()));
+            if is_late {
+                counters.delayed.fetch_add(1, Ordering::SeqCst);
+                let late = tokio::time::sleep(faults.late.unwrap());
+                tokio::pin!(late);
+                // Keep reading while the request waits, to see a client that gives up.
+                loop {
+                    tokio::select! {
+                        () = &mut late => break,
+                        read = from_client.read(&mut buffer) => match read {
+                            Ok(n @ 1..) => pending.extend_from_slice(&buffer[..n]),
+                            _ => {
+                                counters.abandoned.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                        },
+                    }
+                }
+            }
+            if to_server.write_all(&pending).await.is_err() {
+                return;
+            }
+        }
+    };
+    let downstream = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut sent = 0;
+        loop {
+            let Ok(n @ 1..) = from_server.read(&mut buffer).await else { return };
+            let allowed = faults.stall_after.map_or(n, |limit| n.min(limit.saturating_sub(sent)));
+            if to_client.write_all(&buffer[..allowed]).await.is_err() {
+                return;
+            }
+            sent += allowed;
+            if allowed < n {
+                std::future::pending::<()>().await; // stalled: the rest never comes
+            }
+            request_starts.store(true, Ordering::SeqCst);
+        }
+    };
+    tokio::select! {
+        () = upstream => {}
+        () = downstream => {}
+    }
 }
