@@ -17,6 +17,7 @@ use crate::images::spool::SpoolLimits;
 use crate::maintenance::scrub::{self, ScrubOptions};
 use crate::metadata::{self, MetadataError, MetadataStore};
 use crate::placement::ring::{Ring, RingError};
+use crate::redact::redact_url;
 use crate::replication::backoff::RetryPolicy;
 use crate::replication::worker::{Replicator, WorkerSettings, run_workers};
 use crate::storage::BlobStore;
@@ -75,7 +76,10 @@ impl Application {
         let metadata = open_metadata(&settings.database.url).await?;
         refuse_stranded_blobs(metadata.as_ref(), settings).await?;
         let router = Arc::new(open_storage(settings).await?);
-        let images = Arc::new(ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum));
+        let images = Arc::new(
+            ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum)
+                .with_max_pixels(settings.server.max_pixels),
+        );
         let limits = Arc::new(UploadLimits {
             spool: SpoolLimits { max_bytes: settings.server.max_upload_bytes, dir: settings.server.spool_dir.clone() },
             max_batch_files: settings.server.max_batch_files,
@@ -205,7 +209,7 @@ fn replicators(settings: &Settings, metadata: &Arc<dyn MetadataStore>, router: &
 
 /// Connects to the metadata database and applies its migrations.
 pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartError> {
-    let error = |source| StartError::Database { url: redact_password(url), source };
+    let error = |source| StartError::Database { url: redact_url(url), source };
     let metadata = metadata::connect(url).await.map_err(error)?;
     metadata.migrate().await.map_err(error)?;
     Ok(metadata)
@@ -242,25 +246,25 @@ async fn open_s3_shard(name: &str, settings: &S3Settings) -> S3Store {
     store
 }
 
-/// A database URL fit for logs: the password, if any, replaced by `***`.
-fn redact_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(super::redact_password("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(super::redact_password("sqlite://data/c.db"), "sqlite://data/c.db");
+    use crate::telemetry::error_chain;
+
+    /// A mistyped or unreachable database URL stops start-up with a message that names the
+    /// URL, never its password.
+    #[tokio::test]
+    async fn passwords_stay_out_of_start_up_errors() {
+        for url in [
+            "postgress://u:s3cret@127.0.0.1:1/db",
+            "postgres//u:s3cret@127.0.0.1:1/db",
+            "postgres://u:s3cret@127.0.0.1:1/db",
+            "postgres://u:s3cret@127.0.0.1:notaport/db",
+            "postgres://127.0.0.1:1/db?user=u&password=s3cret",
+        ] {
+            let Err(error) = super::open_metadata(url).await else { panic!("{url} opened") };
+            let shown = format!("{} | {error:?}", error_chain(&error));
+            assert!(!shown.contains("s3cret"), "{url}: {shown}");
+            assert!(shown.contains("***"), "{url}: {shown}");
+        }
     }
 }

@@ -34,6 +34,8 @@ pub struct ServerSettings {
     pub max_upload_bytes: u64,
     /// Most files in one batch upload.
     pub max_batch_files: usize,
+    /// Most pixels (width × height, from the header) an accepted image may claim.
+    pub max_pixels: u64,
     /// Where uploads larger than a few hundred KiB spool while they are checked (the system
     /// temporary directory when unset).
     pub spool_dir: Option<PathBuf>,
@@ -47,6 +49,7 @@ impl Default for ServerSettings {
             bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_upload_bytes: 50 * 1024 * 1024,
             max_batch_files: 20,
+            max_pixels: 100_000_000,
             spool_dir: None,
             shutdown_grace_secs: 30,
         }
@@ -427,6 +430,9 @@ impl Settings {
         }
         if self.server.max_batch_files == 0 {
             return Err(invalid("server.max_batch_files", "must be above 0"));
+        }
+        if self.server.max_pixels == 0 {
+            return Err(invalid("server.max_pixels", "must be above 0"));
         }
         Ok(())
     }
