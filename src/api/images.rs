@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use super::error::{ApiError, ErrorBody};
-use super::json::{BatchItem, BatchResult, Image, ImageList};
+use super::json::{BatchItem, BatchResult, Image, ImageBytes, ImageList};
 use super::multipart::{EXTRA_PARTS, FormLimits, FramingError, open_form};
 use super::{AppState, UploadLimits};
 use crate::images::error::ImageError;
@@ -43,9 +43,10 @@ fn form_limits(limits: &UploadLimits, files: usize) -> FormLimits {
     request_body(content_type = "multipart/form-data", content = super::json::UploadForm),
     responses(
         (status = 201, description = "Stored", body = Image),
-        (status = 400, description = "INVALID_FILE_FORMAT, EMPTY_FILE or INVALID_MULTIPART", body = ErrorBody),
-        (status = 413, description = "FILE_TOO_LARGE", body = ErrorBody),
-        (status = 422, description = "MISSING_FILE", body = ErrorBody),
+        (status = 400, description = "INVALID_FILE_FORMAT (not JPEG/PNG/GIF/WebP, or truncated or corrupt), EMPTY_FILE or INVALID_MULTIPART", body = ErrorBody),
+        (status = 413, description = "FILE_TOO_LARGE (over server.max_upload_bytes) or IMAGE_TOO_LARGE (over server.max_pixels)", body = ErrorBody),
+        (status = 422, description = "MISSING_FILE: no part named file, or not a multipart body", body = ErrorBody),
+        (status = 500, description = "INTERNAL_ERROR", body = ErrorBody),
         (status = 503, description = "STORAGE_UNAVAILABLE or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
@@ -71,9 +72,12 @@ async fn upload(State(state): State<AppState>, headers: HeaderMap, body: Body) -
     post, path = "/api/v1/images/batch", tag = "images",
     request_body(content_type = "multipart/form-data", content = super::json::BatchForm),
     responses(
-        (status = 200, description = "One result per file; a bad file does not fail the others", body = BatchResult),
+        (status = 200, description = "One result per file, each with the status and code the file would have had alone; a bad file does not fail the others", body = BatchResult),
+        (status = 400, description = "INVALID_MULTIPART: the form is malformed before its first file", body = ErrorBody),
         (status = 413, description = "FILE_TOO_LARGE: the request as a whole is too large", body = ErrorBody),
-        (status = 422, description = "MISSING_FILE: no field named files", body = ErrorBody),
+        (status = 422, description = "MISSING_FILE: no part named files, or not a multipart body", body = ErrorBody),
+        (status = 500, description = "INTERNAL_ERROR", body = ErrorBody),
+        (status = 503, description = "STORAGE_UNAVAILABLE or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
 async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Json<BatchResult>, ApiError> {
@@ -181,10 +185,24 @@ fn multipart_error(error: &multer::Error, spool: &SpoolLimits) -> ImageError {
 
 /// The query of `GET /api/v1/images` (documented; read as pairs by [`list`]).
 #[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 struct ListParams {
     /// Page size, 1 to 100 (default 20).
-    limit: Option<String>,
+    #[param(minimum = 1, maximum = 100, nullable = false)]
+    limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    #[param(nullable = false)]
+    cursor: Option<String>,
+}
+
+/// The `{id}` of a path, as the OpenAPI document describes it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct IdParam {
+    /// The image's id (a UUID; anything else names no image: 404).
+    id: String,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
@@ -194,6 +212,7 @@ struct ListParams {
     responses(
         (status = 200, description = "Newest first", body = ImageList),
         (status = 400, description = "INVALID_CURSOR or INVALID_LIMIT", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
 async fn list(
@@ -208,16 +227,24 @@ async fn list(
 }
 
 #[utoipa::path(
-    get, path = "/api/v1/images/{id}", tag = "images",
-    responses((status = 200, body = Image), (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody))
+    get, path = "/api/v1/images/{id}", tag = "images", params(IdParam),
+    responses(
+        (status = 200, description = "The image", body = Image),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
 )]
 async fn find(State(state): State<AppState>, id: Result<Path<String>, PathRejection>) -> Result<Json<Image>, ApiError> {
     Ok(Json(state.images.find(&image_id(id)?).await?.into()))
 }
 
 #[utoipa::path(
-    delete, path = "/api/v1/images/{id}", tag = "images",
-    responses((status = 204, description = "Deleted"), (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody))
+    delete, path = "/api/v1/images/{id}", tag = "images", params(IdParam),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
 )]
 async fn remove(
     State(state): State<AppState>,
@@ -228,12 +255,13 @@ async fn remove(
 }
 
 #[utoipa::path(
-    get, path = "/api/v1/images/{id}/file", tag = "images",
+    get, path = "/api/v1/images/{id}/file", tag = "images", params(IdParam),
     responses(
-        (status = 200, description = "The bytes", content_type = "application/octet-stream"),
+        (status = 200, description = "The bytes, as the type their magic bytes showed at upload",
+            content((ImageBytes = "image/png"), (ImageBytes = "image/jpeg"), (ImageBytes = "image/gif"), (ImageBytes = "image/webp"))),
         (status = 304, description = "If-None-Match matched the ETag"),
-        (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody),
-        (status = 503, description = "STORAGE_UNAVAILABLE: no copy could be read", body = ErrorBody),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 503, description = "STORAGE_UNAVAILABLE (no copy could be read) or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
 async fn download(
@@ -253,6 +281,15 @@ async fn download(
 }
 
 /// HEAD answers from metadata: no shard is read.
+#[utoipa::path(
+    head, path = "/api/v1/images/{id}/file", tag = "images", params(IdParam),
+    responses(
+        (status = 200, description = "The headers of the file: Content-Type, Content-Length, ETag; no body"),
+        (status = 304, description = "If-None-Match matched the ETag"),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
+)]
 async fn download_head(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
