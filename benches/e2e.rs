@@ -623,25 +623,48 @@ async fn run_slice(op: Op, concurrency: usize, budget: Duration, min_ops: u64, m
     total
 }
 
-/// A PNG header (all Chitram reads) followed by incompressible filler, `size` bytes in all.
+/// A complete PNG (Chitram walks every chunk and checks its CRC) of `size` bytes: IHDR, an
+/// 8-byte private chunk `stMp` that [`stamped`] rewrites, incompressible filler as IDAT, IEND.
 fn payload_base(size: usize) -> Bytes {
-    let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
-    bytes.extend_from_slice(&4000u32.to_be_bytes());
-    bytes.extend_from_slice(&3000u32.to_be_bytes());
-    bytes.extend_from_slice(&[8, 6, 0, 0, 0, 0, 0, 0, 0]);
+    let mut header = 4000u32.to_be_bytes().to_vec();
+    header.extend_from_slice(&3000u32.to_be_bytes());
+    header.extend_from_slice(&[8, 6, 0, 0, 0]);
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    png_chunk(&mut bytes, b"IHDR", &header);
+    png_chunk(&mut bytes, b"stMp", &[0; 8]);
+    let filler = size.saturating_sub(bytes.len() + 24).max(1);
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    while bytes.len() < size {
+    let mut data = Vec::with_capacity(filler + 8);
+    while data.len() < filler {
         state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        bytes.extend_from_slice(&state.to_le_bytes());
+        data.extend_from_slice(&state.to_le_bytes());
     }
-    bytes.truncate(size);
+    data.truncate(filler);
+    png_chunk(&mut bytes, b"IDAT", &data);
+    png_chunk(&mut bytes, b"IEND", b"");
     Bytes::from(bytes)
 }
 
-/// A copy of `base` made unique by `n` (written just after the PNG header).
+fn png_chunk(bytes: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(kind);
+    bytes.extend_from_slice(data);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(kind);
+    crc.update(data);
+    bytes.extend_from_slice(&crc.finalize().to_be_bytes());
+}
+
+/// Where the `stMp` chunk of [`payload_base`] starts: after the signature and IHDR.
+const STAMP_CHUNK: usize = 8 + 25;
+
+/// A copy of `base` made unique by `n` (written into the `stMp` chunk, its CRC redone).
 fn stamped(base: &Bytes, n: u64) -> Bytes {
     let mut bytes = base.to_vec();
-    bytes[33..41].copy_from_slice(&n.to_le_bytes());
+    let chunk = STAMP_CHUNK;
+    bytes[chunk + 8..chunk + 16].copy_from_slice(&n.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[chunk + 4..chunk + 16]);
+    bytes[chunk + 16..chunk + 20].copy_from_slice(&crc.to_be_bytes());
     Bytes::from(bytes)
 }
 

@@ -12,12 +12,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, UploadLimits};
-use crate::config::{BackendSettings, MaintenanceSettings, Settings, redact_url_password, sqlite_path};
+use crate::config::{BackendSettings, MaintenanceSettings, Settings, sqlite_path};
 use crate::images::service::ImageService;
 use crate::images::spool::SpoolLimits;
 use crate::maintenance::scrub::{self, ScrubOptions};
 use crate::metadata::{self, MetadataError, MetadataStore};
 use crate::placement::ring::{Ring, RingError};
+use crate::redact::redact_url;
 use crate::replication::backoff::RetryPolicy;
 use crate::replication::worker::{Replicator, WorkerSettings, run_workers};
 use crate::storage::breaker::BreakerSettings;
@@ -88,7 +89,10 @@ impl Application {
         let metadata = open_metadata(&settings.database.url).await?;
         refuse_stranded_blobs(metadata.as_ref(), settings).await?;
         let router = Arc::new(open_storage(settings, metadata.as_ref()).await?);
-        let images = Arc::new(ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum));
+        let images = Arc::new(
+            ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum)
+                .with_max_pixels(settings.server.max_pixels),
+        );
         let limits = Arc::new(UploadLimits {
             spool: SpoolLimits { max_bytes: settings.server.max_upload_bytes, dir: settings.server.spool_dir.clone() },
             max_batch_files: settings.server.max_batch_files,
@@ -226,7 +230,7 @@ impl StartError {
 /// Connects to the metadata database, creating it if needed, and applies its migrations
 /// (`serve`, `migrate`).
 pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartError> {
-    let error = |source| StartError::Database { url: redact_url_password(url), source };
+    let error = |source| StartError::Database { url: redact_url(url), source };
     let metadata = metadata::connect(url).await.map_err(error)?;
     metadata.migrate().await.map_err(error)?;
     Ok(metadata)
@@ -237,7 +241,7 @@ pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartErr
 /// empty database. A SQLite file is looked for before connecting (connecting creates it).
 /// Migrations still pending on an initialised database are applied.
 pub async fn open_existing_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartError> {
-    let shown = redact_url_password(url);
+    let shown = redact_url(url);
     if let Some(path) = sqlite_path(url)
         && !path.is_file()
     {
@@ -308,4 +312,27 @@ async fn open_s3_shard(name: &str, settings: &S3Settings) -> S3Store {
         tracing::warn!(shard = name, error = %crate::telemetry::error_chain(&error), "shard is not ready");
     }
     store
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::telemetry::error_chain;
+
+    /// A mistyped or unreachable database URL stops start-up with a message that names the
+    /// URL, never its password.
+    #[tokio::test]
+    async fn passwords_stay_out_of_start_up_errors() {
+        for url in [
+            "postgress://u:s3cret@127.0.0.1:1/db",
+            "postgres//u:s3cret@127.0.0.1:1/db",
+            "postgres://u:s3cret@127.0.0.1:1/db",
+            "postgres://u:s3cret@127.0.0.1:notaport/db",
+            "postgres://127.0.0.1:1/db?user=u&password=s3cret",
+        ] {
+            let Err(error) = super::open_metadata(url).await else { panic!("{url} opened") };
+            let shown = format!("{} | {error:?}", error_chain(&error));
+            assert!(!shown.contains("s3cret"), "{url}: {shown}");
+            assert!(shown.contains("***"), "{url}: {shown}");
+        }
+    }
 }

@@ -13,6 +13,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::ring::{MAX_SHARDS, RingMember};
+use crate::redact::{MASK, redact_url};
 use crate::storage::s3::S3Settings;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -35,6 +36,8 @@ pub struct ServerSettings {
     pub max_upload_bytes: u64,
     /// Most files in one batch upload.
     pub max_batch_files: usize,
+    /// Most pixels (width × height, from the header) an accepted image may claim.
+    pub max_pixels: u64,
     /// Where uploads larger than a few hundred KiB spool while they are checked (the system
     /// temporary directory when unset).
     pub spool_dir: Option<PathBuf>,
@@ -48,6 +51,7 @@ impl Default for ServerSettings {
             bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_upload_bytes: 50 * 1024 * 1024,
             max_batch_files: 20,
+            max_pixels: 100_000_000,
             spool_dir: None,
             shutdown_grace_secs: 30,
         }
@@ -626,6 +630,9 @@ impl Settings {
             return Err(invalid("server.max_batch_files", "must be above 0"));
         }
         self.latency.validate()?;
+        if self.server.max_pixels == 0 {
+            return Err(invalid("server.max_pixels", "must be above 0"));
+        }
         Ok(())
     }
 
@@ -663,9 +670,6 @@ impl Settings {
     }
 }
 
-/// What a masked secret reads.
-pub const MASK: &str = "***";
-
 /// Whether a key holds a secret, by its name: `secret_access_key`, and any future `password`,
 /// `token`, `*_secret` or `private_key`.
 pub fn is_secret_key(key: &str) -> bool {
@@ -684,23 +688,8 @@ fn mask_secrets(value: &mut toml::Value) {
             }
         }
         toml::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
-        toml::Value::String(text) => *text = redact_url_password(text),
+        toml::Value::String(text) => *text = redact_url(text),
         _ => {}
-    }
-}
-
-/// A URL fit for output: its password, if any, replaced by `***`
-/// (`postgres://user:***@host/db`). Text that is not such a URL is returned as it is.
-pub fn redact_url_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:{MASK}{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -869,13 +858,6 @@ mod tests {
             assert_eq!(settings.shards[0].path, Some(etc.join("shards/a")));
             Ok(())
         });
-    }
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(redact_url_password("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact_url_password("sqlite://data/c.db"), "sqlite://data/c.db");
-        assert_eq!(redact_url_password("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod images;
 pub mod maintenance;
 pub mod metadata;
 pub mod placement;
+pub mod redact;
 pub mod replication;
 pub mod storage;
 pub mod telemetry;

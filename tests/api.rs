@@ -302,3 +302,39 @@ async fn paging_while_uploads_happen_neither_repeats_nor_skips(b: Backends) {
     assert_eq!(unique.len(), seen.len(), "no image appears twice");
     assert!(existing.is_subset(&unique), "every image that existed before the listing began appears");
 }
+
+/// Routing is the same over every backend: once, on SQLite and filesystem shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_wrong_methods_answer_in_the_error_format() {
+    let app = spawn_app(Backends::SQLITE_FS).await;
+    for path in ["/nothing", "/api/v1/images/x/y/z", "/api/v2/images"] {
+        assert_error(app.get(path).await, StatusCode::NOT_FOUND, "NOT_FOUND").await;
+    }
+    let wrong = [
+        (reqwest::Method::PUT, "/api/v1/images/upload", "POST"),
+        (reqwest::Method::GET, "/api/v1/images/batch", "POST"),
+        (reqwest::Method::POST, "/api/v1/images/abc", "GET,HEAD,DELETE"),
+        (reqwest::Method::PATCH, "/api/v1/images", "GET,HEAD"),
+        (reqwest::Method::DELETE, "/health", "GET,HEAD"),
+    ];
+    for (method, path, allowed) in wrong {
+        let response = app.client.request(method.clone(), app.url(path)).send().await.unwrap();
+        let allow = response.headers().get(header::ALLOW).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(allow.as_deref(), Some(allowed), "{method} {path}");
+        assert_error(response, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED").await;
+    }
+}
+
+/// The OpenAPI document names what the server really sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_names_file_types_and_error_codes() {
+    let app = spawn_app(Backends::SQLITE_FS).await;
+    let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let file = &doc["paths"]["/api/v1/images/{id}/file"]["get"]["responses"];
+    let types: Vec<&str> = file["200"]["content"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(types, ["image/gif", "image/jpeg", "image/png", "image/webp"]);
+    let upload = &doc["paths"]["/api/v1/images/upload"]["post"]["responses"];
+    for (status, code) in [("400", "INVALID_FILE_FORMAT"), ("413", "IMAGE_TOO_LARGE"), ("422", "MISSING_FILE")] {
+        assert!(upload[status]["description"].as_str().unwrap().contains(code), "{status}: {}", upload[status]);
+    }
+}

@@ -2,7 +2,11 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use base64::Engine;
 
 use common::images::{jpeg, png};
 use common::{Backends, TestApp, TestOptions, assert_error, spawn_app, spawn_app_with};
@@ -24,6 +28,12 @@ behaviours!(
     a_body_that_is_not_multipart_is_rejected,
     a_file_over_the_limit_is_rejected_while_streaming,
     a_declared_two_gigabyte_body_is_refused_unread,
+    an_endless_part_header_is_refused_early,
+    a_long_preamble_and_too_many_parts_are_refused,
+    dimensions_the_database_cannot_hold_are_rejected,
+    images_over_the_pixel_limit_are_rejected,
+    files_cut_after_an_intact_header_are_rejected,
+    cursors_outside_the_databases_range_are_rejected,
 );
 
 async fn a_file_that_is_not_an_image_is_rejected(b: Backends) {
@@ -149,4 +159,131 @@ async fn a_declared_two_gigabyte_body_is_refused_unread(b: Backends) {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("FILE_TOO_LARGE"), "{response}");
     app.assert_nothing_stored().await;
+}
+
+/// Streams `head` then `filler` bytes (in 64 KiB pieces, chunked) at `path`, reading the answer
+/// while still sending. Returns the answer and how much was sent when it came.
+async fn send_endless(app: &TestApp, path: &str, head: Vec<u8>, filler: u8, total: u64) -> (String, u64) {
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let path = path.to_owned();
+    let sender = tokio::spawn(async move {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary=B\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+        );
+        writer.write_all(request.as_bytes()).await?;
+        let mut piece = head;
+        while counter.load(Ordering::Relaxed) < total {
+            writer.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await?;
+            writer.write_all(&piece).await?;
+            writer.write_all(b"\r\n").await?;
+            counter.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            piece = vec![filler; 64 * 1024];
+        }
+        writer.write_all(b"0\r\n\r\n").await
+    });
+    let mut response = vec![0u8; 4096];
+    let read =
+        tokio::time::timeout(Duration::from_secs(20), reader.read(&mut response)).await.expect("answered").unwrap();
+    let sent_when_answered = sent.load(Ordering::Relaxed);
+    sender.abort();
+    (String::from_utf8_lossy(&response[..read]).into_owned(), sent_when_answered)
+}
+
+async fn an_endless_part_header_is_refused_early(b: Backends) {
+    let app = spawn_app(b).await;
+    const TOTAL: u64 = 300 * 1024 * 1024;
+    for path in ["/api/v1/images/upload", "/api/v1/images/batch"] {
+        // A part whose headers never end: one header line of 300 MiB.
+        let head = b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\nX-Pad: ".to_vec();
+        let (response, sent) = send_endless(&app, path, head, b'a', TOTAL).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{path}: {response}");
+        assert!(response.contains("INVALID_MULTIPART"), "{path}: {response}");
+        // Answered after kilobytes, not after the body limit: the headers were never buffered.
+        assert!(sent < 16 * 1024 * 1024, "{path}: answered only after {sent} bytes");
+    }
+    app.assert_nothing_stored().await;
+}
+
+async fn a_long_preamble_and_too_many_parts_are_refused(b: Backends) {
+    let app = spawn_app(b).await;
+    let (response, sent) = send_endless(&app, "/api/v1/images/upload", b"x".to_vec(), b'x', 300 << 20).await;
+    assert!(response.starts_with("HTTP/1.1 400") && response.contains("INVALID_MULTIPART"), "{response}");
+    assert!(sent < 16 * 1024 * 1024, "answered only after {sent} bytes");
+
+    // Thousands of tiny parts: refused at the first part past the bound (read over a raw
+    // connection, as the server answers before the client has sent them all).
+    let parts: Vec<u8> = (0..10_000)
+        .flat_map(|i| format!("--B\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nx\r\n").into_bytes())
+        .collect();
+    let len = parts.len() as u64;
+    let (response, _) = send_endless(&app, "/api/v1/images/upload", parts, b'x', len).await;
+    assert!(response.starts_with("HTTP/1.1 400") && response.contains("INVALID_MULTIPART"), "{response}");
+    assert!(response.contains("parts"), "{response}");
+    app.assert_nothing_stored().await;
+}
+
+async fn dimensions_the_database_cannot_hold_are_rejected(b: Backends) {
+    let app = spawn_app_with(b, TestOptions { max_pixels: u64::MAX, ..TestOptions::default() }).await;
+    for (width, height) in [(1 << 31, 1), (1, 1 << 31), (u32::MAX, u32::MAX)] {
+        let response = app.upload("wide.png", png(width, height, 41)).await;
+        assert_error(response, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT").await;
+    }
+    app.assert_nothing_stored().await;
+}
+
+async fn images_over_the_pixel_limit_are_rejected(b: Backends) {
+    let app = spawn_app_with(b, TestOptions { max_pixels: 10_000, ..TestOptions::default() }).await;
+    assert_error(app.upload("big.png", png(101, 100, 42)).await, StatusCode::PAYLOAD_TOO_LARGE, "IMAGE_TOO_LARGE")
+        .await;
+    let jpeg = jpeg(200, 200, 43);
+    assert_error(app.upload("big.jpg", jpeg).await, StatusCode::PAYLOAD_TOO_LARGE, "IMAGE_TOO_LARGE").await;
+    let batch: serde_json::Value =
+        app.batch(vec![("big.gif", common::images::gif(1000, 1000, 44))]).await.json().await.unwrap();
+    assert_eq!(batch["results"][0]["error"]["code"], "IMAGE_TOO_LARGE", "{batch}");
+    app.assert_nothing_stored().await;
+    app.upload_ok("small.png", png(100, 100, 45)).await;
+}
+
+async fn files_cut_after_an_intact_header_are_rejected(b: Backends) {
+    let app = spawn_app(b).await;
+    let bad = |response| assert_error(response, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT");
+    let whole = png(100, 100, 50);
+    bad(app.upload("cut.png", whole[..33].to_vec()).await).await; // Right after IHDR.
+    bad(app.upload("cut.png", whole[..whole.len() - 1].to_vec()).await).await;
+    let mut bad_crc = whole.clone();
+    let last = bad_crc.len() - 20;
+    bad_crc[last] ^= 0x40;
+    bad(app.upload("crc.png", bad_crc).await).await;
+    let jpeg = jpeg(10, 10, 51);
+    bad(app.upload("cut.jpg", jpeg[..jpeg.len() - 2].to_vec()).await).await;
+    let gif = common::images::gif(10, 10, 52);
+    bad(app.upload("cut.gif", gif[..gif.len() - 1].to_vec()).await).await;
+    let webp = common::images::webp(10, 10, 53);
+    bad(app.upload("cut.webp", webp[..webp.len() - 4].to_vec()).await).await;
+    // A large file, spooled to disk, cut in its last chunk.
+    let large = common::images::large_png(3 * 1024 * 1024, 54);
+    bad(app.upload("cut-large.png", large[..large.len() - 100].to_vec()).await).await;
+    app.assert_nothing_stored().await;
+
+    // The same files whole are accepted.
+    for (name, bytes) in [("a.png", whole), ("b.jpg", jpeg), ("c.gif", gif), ("d.webp", webp), ("e.png", large)] {
+        app.upload_ok(name, bytes).await;
+    }
+}
+
+async fn cursors_outside_the_databases_range_are_rejected(b: Backends) {
+    let app = spawn_app(b).await;
+    app.upload_ok("a.png", png(2, 2, 60)).await;
+    let id = uuid::Uuid::now_v7().simple();
+    for micros in [i64::MIN, -210_000_000_000_000_000, -1, 253_402_300_800_000_000, 9_000_000_000_000_000_000, i64::MAX]
+    {
+        let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{micros}.{id}"));
+        let response = app.get(&format!("/api/v1/images?cursor={cursor}")).await;
+        assert_error(response, StatusCode::BAD_REQUEST, "INVALID_CURSOR").await;
+    }
 }

@@ -22,17 +22,9 @@ fn resident_bytes() -> usize {
     pages * 4096
 }
 
-/// A deterministic `len`-byte PNG, produced in 64 KiB chunks so the test never holds it whole.
+/// A deterministic `len`-byte PNG, produced in 64 KiB pieces so the test never holds it whole.
 fn streamed_png(len: usize) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
-    let header = png(7000, 5000, 42);
-    futures::stream::iter((0..len.div_ceil(64 * 1024)).map(move |i| {
-        let start = i * 64 * 1024;
-        let mut chunk: Vec<u8> = (start..(start + 64 * 1024).min(len)).map(|at| (at % 251) as u8).collect();
-        if i == 0 {
-            chunk[..header.len()].copy_from_slice(&header);
-        }
-        Ok(chunk)
-    }))
+    futures::stream::iter(common::images::png_pieces(len, 42).map(Ok))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

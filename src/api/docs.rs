@@ -9,7 +9,10 @@ use super::AppState;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Chitram", description = "A self-hosted image store over a sharded, replicated object store."),
+    info(title = "Chitram", description = "A self-hosted image store over a sharded, replicated object store.\n\n\
+Every error is JSON, `{\"detail\": {\"code\": \"…\", \"message\": \"…\"}}` (schema `ErrorBody`), with a stable code. \
+On every path: `404 NOT_FOUND` for a path that is no endpoint, `405 METHOD_NOT_ALLOWED` (with `Allow`) for a method \
+the endpoint does not answer, `500 INTERNAL_ERROR` for a fault of the server; `503` answers carry `Retry-After`."),
     paths(
         super::images::upload,
         super::images::batch,
@@ -17,6 +20,7 @@ use super::AppState;
         super::images::find,
         super::images::remove,
         super::images::download,
+        super::images::download_head,
         super::health::health,
         super::admin::replication,
     ),

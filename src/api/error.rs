@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::images::error::ImageError;
+use crate::images::format::FormatError;
 use crate::telemetry::error_chain;
 
 /// An error as the API reports it.
@@ -43,6 +44,9 @@ impl ApiError {
         use ImageError::*;
         let client = |status, code| (status, code, self.0.to_string());
         match &self.0 {
+            InvalidFormat(FormatError::TooManyPixels { .. }) => {
+                client(StatusCode::PAYLOAD_TOO_LARGE, "IMAGE_TOO_LARGE")
+            }
             InvalidFormat(_) => client(StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT"),
             EmptyFile => client(StatusCode::BAD_REQUEST, "EMPTY_FILE"),
             FileTooLarge { .. } => client(StatusCode::PAYLOAD_TOO_LARGE, "FILE_TOO_LARGE"),

@@ -3,40 +3,39 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody};
-use super::json::{BatchItem, BatchResult, Image, ImageList};
+use super::json::{BatchItem, BatchResult, Image, ImageBytes, ImageList};
+use super::multipart::{EXTRA_PARTS, FormLimits, FramingError, open_form};
 use super::{AppState, UploadLimits};
 use crate::images::error::ImageError;
 use crate::images::spool::{SpoolError, SpoolLimits, SpooledBody, spool_body};
 use crate::metadata::ImageRecord;
+use multer::{Field, Multipart};
 
 /// Room for multipart boundaries and part headers on top of the file itself.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 /// Images never change under an id, so clients and proxies may keep them for a year.
 const CACHE_FOREVER: &str = "public, max-age=31536000, immutable";
 
-pub fn router(limits: &UploadLimits) -> Router<AppState> {
-    let upload_limit = body_limit(limits, 1);
-    let batch_limit = body_limit(limits, limits.max_batch_files);
+pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/v1/images/upload", post(upload).layer(DefaultBodyLimit::max(upload_limit)))
-        .route("/api/v1/images/batch", post(batch).layer(DefaultBodyLimit::max(batch_limit)))
+        .route("/api/v1/images/upload", post(upload))
+        .route("/api/v1/images/batch", post(batch))
         .route("/api/v1/images", get(list))
         .route("/api/v1/images/{id}", get(find).delete(remove))
         .route("/api/v1/images/{id}/file", get(download).head(download_head))
 }
 
-/// The largest request body accepted for `files` files.
-fn body_limit(limits: &UploadLimits, files: usize) -> usize {
+/// The bounds of a form carrying up to `files` files.
+fn form_limits(limits: &UploadLimits, files: usize) -> FormLimits {
     let per_file = limits.spool.max_bytes.saturating_add(MULTIPART_OVERHEAD);
-    usize::try_from(per_file.saturating_mul(files as u64)).unwrap_or(usize::MAX)
+    FormLimits { body: per_file.saturating_mul(files as u64), parts: files.saturating_add(EXTRA_PARTS) }
 }
 
 #[utoipa::path(
@@ -44,19 +43,17 @@ fn body_limit(limits: &UploadLimits, files: usize) -> usize {
     request_body(content_type = "multipart/form-data", content = super::json::UploadForm),
     responses(
         (status = 201, description = "Stored", body = Image),
-        (status = 400, description = "INVALID_FILE_FORMAT, EMPTY_FILE or INVALID_MULTIPART", body = ErrorBody),
-        (status = 413, description = "FILE_TOO_LARGE", body = ErrorBody),
-        (status = 422, description = "MISSING_FILE", body = ErrorBody),
+        (status = 400, description = "INVALID_FILE_FORMAT (not JPEG/PNG/GIF/WebP, or truncated or corrupt), EMPTY_FILE or INVALID_MULTIPART", body = ErrorBody),
+        (status = 413, description = "FILE_TOO_LARGE (over server.max_upload_bytes) or IMAGE_TOO_LARGE (over server.max_pixels)", body = ErrorBody),
+        (status = 422, description = "MISSING_FILE: no part named file, or not a multipart body", body = ErrorBody),
+        (status = 500, description = "INTERNAL_ERROR", body = ErrorBody),
         (status = 503, description = "STORAGE_UNAVAILABLE or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
-async fn upload(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    multipart: Result<Multipart, MultipartRejection>,
-) -> Result<Response, ApiError> {
-    refuse_declared_oversize(&headers, body_limit(&state.limits, 1), &state.limits.spool)?;
-    let mut multipart = multipart.map_err(|_| ImageError::MissingFile { field: "file" })?;
+async fn upload(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let limits = form_limits(&state.limits, 1);
+    refuse_declared_oversize(&headers, limits.body, &state.limits.spool)?;
+    let mut multipart = open_form(&headers, body, limits).ok_or(ImageError::MissingFile { field: "file" })?;
     while let Some(field) = next_field(&mut multipart, &state.limits.spool, "file").await? {
         if field.name() != Some("file") {
             continue; // Dropping a field skips the rest of it.
@@ -75,19 +72,19 @@ async fn upload(
     post, path = "/api/v1/images/batch", tag = "images",
     request_body(content_type = "multipart/form-data", content = super::json::BatchForm),
     responses(
-        (status = 200, description = "One result per file; a bad file does not fail the others", body = BatchResult),
+        (status = 200, description = "One result per file, each with the status and code the file would have had alone; a bad file does not fail the others", body = BatchResult),
+        (status = 400, description = "INVALID_MULTIPART: the form is malformed before its first file", body = ErrorBody),
         (status = 413, description = "FILE_TOO_LARGE: the request as a whole is too large", body = ErrorBody),
-        (status = 422, description = "MISSING_FILE: no field named files", body = ErrorBody),
+        (status = 422, description = "MISSING_FILE: no part named files, or not a multipart body", body = ErrorBody),
+        (status = 500, description = "INTERNAL_ERROR", body = ErrorBody),
+        (status = 503, description = "STORAGE_UNAVAILABLE or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
-async fn batch(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    multipart: Result<Multipart, MultipartRejection>,
-) -> Result<Json<BatchResult>, ApiError> {
+async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Json<BatchResult>, ApiError> {
     let limits = &state.limits;
-    refuse_declared_oversize(&headers, body_limit(limits, limits.max_batch_files), &limits.spool)?;
-    let mut multipart = multipart.map_err(|_| ImageError::MissingFile { field: "files" })?;
+    let form = form_limits(limits, limits.max_batch_files);
+    refuse_declared_oversize(&headers, form.body, &limits.spool)?;
+    let mut multipart = open_form(&headers, body, form).ok_or(ImageError::MissingFile { field: "files" })?;
     let mut results = Vec::new();
     loop {
         let field = match next_field(&mut multipart, &limits.spool, "files").await {
@@ -119,7 +116,7 @@ async fn batch(
     Ok(Json(BatchResult { failed: results.len() - succeeded, succeeded, results }))
 }
 
-async fn store_one(state: &AppState, filename: &str, field: Field<'_>) -> Result<ImageRecord, ApiError> {
+async fn store_one(state: &AppState, filename: &str, field: Field<'static>) -> Result<ImageRecord, ApiError> {
     let body = spool_field(field, &state.limits.spool).await?;
     Ok(state.images.upload(Some(filename), body).await?)
 }
@@ -139,38 +136,31 @@ fn batch_item(filename: String, outcome: Result<ImageRecord, ApiError>) -> Batch
 }
 
 /// Refuses a body whose declared length is over the limit before reading any of it.
-fn refuse_declared_oversize(headers: &HeaderMap, limit: usize, spool: &SpoolLimits) -> Result<(), ApiError> {
+fn refuse_declared_oversize(headers: &HeaderMap, limit: u64, spool: &SpoolLimits) -> Result<(), ApiError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(length) if length > limit as u64 => Err(ImageError::FileTooLarge { limit: spool.max_bytes }.into()),
+        Some(length) if length > limit => Err(ImageError::FileTooLarge { limit: spool.max_bytes }.into()),
         _ => Ok(()),
     }
 }
 
 /// The next part of the form. A body with no part at all (not even a valid first boundary)
 /// has no file: `MISSING_FILE`, like a form without the expected field.
-async fn next_field<'a>(
-    multipart: &'a mut Multipart,
+async fn next_field(
+    multipart: &mut Multipart<'static>,
     spool: &SpoolLimits,
     expected: &'static str,
-) -> Result<Option<Field<'a>>, ApiError> {
-    multipart.next_field().await.map_err(|error| match multipart_error(&error, spool) {
-        ImageError::InvalidMultipart(_) if is_before_first_part(&error) => {
-            ImageError::MissingFile { field: expected }.into()
-        }
-        other => other.into(),
+) -> Result<Option<Field<'static>>, ApiError> {
+    multipart.next_field().await.map_err(|error| match error {
+        multer::Error::IncompleteStream => ImageError::MissingFile { field: expected }.into(),
+        other => multipart_error(&other, spool).into(),
     })
 }
 
-fn is_before_first_part(error: &MultipartError) -> bool {
-    // multer reports an empty or boundary-less body as an incomplete stream before any field.
-    error.body_text().contains("incomplete multipart stream")
-}
-
-async fn spool_field(field: Field<'_>, limits: &SpoolLimits) -> Result<SpooledBody, ImageError> {
-    spool_body(std::pin::pin!(field), limits).await.map_err(|error| match error {
-        SpoolError::Body(source) => match source.downcast_ref::<MultipartError>() {
+async fn spool_field(field: Field<'static>, limits: &SpoolLimits) -> Result<SpooledBody, ImageError> {
+    spool_body(field, limits).await.map_err(|error| match error {
+        SpoolError::Body(source) => match source.downcast_ref::<multer::Error>() {
             Some(multipart) => multipart_error(multipart, limits),
             None => ImageError::InvalidMultipart(source.to_string()),
         },
@@ -178,19 +168,41 @@ async fn spool_field(field: Field<'_>, limits: &SpoolLimits) -> Result<SpooledBo
     })
 }
 
-/// A body over the request limit surfaces as a multipart error with status 413.
-fn multipart_error(error: &MultipartError, spool: &SpoolLimits) -> ImageError {
-    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ImageError::FileTooLarge { limit: spool.max_bytes }
-    } else {
-        ImageError::InvalidMultipart(error.body_text())
+/// A body over the request limit is `FILE_TOO_LARGE`; bad framing (`FramingGuard`) and
+/// anything else multer refuses is `INVALID_MULTIPART`.
+fn multipart_error(error: &multer::Error, spool: &SpoolLimits) -> ImageError {
+    match error {
+        multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
+            ImageError::FileTooLarge { limit: spool.max_bytes }
+        }
+        multer::Error::StreamReadFailed(source) => match source.downcast_ref::<FramingError>() {
+            Some(framing) => ImageError::InvalidMultipart(framing.to_string()),
+            None => ImageError::InvalidMultipart(format!("reading the body failed: {source}")),
+        },
+        other => ImageError::InvalidMultipart(other.to_string()),
     }
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+/// The query of `GET /api/v1/images` (documented; read as pairs by [`list`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
 struct ListParams {
     /// Page size, 1 to 100 (default 20).
-    limit: Option<String>,
+    #[param(minimum = 1, maximum = 100, nullable = false)]
+    limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    #[param(nullable = false)]
+    cursor: Option<String>,
+}
+
+/// The `{id}` of a path, as the OpenAPI document describes it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct IdParam {
+    /// The image's id (a UUID; anything else names no image: 404).
+    id: String,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
@@ -200,45 +212,64 @@ struct ListParams {
     responses(
         (status = 200, description = "Newest first", body = ImageList),
         (status = 400, description = "INVALID_CURSOR or INVALID_LIMIT", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
-async fn list(State(state): State<AppState>, Query(params): Query<ListParams>) -> Result<Json<ImageList>, ApiError> {
-    let page = state.images.list(params.limit.as_deref(), params.cursor.as_deref()).await?;
+async fn list(
+    State(state): State<AppState>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<ImageList>, ApiError> {
+    // Read as pairs, which cannot fail to parse: a repeated parameter counts once (the last),
+    // so the answer is INVALID_LIMIT or INVALID_CURSOR rather than a bare parse error.
+    let param = |name: &str| pairs.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.as_str());
+    let page = state.images.list(param("limit"), param("cursor")).await?;
     Ok(Json(ImageList { items: page.items.into_iter().map(Image::from).collect(), next_cursor: page.next_cursor }))
 }
 
 #[utoipa::path(
-    get, path = "/api/v1/images/{id}", tag = "images",
-    responses((status = 200, body = Image), (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody))
+    get, path = "/api/v1/images/{id}", tag = "images", params(IdParam),
+    responses(
+        (status = 200, description = "The image", body = Image),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
 )]
-async fn find(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Image>, ApiError> {
-    Ok(Json(state.images.find(&id).await?.into()))
+async fn find(State(state): State<AppState>, id: Result<Path<String>, PathRejection>) -> Result<Json<Image>, ApiError> {
+    Ok(Json(state.images.find(&image_id(id)?).await?.into()))
 }
 
 #[utoipa::path(
-    delete, path = "/api/v1/images/{id}", tag = "images",
-    responses((status = 204, description = "Deleted"), (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody))
+    delete, path = "/api/v1/images/{id}", tag = "images", params(IdParam),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
 )]
-async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    state.images.delete(&id).await?;
+async fn remove(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    state.images.delete(&image_id(id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(
-    get, path = "/api/v1/images/{id}/file", tag = "images",
+    get, path = "/api/v1/images/{id}/file", tag = "images", params(IdParam),
     responses(
-        (status = 200, description = "The bytes", content_type = "application/octet-stream"),
+        (status = 200, description = "The bytes, as the type their magic bytes showed at upload",
+            content((ImageBytes = "image/png"), (ImageBytes = "image/jpeg"), (ImageBytes = "image/gif"), (ImageBytes = "image/webp"))),
         (status = 304, description = "If-None-Match matched the ETag"),
-        (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody),
-        (status = 503, description = "STORAGE_UNAVAILABLE: no copy could be read", body = ErrorBody),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 503, description = "STORAGE_UNAVAILABLE (no copy could be read) or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
 async fn download(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let record = state.images.find(&id).await?;
+    let record = state.images.find(&image_id(id)?).await?;
     // The ETag is the checksum, so a revalidation is answered from metadata alone.
     if etag_matches(&headers, &record) {
         return Ok(not_modified(&record));
@@ -250,18 +281,32 @@ async fn download(
 }
 
 /// HEAD answers from metadata: no shard is read.
+#[utoipa::path(
+    head, path = "/api/v1/images/{id}/file", tag = "images", params(IdParam),
+    responses(
+        (status = 200, description = "The headers of the file: Content-Type, Content-Length, ETag; no body"),
+        (status = 304, description = "If-None-Match matched the ETag"),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
+)]
 async fn download_head(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let record = state.images.find(&id).await?;
+    let record = state.images.find(&image_id(id)?).await?;
     if etag_matches(&headers, &record) {
         return Ok(not_modified(&record));
     }
     let mut response = StatusCode::OK.into_response();
     *response.headers_mut() = file_headers(&record);
     Ok(response)
+}
+
+/// The `{id}` of a path. One that is not even valid percent-encoded UTF-8 names no image.
+fn image_id(id: Result<Path<String>, PathRejection>) -> Result<String, ImageError> {
+    id.map(|Path(id)| id).map_err(|_| ImageError::NotFound)
 }
 
 fn etag(record: &ImageRecord) -> HeaderValue {

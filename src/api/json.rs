@@ -84,8 +84,8 @@ pub struct BatchResult {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct UploadForm {
-    /// The image (JPEG, PNG, GIF or WebP).
-    #[schema(value_type = String, format = Binary)]
+    /// The image (JPEG, PNG, GIF or WebP, complete), not empty.
+    #[schema(value_type = String, format = Binary, min_length = 1)]
     pub file: Vec<u8>,
 }
 
@@ -93,7 +93,13 @@ pub struct UploadForm {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct BatchForm {
-    /// The images; repeat the field once per file.
-    #[schema(value_type = Vec<String>, format = Binary)]
+    /// The images, at least one; repeat the field once per file.
+    #[schema(value_type = Vec<String>, format = Binary, min_items = 1)]
     pub files: Vec<Vec<u8>>,
 }
+
+/// An image file's bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct ImageBytes(Vec<u8>);

@@ -7,6 +7,7 @@ pub mod error;
 pub mod health;
 pub mod images;
 pub mod json;
+pub mod multipart;
 
 use std::sync::Arc;
 
@@ -42,11 +43,13 @@ pub struct UploadLimits {
 /// The whole HTTP surface.
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .merge(images::router(&state.limits))
+        .merge(images::router())
         .merge(health::router())
         .merge(admin::router())
         .merge(docs::router())
         .fallback(unknown_route)
+        // Set once every route is in: it applies to the routes present. axum keeps `Allow`.
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(error::panic_response))
@@ -54,4 +57,12 @@ pub fn app(state: AppState) -> Router {
 
 async fn unknown_route() -> impl IntoResponse {
     error::error_body(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint; see /docs for the API")
+}
+
+async fn method_not_allowed() -> impl IntoResponse {
+    error::error_body(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "this endpoint does not answer this method; the Allow header lists those it does",
+    )
 }

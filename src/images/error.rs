@@ -10,7 +10,7 @@ pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    /// 400 `INVALID_FILE_FORMAT`
+    /// 400 `INVALID_FILE_FORMAT`; 413 `IMAGE_TOO_LARGE` for `FormatError::TooManyPixels`
     #[error(transparent)]
     InvalidFormat(#[from] FormatError),
     /// 400 `EMPTY_FILE`

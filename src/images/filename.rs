@@ -5,7 +5,8 @@
 pub const MAX_FILENAME_BYTES: usize = 255;
 const FALLBACK: &str = "upload";
 
-/// A sanitised filename: no path, no control characters, at most [`MAX_FILENAME_BYTES`].
+/// A sanitised filename: no path, no control or format characters, at most
+/// [`MAX_FILENAME_BYTES`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filename(String);
 
@@ -15,7 +16,7 @@ impl Filename {
         let raw = raw.unwrap_or("");
         // Both separators: a Windows client sends `C:\Users\me\cat.png`.
         let base = raw.rsplit(['/', '\\']).next().unwrap_or("");
-        let cleaned: String = base.chars().filter(|c| !c.is_control()).collect();
+        let cleaned: String = base.chars().filter(|&c| !c.is_control() && !is_format_character(c)).collect();
         // Leading dots would hide the file or make it `..`; surrounding blanks are noise.
         let trimmed = cleaned.trim().trim_start_matches('.').trim();
         if trimmed.is_empty() {
@@ -31,6 +32,37 @@ impl Filename {
     pub fn into_string(self) -> String {
         self.0
     }
+}
+
+/// Unicode general category Cf (format): invisible characters that change how the text around
+/// them is shown. Bidirectional overrides and isolates make `gpj.exe` display as `exe.jpg`;
+/// zero-width characters make two different names look the same. (Unicode 15.1.)
+const FORMAT_CHARACTERS: &[(char, char)] = &[
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{0600}', '\u{0605}'),
+    ('\u{061C}', '\u{061C}'),
+    ('\u{06DD}', '\u{06DD}'),
+    ('\u{070F}', '\u{070F}'),
+    ('\u{0890}', '\u{0891}'),
+    ('\u{08E2}', '\u{08E2}'),
+    ('\u{180E}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{202A}', '\u{202E}'),
+    ('\u{2060}', '\u{2064}'),
+    ('\u{2066}', '\u{206F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFF9}', '\u{FFFB}'),
+    ('\u{110BD}', '\u{110BD}'),
+    ('\u{110CD}', '\u{110CD}'),
+    ('\u{13430}', '\u{1343F}'),
+    ('\u{1BCA0}', '\u{1BCA3}'),
+    ('\u{1D173}', '\u{1D17A}'),
+    ('\u{E0001}', '\u{E0001}'),
+    ('\u{E0020}', '\u{E007F}'),
+];
+
+fn is_format_character(c: char) -> bool {
+    FORMAT_CHARACTERS.iter().any(|&(first, last)| (first..=last).contains(&c))
 }
 
 /// Cuts `name` to at most `max` bytes on a character boundary, keeping a short extension.
@@ -65,6 +97,17 @@ mod tests {
     }
 
     #[test]
+    fn strips_bidirectional_overrides_and_other_format_characters() {
+        // "cat\u{202E}gpj.exe" displays as "catexe.jpg".
+        assert_eq!(Filename::sanitise(Some("cat\u{202E}gpj.exe")).as_str(), "catgpj.exe");
+        assert_eq!(Filename::sanitise(Some("\u{2066}a\u{2069}\u{200B}b\u{200D}\u{FEFF}.png")).as_str(), "ab.png");
+        assert_eq!(Filename::sanitise(Some("\u{202A}\u{202B}\u{202C}\u{202D}\u{200E}\u{200F}")).as_str(), "upload");
+        assert_eq!(Filename::sanitise(Some("\u{E0041}x\u{00AD}y.gif")).as_str(), "xy.gif");
+        // Visible non-ASCII text stays.
+        assert_eq!(Filename::sanitise(Some("चित्रम् 猫.png")).as_str(), "चित्रम् 猫.png");
+    }
+
+    #[test]
     fn shortens_overlong_names_keeping_the_extension() {
         let name = format!("{}.jpeg", "é".repeat(300));
         let safe = Filename::sanitise(Some(&name));
@@ -79,6 +122,7 @@ mod tests {
             let name = safe.as_str();
             prop_assert!(!name.is_empty() && name.len() <= MAX_FILENAME_BYTES);
             prop_assert!(!name.contains(['/', '\\']) && !name.chars().any(char::is_control));
+            prop_assert!(!name.chars().any(is_format_character));
             prop_assert!(!name.starts_with('.'));
         }
     }

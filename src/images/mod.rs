@@ -1,6 +1,7 @@
 //! The image use cases: receive, validate, deduplicate, place, store, record, read, delete,
 //! list. HTTP-free: the API layer turns these results into responses.
 
+pub mod container;
 pub mod cursor;
 pub mod error;
 pub mod filename;

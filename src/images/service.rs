@@ -24,6 +24,8 @@ const STORE_ATTEMPTS: usize = 3;
 /// Largest and default page of the image list.
 pub const MAX_PAGE: u32 = 100;
 pub const DEFAULT_PAGE: u32 = 20;
+/// The pixel limit unless configured: 100 MP.
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
 
 /// A page of images, and the cursor of the next page when there is one.
 #[derive(Debug)]
@@ -44,11 +46,17 @@ pub struct ImageService {
     router: Arc<StorageRouter>,
     /// Copies stored before an upload is acknowledged (`placement.write_quorum`).
     write_quorum: usize,
+    /// Most pixels an accepted image may claim (`server.max_pixels`).
+    max_pixels: u64,
 }
 
 impl ImageService {
     pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>, write_quorum: usize) -> Self {
-        Self { metadata, router, write_quorum }
+        Self { metadata, router, write_quorum, max_pixels: DEFAULT_MAX_PIXELS }
+    }
+
+    pub fn with_max_pixels(self, max_pixels: u64) -> Self {
+        Self { max_pixels, ..self }
     }
 
     /// Validates and stores an upload, and records it. The image is visible only once its bytes
@@ -57,7 +65,8 @@ impl ImageService {
         if upload.len == 0 {
             return Err(ImageError::EmptyFile);
         }
-        let info = inspect(&upload).await?;
+        // Format, dimensions and completeness, before anything is written anywhere.
+        let info = inspect(&upload, self.max_pixels).await?;
         let image = NewImage {
             id: Uuid::now_v7(),
             filename: Filename::sanitise(raw_filename).into_string(),
@@ -297,13 +306,14 @@ fn copies_after_write(receipt: &WriteReceipt) -> Vec<Replica> {
     stored.chain(pending).collect()
 }
 
-/// Reads the format and dimensions, off the async threads when the body is on disk.
-async fn inspect(upload: &SpooledBody) -> Result<ImageInfo> {
+/// Reads the format and dimensions and walks the file to its end, off the async threads when
+/// the body is on disk (in memory it is at most `spool::MEMORY_THRESHOLD` bytes).
+async fn inspect(upload: &SpooledBody, max_pixels: u64) -> Result<ImageInfo> {
     match &upload.body {
-        BlobBody::Bytes(bytes) => Ok(format::inspect_bytes(bytes)?),
-        BlobBody::File { path, .. } => {
-            let (head, path) = (upload.head.clone(), path.clone());
-            let inspected = tokio::task::spawn_blocking(move || format::inspect_file(&head, &path))
+        BlobBody::Bytes(bytes) => Ok(format::inspect_bytes(bytes, max_pixels)?),
+        BlobBody::File { path, len } => {
+            let (head, path, len) = (upload.head.clone(), path.clone(), *len);
+            let inspected = tokio::task::spawn_blocking(move || format::inspect_file(&head, &path, len, max_pixels))
                 .await
                 .map_err(|join| ImageError::Internal { context: "inspecting the upload", source: Box::new(join) })?;
             Ok(inspected?)

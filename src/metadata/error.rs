@@ -21,6 +21,7 @@ pub enum MetadataError {
     Corrupt(String),
     #[error("applying metadata migrations failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The URL as shown, its password masked (`crate::redact::redact_url`).
     #[error("unsupported database URL {0:?}: expected sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
 }

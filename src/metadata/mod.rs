@@ -72,6 +72,6 @@ pub async fn connect(url: &str) -> MetaResult<Arc<dyn MetadataStore>> {
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         Ok(Arc::new(SqlStore::<Postgres>::connect(url).await?))
     } else {
-        Err(MetadataError::UnsupportedUrl(url.to_owned()))
+        Err(MetadataError::UnsupportedUrl(crate::redact::redact_url(url)))
     }
 }

@@ -108,6 +108,8 @@ pub struct TestOptions {
     pub shards: usize,
     pub replication_factor: usize,
     pub max_upload_bytes: u64,
+    /// `server.max_pixels`.
+    pub max_pixels: u64,
     /// Overrides the database URL (to route it through a proxy, say).
     pub database_url: Option<String>,
     /// Changes the settings after the shards are made (wrong credentials, say).
@@ -124,6 +126,7 @@ impl Default for TestOptions {
             shards: 3,
             replication_factor: 2,
             max_upload_bytes: 8 * 1024 * 1024,
+            max_pixels: 100_000_000,
             database_url: None,
             adjust: None,
             workers: 0,
@@ -144,6 +147,7 @@ pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp
     let mut settings = Settings::default();
     settings.server.bind = "127.0.0.1:0".parse().unwrap();
     settings.server.max_upload_bytes = options.max_upload_bytes;
+    settings.server.max_pixels = options.max_pixels;
     settings.server.spool_dir = Some(dir.path().join("spool"));
     std::fs::create_dir_all(dir.path().join("spool")).unwrap();
     settings.database.url = options.database_url.clone().unwrap_or_else(|| database.url.clone());

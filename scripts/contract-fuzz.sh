@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Contract fuzzing: schemathesis generates requests from the live server's /openapi.json and
+# checks every answer against it (status codes, content types, headers, schemas, 5xx, methods).
+# Runs a release-less debug `chitram serve` on a free loopback port with a throwaway data dir.
+#
+#   scripts/contract-fuzz.sh            # builds the binary if needed
+#   FUZZ_MAX_EXAMPLES=50 FUZZ_TIME_LIMIT=300 scripts/contract-fuzz.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCHEMATHESIS_VERSION=4.32.5
+MAX_EXAMPLES="${FUZZ_MAX_EXAMPLES:-30}"
+TIME_LIMIT="${FUZZ_TIME_LIMIT:-240}"
+VENV="$PWD/target/contract-fuzz/venv"
+
+if [ ! -x "$VENV/bin/schemathesis" ] || ! "$VENV/bin/schemathesis" --version | grep -q "$SCHEMATHESIS_VERSION"; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
+cargo build --locked --quiet --bin chitram
+data=$(mktemp -d)
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+base="http://127.0.0.1:$port"
+cat > "$data/chitram.toml" <<TOML
+[server]
+bind = "127.0.0.1:$port"
+max_upload_bytes = 1048576
+spool_dir = "$data/spool"
+
+[database]
+url = "sqlite://$data/chitram.db"
+
+[[shards]]
+name = "a"
+kind = "fs"
+path = "$data/shards/a"
+
+[[shards]]
+name = "b"
+kind = "fs"
+path = "$data/shards/b"
+TOML
+mkdir -p "$data/spool"
+
+target/debug/chitram --config "$data/chitram.toml" serve > "$data/server.log" 2>&1 &
+server=$!
+cleanup() {
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    rm -rf "$data"
+}
+trap cleanup EXIT
+
+for _ in $(seq 1 60); do
+    curl -fsS "$base/health" > /dev/null 2>&1 && break
+    kill -0 "$server" 2>/dev/null || { cat "$data/server.log"; exit 1; }
+    sleep 0.5
+done
+curl -fsS "$base/health" > /dev/null
+
+started=$(date +%s)
+status=0
+# Two documented departures from schemathesis' defaults, everything else must hold:
+# - A request the schema allows may still be refused for what no schema can say (bytes that are
+#   not an image: 400 or 413; an id or cursor that names nothing: 404 or 400).
+# - A batch answers 200 with one result per file whatever the files hold (README): a part that
+#   is not an image is a failed item in that 200, not a failed request.
+# (All checks are on in the file, not with --checks all, which would override the second.)
+cat > "$data/schemathesis.toml" <<TOML
+[checks]
+enabled = true
+
+[checks.positive_data_acceptance]
+expected-statuses = ["2XX", "400", "404", "413"]
+
+[[operations]]
+include-path = "/api/v1/images/batch"
+checks.negative_data_rejection.enabled = false
+TOML
+# From the data directory, where schemathesis leaves its own files.
+(cd "$data" && timeout "$((TIME_LIMIT + 60))" "$VENV/bin/schemathesis" --config-file "$data/schemathesis.toml" run "$base/openapi.json" \
+    --url "$base" \
+    --max-examples "$MAX_EXAMPLES" \
+    --phases examples,coverage,fuzzing,stateful \
+    --request-timeout 10 \
+    --max-failures 10 \
+    --no-color) || status=$?
+echo "contract fuzzing took $(( $(date +%s) - started )) s"
+if [ "$status" -ne 0 ] || grep -q "panicked" "$data/server.log"; then
+    echo "--- server log (last 50 lines)"; tail -n 50 "$data/server.log"
+    [ "$status" -ne 0 ] || status=1
+fi
+exit "$status"

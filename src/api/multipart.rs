@@ -1,0 +1,258 @@
+//! Reading a `multipart/form-data` body without letting its framing cost memory.
+//!
+//! multer buffers whatever precedes the first boundary and each part's headers until it finds
+//! their end, bounded only by the body limit (a gigabyte on a batch). [`FramingGuard`] walks
+//! the same framing as the bytes pass through and cuts the body off once the preamble, one
+//! part's headers or the number of parts goes over its bound, so hostile framing costs a few
+//! kilobytes and gets `INVALID_MULTIPART`.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+
+/// Bytes accepted before the first boundary (clients send none).
+pub const MAX_PREAMBLE: usize = 8 * 1024;
+/// Bytes of one part's headers (a `Content-Disposition` with a 255-byte name and a
+/// `Content-Type` take a few hundred).
+pub const MAX_PART_HEADERS: usize = 16 * 1024;
+/// Parts a form may hold beyond the files it is allowed (text fields, say).
+pub const EXTRA_PARTS: usize = 16;
+
+/// The bounds of one form.
+#[derive(Debug, Clone, Copy)]
+pub struct FormLimits {
+    /// The whole body, in bytes.
+    pub body: u64,
+    /// Parts, files or not.
+    pub parts: usize,
+}
+
+/// Why a body was cut off: sent to the client as `INVALID_MULTIPART`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FramingError(String);
+
+/// Opens the form, or `None` when the request is not `multipart/form-data` with a boundary.
+pub fn open_form(headers: &HeaderMap, body: Body, limits: FormLimits) -> Option<multer::Multipart<'static>> {
+    let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let boundary = multer::parse_boundary(content_type).ok()?;
+    let guarded = FramingGuard::new(body.into_data_stream(), &boundary, limits.parts);
+    let constraints = multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(limits.body));
+    Some(multer::Multipart::with_constraints(guarded, boundary, constraints))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before the first delimiter.
+    Preamble,
+    /// Just past a delimiter: `--` closes the form, anything else opens a part.
+    AfterDelimiter,
+    /// A part's headers, up to the blank line.
+    Headers,
+    /// A part's content, up to the next delimiter.
+    Content,
+    /// After the closing delimiter: ignored.
+    Epilogue,
+}
+
+/// Passes a body through unchanged while checking its multipart framing (RFC 2046 §5.1.1).
+pub struct FramingGuard<S> {
+    inner: S,
+    /// `CRLF--boundary`: the body is scanned as if it began with CRLF, so the first delimiter
+    /// looks like every other one.
+    delimiter: Vec<u8>,
+    stage: Stage,
+    /// The unscanned end of the previous chunk (a delimiter or a blank line may straddle two).
+    carry: BytesMut,
+    /// Bytes of the current preamble or headers seen so far.
+    counted: usize,
+    parts: usize,
+    max_parts: usize,
+    failed: bool,
+}
+
+impl<S> FramingGuard<S> {
+    pub fn new(inner: S, boundary: &str, max_parts: usize) -> Self {
+        let mut delimiter = b"\r\n--".to_vec();
+        delimiter.extend_from_slice(boundary.as_bytes());
+        Self {
+            inner,
+            delimiter,
+            stage: Stage::Preamble,
+            carry: BytesMut::from(&b"\r\n"[..]),
+            counted: 0,
+            parts: 0,
+            max_parts,
+            failed: false,
+        }
+    }
+
+    /// Scans one more chunk of the body.
+    fn scan_chunk(&mut self, chunk: &[u8]) -> Result<(), FramingError> {
+        let mut data = std::mem::take(&mut self.carry);
+        data.extend_from_slice(chunk);
+        let mut at = 0;
+        loop {
+            match self.stage {
+                Stage::Preamble | Stage::Content => match memchr::memmem::find(&data[at..], &self.delimiter) {
+                    Some(found) => {
+                        self.count_preamble(found)?;
+                        at += found + self.delimiter.len();
+                        self.stage = Stage::AfterDelimiter;
+                    }
+                    None => {
+                        let keep = (data.len() - at).min(self.delimiter.len() - 1);
+                        self.count_preamble(data.len() - at - keep)?;
+                        at = data.len() - keep;
+                        break;
+                    }
+                },
+                Stage::AfterDelimiter => {
+                    if data.len() - at < 2 {
+                        break;
+                    }
+                    if &data[at..at + 2] == b"--" {
+                        self.stage = Stage::Epilogue;
+                        continue;
+                    }
+                    self.parts += 1;
+                    if self.parts > self.max_parts {
+                        return Err(FramingError(format!("the form has more than {} parts", self.max_parts)));
+                    }
+                    (self.stage, self.counted) = (Stage::Headers, 0);
+                }
+                Stage::Headers => {
+                    let (seen, end) = match memchr::memmem::find(&data[at..], b"\r\n\r\n") {
+                        Some(found) => (found, Some(at + found + 4)),
+                        None => ((data.len() - at).saturating_sub(3), None),
+                    };
+                    self.counted += seen;
+                    if self.counted > MAX_PART_HEADERS {
+                        return Err(FramingError(format!("a part's headers exceed {MAX_PART_HEADERS} bytes")));
+                    }
+                    match end {
+                        Some(end) => (at, self.stage) = (end, Stage::Content),
+                        None => {
+                            at += seen;
+                            break;
+                        }
+                    }
+                }
+                Stage::Epilogue => {
+                    at = data.len();
+                    break;
+                }
+            }
+        }
+        self.carry = data.split_off(at);
+        Ok(())
+    }
+
+    fn count_preamble(&mut self, bytes: usize) -> Result<(), FramingError> {
+        if self.stage == Stage::Preamble {
+            self.counted += bytes;
+            if self.counted > MAX_PREAMBLE {
+                return Err(FramingError(format!("more than {MAX_PREAMBLE} bytes precede the first boundary")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S, E> Stream for FramingGuard<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    type Item = Result<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => match self.scan_chunk(&chunk) {
+                Ok(()) => Poll::Ready(Some(Ok(chunk))),
+                Err(error) => {
+                    self.failed = true;
+                    Poll::Ready(Some(Err(Box::new(error))))
+                }
+            },
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    /// Runs `body`, cut into `chunk`-byte pieces, through a guard; the error, if any.
+    fn check(body: &[u8], chunk: usize, max_parts: usize) -> Result<(), String> {
+        let mut guard = FramingGuard::new(futures::stream::empty::<Result<Bytes, Infallible>>(), "XyZ", max_parts);
+        body.chunks(chunk).try_for_each(|piece| guard.scan_chunk(piece)).map_err(|error| error.to_string())
+    }
+
+    fn form(parts: usize, headers: &str, content: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for i in 0..parts {
+            body.extend_from_slice(format!("--XyZ\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n").as_bytes());
+            body.extend_from_slice(headers.as_bytes());
+            body.extend_from_slice(b"\r\n");
+            body.extend_from_slice(content);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--XyZ--\r\n");
+        body
+    }
+
+    #[test]
+    fn passes_well_formed_forms_whatever_the_chunking() {
+        let content = b"\r\n--XyNot a delimiter\r\n\r\n--X".repeat(1000);
+        let body = form(3, "Content-Type: image/png\r\n", &content);
+        for chunk in [1, 2, 3, 7, 64, 4096, body.len()] {
+            assert_eq!(check(&body, chunk, 3), Ok(()), "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn cuts_off_endless_part_headers() {
+        let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\nX-Pad: ".to_vec();
+        body.resize(body.len() + MAX_PART_HEADERS + 10, b'a');
+        for chunk in [1, 1000, body.len()] {
+            assert!(check(&body, chunk, 5).unwrap_err().contains("headers exceed"), "chunks of {chunk}");
+        }
+        let at_limit = "X-Pad: ".to_owned() + &"a".repeat(MAX_PART_HEADERS - 100) + "\r\n";
+        assert_eq!(check(&form(1, &at_limit, b"x"), 100, 1), Ok(()));
+    }
+
+    #[test]
+    fn cuts_off_a_long_preamble() {
+        let mut body = vec![b'p'; MAX_PREAMBLE + 1];
+        body.extend_from_slice(&form(1, "", b"x"));
+        assert!(check(&body, 512, 5).unwrap_err().contains("precede the first boundary"));
+        let mut short = vec![b'p'; 100];
+        short.extend_from_slice(&form(1, "", b"x"));
+        assert_eq!(check(&short, 512, 5), Ok(()));
+    }
+
+    #[test]
+    fn cuts_off_too_many_parts() {
+        assert!(check(&form(6, "", b"x"), 64, 5).unwrap_err().contains("more than 5 parts"));
+        assert_eq!(check(&form(5, "", b"x"), 64, 5), Ok(()));
+    }
+
+    #[test]
+    fn ignores_the_epilogue() {
+        let mut body = form(1, "", b"x");
+        body.extend_from_slice(&vec![b'e'; MAX_PART_HEADERS * 2]);
+        assert_eq!(check(&body, 1000, 1), Ok(()));
+    }
+}
