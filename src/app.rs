@@ -100,7 +100,14 @@ impl Application {
         let workers = replicators(settings, &metadata, &router);
         let addr = settings.server.bind;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-        let state = AppState { images, metadata, router, limits, replication_workers: workers.len() };
+        let state = AppState {
+            images,
+            metadata,
+            router,
+            limits,
+            replication_workers: workers.len(),
+            replica_counts: Arc::default(),
+        };
         Ok(Self {
             listener,
             state,

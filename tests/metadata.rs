@@ -64,6 +64,7 @@ on_both_databases!(with_store:
     an_upload_resurrects_a_blob_and_forgets_unlisted_deleting_copies,
     an_upload_never_downgrades_a_stored_copy,
     copies_are_counted_by_state,
+    copies_below_target_are_found_without_counting,
     a_dropped_guard_changes_nothing,
     a_copy_deletion_lock_holds_back_an_upload_of_its_blob,
     an_upload_lock_holds_back_the_deletion_of_a_copy,
@@ -355,6 +356,24 @@ async fn copies_are_counted_by_state(store: Arc<dyn MetadataStore>) {
 
     let expected = ReplicaCounts { pending: 1, stored: 2, missing: 1, deleting: 1 };
     assert_eq!(store.count_replicas_by_state().await.unwrap(), expected);
+}
+
+async fn copies_below_target_are_found_without_counting(store: Arc<dyn MetadataStore>) {
+    assert!(!store.any_copy_below_target().await.unwrap(), "an empty store");
+    upload(&*store, &new_image(&blob(1), now()), &[copy("a", ReplicaState::Stored)]).await;
+    let doomed = new_image(&blob(2), now());
+    upload(&*store, &doomed, &[copy("a", ReplicaState::Stored)]).await;
+    store.delete_image(doomed.id).await.unwrap();
+    assert!(!store.any_copy_below_target().await.unwrap(), "stored and deleting copies are on target");
+
+    store.record_missing_copy(&copy_ref(&blob(1), "a")).await.unwrap();
+    assert!(store.any_copy_below_target().await.unwrap(), "a missing copy");
+    assert!(store.record_stored_copy(&copy_ref(&blob(1), "a")).await.unwrap());
+    assert!(!store.any_copy_below_target().await.unwrap(), "repaired");
+
+    upload(&*store, &new_image(&blob(3), now()), &[copy("b", ReplicaState::Stored), copy("c", ReplicaState::Pending)])
+        .await;
+    assert!(store.any_copy_below_target().await.unwrap(), "a pending copy");
 }
 
 async fn a_dropped_guard_changes_nothing(store: Arc<dyn MetadataStore>) {

@@ -11,11 +11,37 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use crate::metadata::{MetadataStore, ReplicaCounts};
 use crate::storage::breaker::CircuitState;
 use crate::telemetry::error_chain;
 
 /// How long one component may take to answer before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How old the copy counts in a health answer may be: counting is a query over every copy,
+/// and `/health` is called often, by anyone. The status itself is decided fresh each time.
+const COUNTS_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// The copy counts of the last health check, reused while younger than [`COUNTS_MAX_AGE`];
+/// concurrent checks wait for one count instead of each running their own.
+#[derive(Debug, Default)]
+pub struct ReplicaCountsCache {
+    last: tokio::sync::Mutex<Option<(Instant, ReplicaCounts)>>,
+}
+
+impl ReplicaCountsCache {
+    async fn get(&self, metadata: &dyn MetadataStore) -> Option<ReplicaCounts> {
+        let mut last = self.last.lock().await;
+        if let Some((at, counts)) = *last
+            && at.elapsed() < COUNTS_MAX_AGE
+        {
+            return Some(counts);
+        }
+        let counts = metadata.count_replicas_by_state().await.ok()?;
+        *last = Some((Instant::now(), counts));
+        Some(counts)
+    }
+}
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/health", get(health))
@@ -29,7 +55,7 @@ pub struct Health {
     pub status: &'static str,
     pub database: ComponentHealth,
     pub shards: Vec<ComponentHealth>,
-    /// Copies per state (absent when the database is down).
+    /// Copies per state (absent when the database is down), counted at most 10 s ago.
     pub replicas: Option<ReplicaSummary>,
 }
 
@@ -73,11 +99,14 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
             ..component(shard.name, shard.backend, shard.latency, shard.result.err().map(|e| error_chain(&e)))
         })
         .collect();
-    let replicas = if database.error.is_none() { state.metadata.count_replicas_by_state().await.ok() } else { None };
-
     let database_up = database.error.is_none();
+    let (replicas, under_replicated) = if database_up {
+        let counts = state.replica_counts.get(state.metadata.as_ref()).await;
+        (counts, state.metadata.any_copy_below_target().await.unwrap_or(false))
+    } else {
+        (None, false)
+    };
     let shards_up = shards.iter().filter(|shard| shard.error.is_none()).count();
-    let under_replicated = replicas.is_some_and(|counts| counts.pending > 0 || counts.missing > 0);
     let circuit_open = shards.iter().any(|shard| shard.circuit != Some(CircuitState::Closed));
     let (code, status) = match (database_up, shards_up) {
         (false, _) | (_, 0) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

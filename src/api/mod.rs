@@ -31,6 +31,8 @@ pub struct AppState {
     pub limits: Arc<UploadLimits>,
     /// Replication workers running in this instance.
     pub replication_workers: usize,
+    /// The copy counts `/health` shows, refreshed at most every few seconds.
+    pub replica_counts: Arc<health::ReplicaCountsCache>,
 }
 
 /// Limits on what a client may send.

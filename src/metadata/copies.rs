@@ -61,7 +61,13 @@ pub trait CopyStore: Send + Sync {
     /// Up to `limit` blobs in key order, strictly after `after`, with their copies.
     async fn list_blob_copies(&self, after: Option<&BlobKey>, limit: u32) -> MetaResult<Vec<BlobCopies>>;
 
+    /// Counts every copy by state: a query over the whole table, for reports and metrics, not
+    /// for every request (see [`CopyStore::any_copy_below_target`]).
     async fn count_replicas_by_state(&self) -> MetaResult<ReplicaCounts>;
+
+    /// Whether any copy is `pending` or `missing` (the store is below its replication factor
+    /// somewhere): one index lookup, cheap enough for every health check.
+    async fn any_copy_below_target(&self) -> MetaResult<bool>;
 
     /// Copies and bytes per shard and state.
     async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>>;

@@ -26,6 +26,7 @@ use futures::StreamExt;
 
 use super::{BlobBody, BlobReader, BlobStore, LABEL_NAME, ShardLabel, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
+use crate::redact::redact_url;
 
 /// How to reach one bucket.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,7 +90,8 @@ impl S3Store {
         Self {
             client: Client::from_conf(config.build()),
             bucket: settings.bucket.clone(),
-            endpoint: settings.endpoint.clone().unwrap_or_else(|| "aws".to_owned()),
+            // Shown in logs, errors and /health: an endpoint may carry credentials.
+            endpoint: settings.endpoint.as_deref().map_or_else(|| "aws".to_owned(), redact_url),
         }
     }
 

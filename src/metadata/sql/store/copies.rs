@@ -138,6 +138,10 @@ static SURPLUS_COPY_IS_REMOVABLE: Statement = Statement::new(
 
 static COUNT_BY_STATE: Statement = Statement::new("SELECT state, COUNT(*) FROM replicas GROUP BY state");
 
+/// Served by the `replicas_by_state` index: it stops at the first row it finds.
+static ANY_COPY_BELOW_TARGET: Statement =
+    Statement::new("SELECT EXISTS (SELECT 1 FROM replicas WHERE state IN ('pending', 'missing'))");
+
 static SHARD_USAGE: Statement = Statement::new(
     "SELECT r.shard, r.state, COUNT(*) AS copies, CAST(COALESCE(SUM(b.size), 0) AS BIGINT) AS bytes
      FROM replicas AS r
@@ -280,6 +284,13 @@ impl CopyStore for SqlStore<D> {
             }
         }
         Ok(counts)
+    }
+
+    async fn any_copy_below_target(&self) -> MetaResult<bool> {
+        sqlx::query_scalar(ANY_COPY_BELOW_TARGET.sql::<D>())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_error("looking for copies below the replication factor"))
     }
 
     async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>> {
