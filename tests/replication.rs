@@ -243,10 +243,16 @@ async fn a_write_quorum_stores_copies_before_the_answer() {
     app.take_shard_offline("s0").await;
     let image = app.upload_ok("q.png", png(4, 4, 60_001)).await;
     assert_eq!(replica_states(&image).iter().filter(|(_, s)| s == "stored").count(), 2, "{image}");
-    // Two down: the quorum cannot be met, and nothing is recorded.
+    // Two down: the quorum cannot be met, nothing is recorded, and the one copy written is
+    // removed before the answer.
     app.take_shard_offline("s1").await;
     let before = app.image_count().await;
-    assert_error(app.upload("q.png", png(4, 4, 60_002)).await, StatusCode::SERVICE_UNAVAILABLE, "STORAGE_UNAVAILABLE")
+    let refused = png(4, 4, 60_002);
+    assert_error(app.upload("q.png", refused.clone()).await, StatusCode::SERVICE_UNAVAILABLE, "STORAGE_UNAVAILABLE")
         .await;
     assert_eq!(app.image_count().await, before);
+    let key = sha256_hex(&refused);
+    assert!(!app.object_path("s2", &key).exists(), "the refused upload's copy on s2 is gone");
+    let blob = chitram::blob::BlobKey::parse(&key).unwrap();
+    assert!(app.metadata.find_blob_copies(&blob).await.unwrap().is_none(), "and no blob row");
 }

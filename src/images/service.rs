@@ -102,11 +102,13 @@ impl ImageService {
         for _ in 0..STORE_ATTEMPTS {
             let avoid: Vec<String> =
                 unconfirmed.iter().map(|(shard, _)| shard.clone()).chain(in_doubt.clone()).collect();
-            let receipt = self
-                .router
-                .write_copies(&image.blob, body, self.write_quorum, &avoid)
-                .await
-                .map_err(ImageError::StorageUnavailable)?;
+            let receipt = match self.router.write_copies(&image.blob, body, self.write_quorum, &avoid).await {
+                Ok(receipt) => receipt,
+                Err(error) => {
+                    self.remove_refused_copies(&error, image).await;
+                    return Err(ImageError::StorageUnavailable(error));
+                }
+            };
             let guard = self.metadata.lock_blob_for_upload(&image.blob, image.file_size).await?;
             let doubtful: Vec<String> =
                 receipt.stored.iter().filter(|shard| guard.shards_in_doubt().contains(shard)).cloned().collect();
@@ -141,6 +143,26 @@ impl ImageService {
             context: "storing the blob: its copy kept disappearing",
             source: format!("{STORE_ATTEMPTS} attempts raced with deletions").into(),
         })
+    }
+
+    /// An upload refused for want of enough shards removes the copies it did write before it
+    /// answers, so a refused request leaves nothing behind. Best effort: a copy that cannot be
+    /// removed now (the database or its shard down) is an orphan that scrub collects.
+    async fn remove_refused_copies(&self, error: &RouterError, image: &NewImage) {
+        let RouterError::QuorumNotReached { written, .. } = error else { return };
+        for shard in written {
+            let removed = deletion::delete_unrecorded_object(
+                self.metadata.as_ref(),
+                &self.router,
+                shard,
+                &image.blob,
+                image.file_size,
+            )
+            .await;
+            if let Err(error) = removed {
+                tracing::warn!(%shard, blob = %image.blob, %error, "a refused upload's copy is left for scrub");
+            }
+        }
     }
 
     /// Checks, under the blob's lock, that every copy just written is there, each check bounded

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use crate::blob::BlobKey;
-use crate::metadata::{CopyDeletionGuard, CopyRef, MetadataStore, ReplicaState};
+use crate::metadata::{CopyDeletionGuard, CopyRef, MetaResult, MetadataStore, ReplicaState};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
@@ -79,10 +79,33 @@ pub async fn delete_locked_copy(
     }
 }
 
-/// Deletes one object while its blob's lock is held, where no copy row records it (an orphan);
-/// the router's deadline bounds how long the lock waits.
-pub async fn delete_object_under_lock(router: &StorageRouter, shard: &str, key: &BlobKey) -> Result<(), String> {
-    router.delete_on(shard, key).await.map_err(|error| error_chain(&error))
+/// Deletes an object no copy row records (an orphan, or the copy of an upload that was refused)
+/// while holding the blob's upload lock, after checking again that no row records it: an
+/// upload of the same bytes about to commit waits for the lock, then finds its copy gone and
+/// writes it again. Returns whether the object was deleted; the router's deadline bounds how
+/// long the lock waits on the shard.
+pub async fn delete_unrecorded_object(
+    metadata: &dyn MetadataStore,
+    router: &StorageRouter,
+    shard: &str,
+    key: &BlobKey,
+    len: u64,
+) -> MetaResult<bool> {
+    let guard = metadata.lock_blob_for_upload(key, len).await?;
+    let recorded =
+        metadata.find_blob_copies(key).await?.is_some_and(|blob| blob.replicas.iter().any(|r| r.shard == shard));
+    if recorded {
+        return Ok(false);
+    }
+    let deleted = router.delete_on(shard, key).await;
+    drop(guard); // Rolls back: the lock was all it was for.
+    match deleted {
+        Ok(()) => Ok(true),
+        Err(error) => {
+            tracing::warn!(%shard, %key, error = %error_chain(&error), "could not delete an unrecorded object; scrub will");
+            Ok(false)
+        }
+    }
 }
 
 /// Deletes every copy of an unreferenced blob, logging the ones left for the workers.

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use super::deletion::delete_object_under_lock;
+use super::deletion::delete_unrecorded_object;
 use super::progress::Progress;
 use super::suspicion::{Verdict, recheck_copy};
 use crate::blob::BlobKey;
@@ -356,28 +356,8 @@ async fn adopt(
     Ok(true)
 }
 
-async fn is_recorded(metadata: &dyn MetadataStore, key: &BlobKey, shard: &str) -> MetaResult<bool> {
-    let copies = metadata.find_blob_copies(key).await?;
-    Ok(copies.is_some_and(|blob| blob.replicas.iter().any(|r| r.shard == shard)))
-}
-
-/// Deletes an orphan while holding the blob's upload lock, after checking again that no copy
-/// row names it: an upload that wrote these bytes and is about to commit waits for the lock,
-/// then finds its copy gone and writes it again.
 async fn delete_orphan(metadata: &dyn MetadataStore, router: &StorageRouter, orphan: &Orphan) -> MetaResult<bool> {
-    let guard = metadata.lock_blob_for_upload(&orphan.key, orphan.len).await?;
-    if is_recorded(metadata, &orphan.key, &orphan.shard).await? {
-        return Ok(false);
-    }
-    let deleted = delete_object_under_lock(router, &orphan.shard, &orphan.key).await;
-    drop(guard); // Rolls back: the lock was all it was for.
-    match deleted {
-        Ok(()) => Ok(true),
-        Err(problem) => {
-            tracing::warn!(shard = %orphan.shard, key = %orphan.key, %problem, "could not delete an orphan");
-            Ok(false)
-        }
-    }
+    delete_unrecorded_object(metadata, router, &orphan.shard, &orphan.key, orphan.len).await
 }
 
 /// Runs a scrub with repair every `interval`, paced, resuming where an interrupted run stopped:

@@ -54,6 +54,10 @@ pub enum RouterError {
     /// Every shard that was tried failed. Each attempt is listed with its cause.
     #[error("no shard could {operation} blob {key}: {}", describe_attempts(.attempts))]
     NoShardAvailable { operation: &'static str, key: BlobKey, attempts: Vec<(String, StorageError)> },
+    /// Fewer shards than asked took the write; `written` names those that did, whose copies
+    /// nothing records (the caller removes them).
+    #[error("only {} of {wanted} shards could store blob {key}: {}", .written.len(), describe_attempts(.attempts))]
+    QuorumNotReached { key: BlobKey, wanted: usize, written: Vec<String>, attempts: Vec<(String, StorageError)> },
     /// The metadata names a shard the config does not have.
     #[error("shard {0:?} is recorded in the metadata but missing from the config")]
     UnknownShard(String),
@@ -213,7 +217,10 @@ impl StorageRouter {
                 }
             }
         }
-        Err(RouterError::NoShardAvailable { operation: "store", key: key.clone(), attempts })
+        if stored.is_empty() {
+            return Err(RouterError::NoShardAvailable { operation: "store", key: key.clone(), attempts });
+        }
+        Err(RouterError::QuorumNotReached { key: key.clone(), wanted: copies, written: stored, attempts })
     }
 
     pub async fn write_on(&self, shard: &str, key: &BlobKey, body: &BlobBody) -> Result<(), RouterError> {
