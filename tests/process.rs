@@ -459,8 +459,13 @@ async fn operator_commands_refuse_an_unmigrated_postgres_database_without_showin
     assert!(!ok && stderr.contains("chitram_absent_") && stderr.contains("does not exist"), "{stderr}");
     assert!(!stderr.contains("hunter2-secret"), "{stderr}");
 
-    let (ok, _, stderr) = run_in(dir.path(), &["migrate"], &env);
+    let (ok, stdout, stderr) = run_in(dir.path(), &["migrate"], &env);
     assert!(ok && !stderr.contains("hunter2-secret"), "{stderr}");
+    assert!(stdout.contains(&format!("migrations applied to {scheme}://{user}:***@")), "{stdout}");
+    // A password passed as a query parameter stays out of the output too.
+    let in_query = format!("{scheme}://{user}@{server}?password=hunter2-secret");
+    let (ok, stdout, stderr) = run_in(dir.path(), &["migrate"], &[("CHITRAM__DATABASE__URL", in_query.as_str())]);
+    assert!(ok && !stdout.contains("hunter2-secret") && !stderr.contains("hunter2-secret"), "{stdout}{stderr}");
     let (ok, ring, stderr) = run_in(dir.path(), &["ring"], &env);
     assert!(ok, "once migrated, the commands run:\n{ring}{stderr}");
 }
