@@ -885,6 +885,52 @@ mod tests {
         assert_eq!(default, Settings::default(), "the embedded default prints as itself");
     }
 
+    /// The README's config example names every key and shows every default.
+    #[test]
+    fn the_readme_example_loads_and_shows_the_defaults() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n[server]").expect("the README has its config example") + "```toml\n".len();
+        let example = &readme[start..start + readme[start..].find("```").unwrap()];
+        let settings = Settings::from_toml(example).expect("the README's example is a valid config");
+        let default = Settings::default();
+        assert_eq!(settings.server, default.server);
+        assert_eq!(settings.database, default.database);
+        assert_eq!(settings.placement, default.placement);
+        assert_eq!(settings.replication, default.replication);
+        assert_eq!(settings.maintenance, default.maintenance);
+        assert_eq!(settings.latency, default.latency);
+        let s3 = settings.shards[1].backend(1).unwrap();
+        let BackendSettings::S3(s3) = s3 else { panic!("the second shard is s3") };
+        assert_eq!((s3.region.as_str(), s3.create_bucket), ("us-east-1", true), "the defaults it names");
+        assert_eq!((s3.connect_timeout, s3.operation_timeout), (Duration::from_millis(1000), Duration::from_secs(60)));
+        // Every key of every section appears in the example, commented out or not.
+        let value = toml::Value::try_from(Settings {
+            shards: vec![ShardSettings {
+                draining: true,
+                ..ShardSettings::s3("x", &S3Settings { endpoint: Some("http://e".into()), ..s3.clone() })
+            }],
+            server: ServerSettings { spool_dir: Some("/tmp".into()), ..default.server.clone() },
+            ..default.clone()
+        })
+        .unwrap();
+        let mut keys: Vec<String> = Vec::new();
+        for (section, table) in value.as_table().unwrap() {
+            let tables = match table {
+                toml::Value::Array(items) => items.iter().filter_map(|item| item.as_table()).collect::<Vec<_>>(),
+                other => other.as_table().into_iter().collect(),
+            };
+            keys.extend(tables.iter().flat_map(|t| t.keys()).map(|key| format!("{section}.{key}")));
+        }
+        keys.push("shards.path".to_owned());
+        for key in keys {
+            let name = key.split('.').nth(1).unwrap();
+            assert!(
+                example.lines().any(|line| line.trim_start_matches(['#', ' ']).starts_with(&format!("{name} = "))),
+                "the README's example shows {key}"
+            );
+        }
+    }
+
     #[test]
     fn keys_named_as_secrets_are_masked() {
         assert!(is_secret_key("secret_access_key") && is_secret_key("password") && is_secret_key("jwt_secret"));

@@ -82,7 +82,7 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
         }
         Command::Migrate => {
             app::open_metadata(&settings.database.url).await?;
-            println!("migrations applied to {}", settings.database.url.split('@').next_back().unwrap_or_default());
+            println!("migrations applied to {}", chitram::redact::redact_url(&settings.database.url));
         }
         Command::Config => print!("{}", settings.to_masked_toml()?),
         Command::Ring { compare } => {

@@ -27,6 +27,7 @@ behaviours!(
     a_missing_file_field_is_rejected,
     a_body_that_is_not_multipart_is_rejected,
     a_file_over_the_limit_is_rejected_while_streaming,
+    a_batch_file_over_the_limit_fails_alone,
     a_declared_two_gigabyte_body_is_refused_unread,
     an_endless_part_header_is_refused_early,
     a_long_preamble_and_too_many_parts_are_refused,
@@ -106,6 +107,23 @@ async fn a_file_over_the_limit_is_rejected_while_streaming(b: Backends) {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("FILE_TOO_LARGE"), "{response}");
     app.assert_nothing_stored().await;
+}
+
+/// A batch's body may hold several files of up to the limit; one over it is that item's 413.
+async fn a_batch_file_over_the_limit_fails_alone(b: Backends) {
+    let app = small_limit_app(b).await;
+    let files = vec![
+        ("first.png", common::images::large_png(LIMIT as usize, 7)),
+        ("over.png", common::images::large_png(LIMIT as usize + 1, 8)),
+        ("last.png", png(2, 2, 9)),
+    ];
+    let response = app.batch(files).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let batch: serde_json::Value = response.json().await.unwrap();
+    let statuses: Vec<_> = batch["results"].as_array().unwrap().iter().map(|item| item["status"].clone()).collect();
+    assert_eq!(statuses, [201, 413, 201], "{batch}");
+    assert_eq!(batch["results"][1]["error"]["code"], "FILE_TOO_LARGE", "{batch}");
+    assert_eq!((batch["succeeded"].as_u64(), batch["failed"].as_u64()), (Some(2), Some(1)), "{batch}");
 }
 
 /// Streams a chunked upload of `len` bytes over a raw connection, reading the answer while

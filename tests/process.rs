@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::database::{DbKind, TestDatabase};
-use common::images::{large_png, png, sha256_hex};
+use common::images::{jpeg, large_png, png, sha256_hex};
 use common::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
 use common::{BUCKET, eventually, replica_states};
 use reqwest::StatusCode;
@@ -307,16 +307,66 @@ async fn the_operator_commands_plan_move_and_check() {
     assert!(moved.contains("rebalance done"), "{moved}");
     let (ok, again, _) = run_cli(&new, &["rebalance", "--dry-run"]);
     assert!(ok && again.contains(": 0 of 40 blobs move"), "{again}");
-    let (ok, scrub, _) = run_cli(&new, &["scrub", "--checksums"]);
-    assert!(ok, "a clean store scrubs clean:\n{scrub}");
-    assert!(scrub.contains("40 blobs, 40 copies checked"), "{scrub}");
+    // docs/operations.md's cron line: `scrub --checksums >> LOG 2>&1`, a clean store exits 0.
+    let cron_log = dir.path().join("chitram-scrub.log");
+    std::fs::write(&cron_log, "an earlier run\n").unwrap();
+    let append = || std::fs::OpenOptions::new().append(true).open(&cron_log).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_chitram"))
+        .arg("--config")
+        .arg(&new)
+        .args(["scrub", "--checksums"])
+        .env_remove("NO_COLOR")
+        .stdout(append())
+        .stderr(append())
+        .status()
+        .unwrap();
+    let scrub = std::fs::read_to_string(&cron_log).unwrap();
+    assert!(status.success(), "a clean store scrubs clean:\n{scrub}");
+    assert!(scrub.starts_with("an earlier run\n") && scrub.contains("40 blobs, 40 copies checked"), "{scrub}");
+    assert!(!scrub.contains('\x1b'), "no colour codes in a log file:\n{scrub}");
 
-    // A lost copy makes scrub exit non-zero and name it.
+    // A lost copy makes scrub exit non-zero and name it; `--repair` never drops the row, and
+    // once the object is restored from a backup `scrub --repair` stores it again and exits 0.
     let victim = first_object(&dir.path().join("d")).expect("d received copies");
+    let backup = std::fs::read(&victim).unwrap();
     std::fs::remove_file(&victim).unwrap();
     let (ok, scrub, _) = run_cli(&new, &["scrub"]);
     assert!(!ok, "problems make scrub fail:\n{scrub}");
     assert!(scrub.contains("LOST") && scrub.contains(victim.file_name().unwrap().to_str().unwrap()), "{scrub}");
+    let (ok, scrub, _) = run_cli(&new, &["scrub", "--repair"]);
+    assert!(!ok && scrub.contains("LOST"), "a lost blob stays reported:\n{scrub}");
+    std::fs::write(&victim, &backup).unwrap();
+    let (ok, scrub, stderr) = run_cli(&new, &["scrub", "--repair"]);
+    assert!(ok, "the restored copy is stored again:\n{scrub}{stderr}");
+    let (ok, scrub, _) = run_cli(&new, &["scrub"]);
+    assert!(ok, "{scrub}");
+
+    // Drain and remove d, as docs/operations.md says: the service refuses to start without it
+    // while it holds the only copies, `ring` shows it draining, `rebalance` empties it.
+    let serve_without_d = || {
+        Command::new(env!("CARGO_BIN_EXE_chitram"))
+            .arg("--config")
+            .arg(&old)
+            .arg("serve")
+            .env("CHITRAM__SERVER__BIND", "127.0.0.1:0")
+            .output()
+            .unwrap()
+    };
+    let refused = serve_without_d();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("blobs have their only stored copies on shards missing from the config (d)"), "{stderr}");
+    let drain = dir.path().join("drain.toml");
+    std::fs::write(&drain, fs_config(dir.path(), &["a", "b", "c", "d"], "draining = true\n")).unwrap();
+    let (ok, ring, _) = run_cli(&drain, &["ring"]);
+    assert!(ok && ring.lines().any(|line| line.starts_with("d ") && line.contains("draining")), "{ring}");
+    let (ok, moved, stderr) = run_cli(&drain, &["rebalance"]);
+    assert!(ok, "{moved}{stderr}");
+    let (ok, ring, _) = run_cli(&drain, &["ring"]);
+    let emptied = ring.lines().any(|line| line.split_whitespace().collect::<Vec<_>>() == ["d", "draining", "0", "0"]);
+    assert!(ok && emptied, "d holds 0 stored copies:\n{ring}");
+    let (ok, ring, _) = run_cli(&old, &["ring"]);
+    assert!(ok, "{ring}");
 
     let (bad_config_ok, _, stderr) = run_cli(&dir.path().join("missing.toml"), &["ring"]);
     assert!(!bad_config_ok && stderr.contains("missing.toml"), "{stderr}");
@@ -409,8 +459,13 @@ async fn operator_commands_refuse_an_unmigrated_postgres_database_without_showin
     assert!(!ok && stderr.contains("chitram_absent_") && stderr.contains("does not exist"), "{stderr}");
     assert!(!stderr.contains("hunter2-secret"), "{stderr}");
 
-    let (ok, _, stderr) = run_in(dir.path(), &["migrate"], &env);
+    let (ok, stdout, stderr) = run_in(dir.path(), &["migrate"], &env);
     assert!(ok && !stderr.contains("hunter2-secret"), "{stderr}");
+    assert!(stdout.contains(&format!("migrations applied to {scheme}://{user}:***@")), "{stdout}");
+    // A password passed as a query parameter stays out of the output too.
+    let in_query = format!("{scheme}://{user}@{server}?password=hunter2-secret");
+    let (ok, stdout, stderr) = run_in(dir.path(), &["migrate"], &[("CHITRAM__DATABASE__URL", in_query.as_str())]);
+    assert!(ok && !stdout.contains("hunter2-secret") && !stderr.contains("hunter2-secret"), "{stdout}{stderr}");
     let (ok, ring, stderr) = run_in(dir.path(), &["ring"], &env);
     assert!(ok, "once migrated, the commands run:\n{ring}{stderr}");
 }
@@ -438,6 +493,8 @@ fn relative_paths_in_a_config_file_resolve_against_its_directory() {
     assert!(ok, "{stderr}");
     assert!(printed.contains(&format!("url = \"sqlite://{}\"", root.join("etc/db/chitram.db").display())), "{printed}");
     assert!(printed.contains(&format!("path = \"{}\"", root.join("etc/shards/a").display())), "{printed}");
+    let (ok, from_env, _) = run_in(elsewhere.path(), &["config"], &[("CHITRAM_CONFIG", config.to_str().unwrap())]);
+    assert!(ok && from_env == printed, "CHITRAM_CONFIG=FILE is --config FILE:\n{from_env}");
     let (ok, ring, stderr) = run_in(elsewhere.path(), &["--config", config.to_str().unwrap(), "ring"], &[]);
     assert!(ok, "{ring}{stderr}");
     assert!(std::fs::read_dir(elsewhere.path()).unwrap().next().is_none(), "nothing appears in the working directory");
@@ -525,4 +582,108 @@ fn logs_into_a_file_carry_no_colour_codes() {
     assert!(always.contains(&ESC), "--log-color always colours even a file");
     let never = serve_log(dir.path(), &["--log-color=never"], &[("NO_COLOR", "1")]);
     assert!(!never.contains(&ESC));
+}
+
+/// Runs `curl ARGS` in `dir`; returns its stdout, asserting that curl succeeded.
+fn curl(dir: &std::path::Path, args: &[&str]) -> String {
+    let output = Command::new("curl").current_dir(dir).arg("-sS").args(args).output().expect("curl runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "curl {args:?}: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+/// The README's "Run it" (`chitram serve` on the embedded default, in an empty directory) and
+/// every curl example of "The API", run as written against the real binary.
+#[test]
+fn the_readme_serve_and_curl_examples_work_against_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, printed, _) = run_in(dir.path(), &["config"], &[]);
+    assert!(ok && printed.contains("bind = \"127.0.0.1:8000\""), "the default address:\n{printed}");
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let log = dir.path().join("serve.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitram"))
+        .current_dir(dir.path())
+        .arg("serve")
+        .env_remove("CHITRAM_CONFIG")
+        .env("CHITRAM__SERVER__BIND", format!("127.0.0.1:{port}")) // 8000 may be taken here
+        .env("CHITRAM__MAINTENANCE__SCRUB_INTERVAL_SECS", "0")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("serving") {
+        assert!(started.elapsed() < Duration::from_secs(30), "serve did not start: {:?}", std::fs::read(&log));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(dir.path().join("data/chitram.db").is_file(), "SQLite at ./data/chitram.db");
+    for shard in ["a", "b", "c"] {
+        assert!(dir.path().join("data/shards").join(shard).is_dir(), "shard {shard} under ./data/shards");
+    }
+    let docs = curl(dir.path(), &["-L", "-o", "/dev/null", "-w", "%{http_code}", &format!("{base}/docs")]);
+    assert_eq!(docs, "200", "the interactive API page");
+
+    let cat = png(64, 48, 95_000);
+    std::fs::write(dir.path().join("cat.png"), &cat).unwrap();
+    std::fs::write(dir.path().join("a.png"), png(8, 8, 95_001)).unwrap();
+    std::fs::write(dir.path().join("b.jpg"), jpeg(8, 8, 95_002)).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not an image").unwrap();
+    let json = |text: &str| -> Value { serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}")) };
+
+    let image = json(&curl(dir.path(), &["-F", "file=@cat.png", &format!("{base}/api/v1/images/upload")]));
+    let id = image["id"].as_str().unwrap().to_owned();
+    assert_eq!((image["filename"].as_str(), image["width"].as_u64()), (Some("cat.png"), Some(64)), "{image}");
+    assert_eq!(image["replicas"].as_array().map(Vec::len), Some(2), "two copies: {image}");
+
+    let batch = json(&curl(
+        dir.path(),
+        &["-F", "files=@a.png", "-F", "files=@b.jpg", "-F", "files=@notes.txt", &format!("{base}/api/v1/images/batch")],
+    ));
+    assert_eq!((batch["succeeded"].as_u64(), batch["failed"].as_u64()), (Some(2), Some(1)), "{batch}");
+    assert_eq!(batch["results"][2]["status"], 400, "{batch}");
+    assert_eq!(batch["results"][2]["error"]["code"], "INVALID_FILE_FORMAT", "{batch}");
+
+    let page = json(&curl(dir.path(), &[&format!("{base}/api/v1/images?limit=50")]));
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(3), "{page}");
+    let first = json(&curl(dir.path(), &[&format!("{base}/api/v1/images?limit=2")]));
+    let cursor = first["next_cursor"].as_str().expect("a next page").to_owned();
+    let rest = json(&curl(dir.path(), &[&format!("{base}/api/v1/images?limit=50&cursor={cursor}")]));
+    assert_eq!(rest["items"][0]["id"].as_str(), Some(id.as_str()), "the oldest comes last: {rest}");
+
+    let found = json(&curl(dir.path(), &[&format!("{base}/api/v1/images/{id}")]));
+    assert_eq!(found["checksum"], image["checksum"]);
+    let downloads = dir.path().join("downloads");
+    std::fs::create_dir(&downloads).unwrap();
+    curl(&downloads, &["-o", "cat.png", &format!("{base}/api/v1/images/{id}/file")]);
+    assert_eq!(std::fs::read(downloads.join("cat.png")).unwrap(), cat, "the bytes, as uploaded");
+    let etag = format!("If-None-Match: \"{}\"", image["checksum"].as_str().unwrap());
+    let revalidated = curl(dir.path(), &["-H", &etag, "-i", &format!("{base}/api/v1/images/{id}/file")]);
+    assert!(revalidated.starts_with("HTTP/1.1 304"), "{revalidated}");
+    let deleted = curl(dir.path(), &["-X", "DELETE", &format!("{base}/api/v1/images/{id}")]);
+    assert!(deleted.is_empty(), "204, no body: {deleted}");
+    let gone = json(&curl(dir.path(), &[&format!("{base}/api/v1/images/{id}")]));
+    assert_eq!(gone["detail"]["code"], "IMAGE_NOT_FOUND", "{gone}");
+
+    let health = json(&curl(dir.path(), &[&format!("{base}/health")]));
+    assert!(["ok", "degraded"].contains(&health["status"].as_str().unwrap_or_default()), "{health}");
+    assert_eq!(health["shards"].as_array().map(Vec::len), Some(3), "{health}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The README's `CHITRAM__SHARDS='[…]' chitram serve`: the list from the environment replaces
+/// the default shards as a whole.
+#[test]
+fn shards_set_from_the_environment_replace_the_default_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let shards = format!(
+        "[{{name=\"a\", kind=\"fs\", path=\"{0}/srv/a\"}}, {{name=\"b\", kind=\"fs\", path=\"{0}/srv/b\"}}]",
+        root.display()
+    );
+    let log = String::from_utf8(serve_log(&root, &[], &[("CHITRAM__SHARDS", &shards)])).unwrap();
+    assert!(root.join("srv/a").is_dir() && root.join("srv/b").is_dir(), "serve creates both shards:\n{log}");
+    assert!(!root.join("data/shards").exists(), "and none of the default ones:\n{log}");
 }
