@@ -24,6 +24,11 @@
 //! - `CHITRAM_BENCH_WORKERS=N` sets `replication.workers`; `CHITRAM_BENCH_PHASES` runs a subset of
 //!   `matrix,replication,memory`.
 
+// The test fixtures' PNG chunk writer (length, type, data, CRC): one copy for tests and benches.
+#[allow(dead_code)]
+#[path = "../tests/common/images.rs"]
+mod images;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -630,8 +635,8 @@ fn payload_base(size: usize) -> Bytes {
     header.extend_from_slice(&3000u32.to_be_bytes());
     header.extend_from_slice(&[8, 6, 0, 0, 0]);
     let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
-    png_chunk(&mut bytes, b"IHDR", &header);
-    png_chunk(&mut bytes, b"stMp", &[0; 8]);
+    images::png_chunk(&mut bytes, b"IHDR", &header);
+    images::png_chunk(&mut bytes, b"stMp", &[0; 8]);
     let filler = size.saturating_sub(bytes.len() + 24).max(1);
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut data = Vec::with_capacity(filler + 8);
@@ -640,19 +645,9 @@ fn payload_base(size: usize) -> Bytes {
         data.extend_from_slice(&state.to_le_bytes());
     }
     data.truncate(filler);
-    png_chunk(&mut bytes, b"IDAT", &data);
-    png_chunk(&mut bytes, b"IEND", b"");
+    images::png_chunk(&mut bytes, b"IDAT", &data);
+    images::png_chunk(&mut bytes, b"IEND", b"");
     Bytes::from(bytes)
-}
-
-fn png_chunk(bytes: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    bytes.extend_from_slice(kind);
-    bytes.extend_from_slice(data);
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(kind);
-    crc.update(data);
-    bytes.extend_from_slice(&crc.finalize().to_be_bytes());
 }
 
 /// Where the `stMp` chunk of [`payload_base`] starts: after the signature and IHDR.

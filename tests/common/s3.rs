@@ -95,24 +95,10 @@ impl S3Server {
 
     fn serve(&self, listener: TcpListener) {
         let service = self.service.clone();
-        let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            // Connection tasks live in this set, owned by the accept loop: aborting the loop
-            // drops the set, which aborts every open connection.
-            let mut connections = JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((socket, _)) = accepted else { continue };
-                        // As real S3 servers do: without it, small responses wait on delayed ACKs.
-                        let _ = socket.set_nodelay(true);
-                        let service = service.clone();
-                        connections.spawn(async move {
-                            let _ = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service).await;
-                        });
-                    }
-                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                }
+        let tasks = spawn_accept_loop(listener, move |socket| {
+            let service = service.clone();
+            async move {
+                let _ = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service).await;
             }
         });
         *self.running.lock().unwrap() = Some(tasks);
@@ -148,26 +134,15 @@ impl S3Server {
         self.stop().await;
         let listener = TcpListener::bind(self.addr).await.expect("the server's port is free again");
         let (service, counters) = (self.service.clone(), self.faults.clone());
-        let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
+        let tasks = spawn_accept_loop(listener, move |socket| {
+            let (service, faults, counters) = (service.clone(), faults.clone(), counters.clone());
+            async move {
+                let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                let builder = ConnBuilder::new(TokioExecutor::new());
+                let serve = builder.serve_connection(TokioIo::new(ours), service);
                 tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((socket, _)) = accepted else { continue };
-                        let _ = socket.set_nodelay(true);
-                        let (service, faults, counters) = (service.clone(), faults.clone(), counters.clone());
-                        connections.spawn(async move {
-                            let (ours, theirs) = tokio::io::duplex(64 * 1024);
-                            let builder = ConnBuilder::new(TokioExecutor::new());
-                            let serve = builder.serve_connection(TokioIo::new(ours), service);
-                            tokio::select! {
-                                _ = serve => {}
-                                () = bridge(socket, theirs, faults, counters) => {}
-                            }
-                        });
-                    }
-                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                    _ = serve => {}
+                    () = bridge(socket, theirs, faults, counters) => {}
                 }
             }
         });
@@ -184,6 +159,32 @@ impl S3Server {
     pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
         self.root.join(bucket).join(key)
     }
+}
+
+/// Accepts connections until aborted, each handled by `handle` in a task of its own. The
+/// connection tasks live in a set owned by the accept loop: aborting the loop drops the set,
+/// which aborts every open connection.
+fn spawn_accept_loop<F, Fut>(listener: TcpListener, handle: F) -> JoinSet<()>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = JoinSet::new();
+    tasks.spawn(async move {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((socket, _)) = accepted else { continue };
+                    // As real S3 servers do: without it, small responses wait on delayed ACKs.
+                    let _ = socket.set_nodelay(true);
+                    connections.spawn(handle(socket));
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    });
+    tasks
 }
 
 fn build_service(root: &Path) -> S3Service {
