@@ -782,10 +782,13 @@ impl Chitram {
         let port = free_port();
         let spool = dir.join(format!("spool-{label}"));
         std::fs::create_dir_all(&spool).expect("a spool directory");
+        // The router's own cost against the S3 servers': accounts and rate limits are off here
+        // (benches/auth.rs measures what they add).
         let mut config = format!(
             "[server]\nbind = \"127.0.0.1:{port}\"\nspool_dir = \"{}\"\n\
              [database]\nurl = \"{database_url}\"\n\
-             [placement]\nreplication_factor = {replication_factor}\n",
+             [placement]\nreplication_factor = {replication_factor}\n\
+             [auth]\nenabled = false\n[rate_limits]\nenabled = false\n",
             spool.display()
         );
         if let Some(workers) = options.workers {

@@ -33,6 +33,14 @@ spool_dir = "$data/spool"
 [database]
 url = "sqlite://$data/chitram.db"
 
+[auth]
+admin_token_file = "$data/admin-token"
+open_registration = true
+
+# The fuzzer sends bursts no client should; the limits themselves are tested in tests/ratelimit.rs.
+[rate_limits]
+enabled = false
+
 [[shards]]
 name = "a"
 kind = "fs"
@@ -60,12 +68,16 @@ for _ in $(seq 1 60); do
     sleep 0.5
 done
 curl -fsS "$base/health" > /dev/null
+# The first start wrote the first admin's key: the fuzzer calls every route as that admin.
+admin_key=$(cat "$data/admin-token")
 
 started=$(date +%s)
 status=0
 # Two documented departures from schemathesis' defaults, everything else must hold:
 # - A request the schema allows may still be refused for what no schema can say (bytes that are
 #   not an image: 400 or 413; an id or cursor that names nothing: 404 or 400).
+# - Accounts: a login with made-up credentials is 401, a made-up username may be taken (409), and
+#   what a made-up request may not do is 403; each is documented on its route.
 # - A batch answers 200 with one result per file whatever the files hold (README): a part that
 #   is not an image is a failed item in that 200, not a failed request.
 # (All checks are on in the file, not with --checks all, which would override the second.)
@@ -74,7 +86,7 @@ cat > "$data/schemathesis.toml" <<TOML
 enabled = true
 
 [checks.positive_data_acceptance]
-expected-statuses = ["2XX", "400", "404", "413"]
+expected-statuses = ["2XX", "400", "401", "403", "404", "409", "413"]
 
 [[operations]]
 include-path = "/api/v1/images/batch"
@@ -83,6 +95,7 @@ TOML
 # From the data directory, where schemathesis leaves its own files.
 (cd "$data" && timeout "$((TIME_LIMIT + 60))" "$VENV/bin/schemathesis" --config-file "$data/schemathesis.toml" run "$base/openapi.json" \
     --url "$base" \
+    --header "Authorization: Bearer $admin_key" \
     --max-examples "$MAX_EXAMPLES" \
     --phases examples,coverage,fuzzing,stateful \
     --request-timeout 10 \

@@ -11,6 +11,9 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::accounts::Accounts;
+use crate::accounts::bootstrap::{self, BootstrapError};
+use crate::accounts::service::AccountsStartError;
 use crate::api::{self, AppState, UploadLimits};
 use crate::config::{BackendSettings, MaintenanceSettings, Settings, sqlite_path};
 use crate::images::service::ImageService;
@@ -18,6 +21,8 @@ use crate::images::spool::SpoolLimits;
 use crate::maintenance::scrub::{self, ScrubOptions};
 use crate::metadata::{self, MetadataError, MetadataStore};
 use crate::placement::ring::{Ring, RingError};
+use crate::ratelimit::RateLimiter;
+use crate::ratelimit::shared::RedisConfigError;
 use crate::redact::redact_url;
 use crate::replication::backoff::RetryPolicy;
 use crate::replication::worker::{Replicator, WorkerSettings, run_workers};
@@ -65,6 +70,12 @@ pub enum StartError {
     StrandedBlobs { count: u64, shards: String },
     #[error("cannot check the metadata before starting")]
     Metadata(#[from] MetadataError),
+    #[error("cannot set up accounts")]
+    Accounts(#[from] AccountsStartError),
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    #[error(transparent)]
+    Redis(#[from] RedisConfigError),
     #[error("cannot listen on {addr} (is another process using it?)")]
     Bind {
         addr: SocketAddr,
@@ -98,6 +109,11 @@ impl Application {
             max_batch_files: settings.server.max_batch_files,
         });
         let workers = replicators(settings, &metadata, &router);
+        let accounts = Arc::new(Accounts::new(&settings.auth, metadata.clone()).await?);
+        if settings.auth.enabled {
+            bootstrap::ensure_first_admin(&accounts, metadata.as_ref(), &settings.auth.admin_token_file).await?;
+        }
+        let limiter = Arc::new(RateLimiter::new(&settings.rate_limits, settings.redis.url.as_deref())?);
         let addr = settings.server.bind;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let state = AppState {
@@ -107,6 +123,9 @@ impl Application {
             limits,
             replication_workers: workers.len(),
             replica_counts: Arc::default(),
+            accounts,
+            limiter,
+            trust_forwarded_for: settings.rate_limits.trust_forwarded_for,
         };
         Ok(Self {
             listener,
@@ -150,7 +169,9 @@ impl Application {
                 tracing::debug!(%error, "could not set TCP_NODELAY");
             }
         });
-        let serve = axum::serve(listener, api::app(self.state)).with_graceful_shutdown(shutdown);
+        // The peer's address keys anonymous rate limits.
+        let service = api::app(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(listener, service).with_graceful_shutdown(shutdown);
         let grace = self.shutdown_grace;
         let served = tokio::select! {
             served = serve => served,

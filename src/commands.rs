@@ -1,6 +1,9 @@
 //! The operator commands behind `chitram ring`, `chitram rebalance` and `chitram scrub`. Each
 //! checks the database and the shards first, shows progress while it works, and returns the
-//! report to print and whether everything it found is in order (the exit status).
+//! report to print and whether everything it found is in order (the exit status). The account
+//! commands are in `accounts`.
+
+pub mod accounts;
 
 use std::fmt::Write;
 use std::sync::Arc;

@@ -25,6 +25,12 @@ pub struct Settings {
     pub replication: ReplicationSettings,
     pub maintenance: MaintenanceSettings,
     pub latency: LatencySettings,
+    #[serde(default)]
+    pub auth: AuthSettings,
+    #[serde(default)]
+    pub rate_limits: RateLimitSettings,
+    #[serde(default)]
+    pub redis: RedisSettings,
     pub shards: Vec<ShardSettings>,
 }
 
@@ -223,6 +229,184 @@ impl LatencySettings {
         }
         Ok(())
     }
+}
+
+/// `[auth]`: accounts, credentials and quotas (README, "Accounts and API keys").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Off: every route is open to anyone, as before accounts existed (a local deployment, or
+    /// one behind a gateway that authenticates).
+    pub enabled: bool,
+    /// Allows `enabled = false` on an address other than loopback.
+    pub allow_anonymous_network: bool,
+    /// Lets anyone create an account with `POST /api/v1/auth/register`.
+    pub open_registration: bool,
+    /// Lifetime of the access tokens `POST /api/v1/auth/login` issues.
+    pub token_ttl_secs: u64,
+    /// Signs access tokens and signed URLs. Unset: a random secret kept in the database, shared
+    /// by every instance on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<String>,
+    /// Each user's limits unless an admin set their own (`chitram users set-quota`); 0 is
+    /// unlimited. Admins have none.
+    pub default_quota_bytes: u64,
+    pub default_quota_images: u64,
+    /// Where the first start writes the first admin's API key (mode 0600).
+    pub admin_token_file: PathBuf,
+    /// How long a checked credential is trusted before the database is asked again. A key
+    /// revoked through this instance stops at once; through another instance or the CLI,
+    /// within this many seconds.
+    pub credential_cache_secs: u64,
+    /// Longest lifetime of a signed URL.
+    pub signed_url_max_secs: u64,
+    /// Accept access tokens from an external issuer (a Supabase-style provider).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalIssuerSettings>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allow_anonymous_network: false,
+            open_registration: false,
+            token_ttl_secs: 900,
+            token_secret: None,
+            default_quota_bytes: 10 * 1024 * 1024 * 1024,
+            default_quota_images: 100_000,
+            admin_token_file: PathBuf::from("data/admin-token"),
+            credential_cache_secs: 5,
+            signed_url_max_secs: 7 * 24 * 3600,
+            external: None,
+        }
+    }
+}
+
+impl AuthSettings {
+    fn validate(&self, bind: SocketAddr) -> Result<(), ConfigError> {
+        if !self.enabled && !bind.ip().is_loopback() && !self.allow_anonymous_network {
+            return Err(invalid(
+                "auth.enabled",
+                format!(
+                    "false on {bind} would let anyone on the network delete every image: bind to 127.0.0.1, \
+                     turn accounts on, or set auth.allow_anonymous_network = true"
+                ),
+            ));
+        }
+        if self.token_ttl_secs == 0 {
+            return Err(invalid("auth.token_ttl_secs", "must be above 0"));
+        }
+        if self.signed_url_max_secs == 0 {
+            return Err(invalid("auth.signed_url_max_secs", "must be above 0"));
+        }
+        if self.token_secret.as_ref().is_some_and(|secret| secret.len() < 32) {
+            return Err(invalid("auth.token_secret", "must be at least 32 characters"));
+        }
+        if let Some(external) = &self.external {
+            external.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// `[auth.external]`: an issuer whose HS256-signed tokens (`hs256_secret`) or JWKS-signed tokens
+/// (`jwks_file`, RS256/ES256) sign users in. Its users are created on first sight, as `user`s.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalIssuerSettings {
+    /// The `iss` its tokens carry, exactly.
+    pub issuer: String,
+    /// The `aud` its tokens must carry (Supabase: `authenticated`).
+    pub audience: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// The claim that names the user (default `sub`; `email` is friendlier where present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_claim: Option<String>,
+}
+
+impl ExternalIssuerSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.issuer.is_empty() {
+            return Err(invalid("auth.external.issuer", "must not be empty"));
+        }
+        if self.audience.is_empty() {
+            return Err(invalid("auth.external.audience", "must not be empty"));
+        }
+        match (&self.hs256_secret, &self.jwks_file) {
+            (Some(_), Some(_)) => Err(invalid("auth.external", "set hs256_secret or jwks_file, not both")),
+            (None, None) => Err(invalid("auth.external", "needs hs256_secret or jwks_file")),
+            (Some(secret), None) if secret.len() < 32 => {
+                Err(invalid("auth.external.hs256_secret", "must be at least 32 characters"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `[rate_limits]`: token buckets per caller (its key or user; its address when anonymous),
+/// refilled continuously at `*_per_minute` up to `*_burst`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Uploads (`/upload`, and `/batch` per request).
+    pub upload_per_minute: u32,
+    pub upload_burst: u32,
+    /// Every other request.
+    pub request_per_minute: u32,
+    pub request_burst: u32,
+    /// Login attempts per username and address.
+    pub login_per_minute: u32,
+    pub login_burst: u32,
+    /// Take the client's address from the last `X-Forwarded-For` entry (set only behind a
+    /// proxy you run, which must overwrite the header; otherwise clients choose their address).
+    pub trust_forwarded_for: bool,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            upload_per_minute: 300,
+            upload_burst: 60,
+            request_per_minute: 3_000,
+            request_burst: 300,
+            login_per_minute: 10,
+            login_burst: 5,
+            trust_forwarded_for: false,
+        }
+    }
+}
+
+impl RateLimitSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("rate_limits.upload_per_minute", self.upload_per_minute),
+            ("rate_limits.upload_burst", self.upload_burst),
+            ("rate_limits.request_per_minute", self.request_per_minute),
+            ("rate_limits.request_burst", self.request_burst),
+            ("rate_limits.login_per_minute", self.login_per_minute),
+            ("rate_limits.login_burst", self.login_burst),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be above 0 (turn limits off with rate_limits.enabled = false)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[redis]`: optional. With a URL, rate limits are shared by every instance through it; when
+/// it is down, each instance falls back to its own limits.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// One `[[shards]]` entry, as written. [`ShardSettings::backend`] checks that the fields its
@@ -501,6 +685,9 @@ impl Default for Settings {
             replication: ReplicationSettings::default(),
             maintenance: MaintenanceSettings::default(),
             latency: LatencySettings::default(),
+            auth: AuthSettings::default(),
+            rate_limits: RateLimitSettings::default(),
+            redis: RedisSettings::default(),
             shards: vec![shard("a"), shard("b"), shard("c")],
         }
     }
@@ -563,6 +750,14 @@ impl Settings {
             && let Some(dir) = &mut self.server.spool_dir
         {
             *dir = base.join(&*dir);
+        }
+        if from_file("auth.admin_token_file") {
+            self.auth.admin_token_file = base.join(&self.auth.admin_token_file);
+        }
+        if from_file("auth.external.jwks_file")
+            && let Some(file) = self.auth.external.as_mut().and_then(|external| external.jwks_file.as_mut())
+        {
+            *file = base.join(&*file);
         }
         if from_file("shards") {
             for path in self.shards.iter_mut().filter_map(|shard| shard.path.as_mut()) {
@@ -633,6 +828,8 @@ impl Settings {
         if self.server.max_pixels == 0 {
             return Err(invalid("server.max_pixels", "must be above 0"));
         }
+        self.auth.validate(self.server.bind)?;
+        self.rate_limits.validate()?;
         Ok(())
     }
 
@@ -673,7 +870,9 @@ impl Settings {
 /// Whether a key holds a secret, by its name: `secret_access_key`, and any future `password`,
 /// `token`, `*_secret` or `private_key`.
 pub fn is_secret_key(key: &str) -> bool {
-    ["secret", "password", "passwd", "token", "private_key", "credential"].iter().any(|word| key.contains(word))
+    // A key naming a file (`admin_token_file`) holds a path, not the secret in the file.
+    !key.ends_with("_file")
+        && ["secret", "password", "passwd", "token", "private_key", "credential"].iter().any(|word| key.contains(word))
 }
 
 fn mask_secrets(value: &mut toml::Value) {
@@ -899,6 +1098,9 @@ mod tests {
         assert_eq!(settings.replication, default.replication);
         assert_eq!(settings.maintenance, default.maintenance);
         assert_eq!(settings.latency, default.latency);
+        assert_eq!(settings.auth, default.auth);
+        assert_eq!(settings.rate_limits, default.rate_limits);
+        assert_eq!(settings.redis, default.redis);
         let s3 = settings.shards[1].backend(1).unwrap();
         let BackendSettings::S3(s3) = s3 else { panic!("the second shard is s3") };
         assert_eq!((s3.region.as_str(), s3.create_bucket), ("us-east-1", true), "the defaults it names");
@@ -934,7 +1136,8 @@ mod tests {
     #[test]
     fn keys_named_as_secrets_are_masked() {
         assert!(is_secret_key("secret_access_key") && is_secret_key("password") && is_secret_key("jwt_secret"));
-        assert!(!is_secret_key("access_key_id") && !is_secret_key("url"));
+        assert!(!is_secret_key("access_key_id") && !is_secret_key("url") && !is_secret_key("admin_token_file"));
+        assert!(is_secret_key("token_secret") && is_secret_key("hs256_secret"));
         let mut value: toml::Value =
             toml::from_str("[auth]\njwt_secret = \"x1\"\nissuer = \"me\"\n[redis]\nurl = \"redis://:pw@r:6379\"\n")
                 .unwrap();

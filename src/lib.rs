@@ -4,6 +4,7 @@
 //! `api` → `images` → `storage::router` → storage backends, with `images` also using
 //! `metadata`, and the router using `placement`. `app` assembles them; `main` is a thin CLI.
 
+pub mod accounts;
 pub mod api;
 pub mod app;
 pub mod blob;
@@ -13,6 +14,7 @@ pub mod images;
 pub mod maintenance;
 pub mod metadata;
 pub mod placement;
+pub mod ratelimit;
 pub mod redact;
 pub mod replication;
 pub mod storage;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use chitram::app::{self, Application};
 use chitram::commands;
+use chitram::commands::accounts::{self as account_commands, QuotaArg};
 use chitram::config::Settings;
 use chitram::telemetry::LogColor;
 use clap::{Parser, Subcommand};
@@ -54,6 +55,64 @@ enum Command {
         #[arg(long)]
         checksums: bool,
     },
+    /// Manage users (no server needed: this works on the database directly).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Manage API keys (no server needed).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Create a user and a first API key for it (printed once).
+    Create {
+        name: String,
+        /// Make the user an admin.
+        #[arg(long)]
+        admin: bool,
+        /// Read a login password from standard input (its first line).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users with their usage and quota.
+    List,
+    /// Set a user's own quota: a number of bytes (KiB, MiB, GiB, TiB allowed) or images,
+    /// `unlimited`, or `default` to follow auth.default_quota_*.
+    SetQuota {
+        name: String,
+        #[arg(long)]
+        bytes: Option<QuotaArg>,
+        #[arg(long)]
+        images: Option<QuotaArg>,
+    },
+    /// Disable a user: their keys and tokens stop working, their images stay.
+    Disable { name: String },
+    /// Enable a disabled user again.
+    Enable { name: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an API key for a user (printed once).
+    Create {
+        #[arg(long)]
+        user: String,
+        /// What the key is for.
+        #[arg(long, default_value = "created with the CLI")]
+        name: String,
+    },
+    /// List a user's keys (never the keys themselves).
+    List {
+        #[arg(long)]
+        user: String,
+    },
+    /// Revoke a key by its id.
+    Revoke { id: uuid::Uuid },
 }
 
 #[tokio::main]
@@ -91,8 +150,40 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
         }
         Command::Rebalance { dry_run } => return finish(commands::rebalance(&settings, dry_run).await?),
         Command::Scrub { repair, checksums } => return finish(commands::scrub(&settings, repair, checksums).await?),
+        Command::Users { command } => return finish(users(command, &settings).await?),
+        Command::Keys { command } => return finish(keys(command, &settings).await?),
     }
     Ok(())
+}
+
+async fn users(command: UsersCommand, settings: &Settings) -> Result<commands::Outcome, Box<dyn std::error::Error>> {
+    Ok(match command {
+        UsersCommand::Create { name, admin, password_stdin } => {
+            let password = password_stdin.then(read_password).transpose()?;
+            account_commands::create_user(settings, &name, admin, password).await?
+        }
+        UsersCommand::List => account_commands::list_users(settings).await?,
+        UsersCommand::SetQuota { name, bytes, images } => {
+            account_commands::set_quota(settings, &name, bytes, images).await?
+        }
+        UsersCommand::Disable { name } => account_commands::set_disabled(settings, &name, true).await?,
+        UsersCommand::Enable { name } => account_commands::set_disabled(settings, &name, false).await?,
+    })
+}
+
+async fn keys(command: KeysCommand, settings: &Settings) -> Result<commands::Outcome, Box<dyn std::error::Error>> {
+    Ok(match command {
+        KeysCommand::Create { user, name } => account_commands::create_key(settings, &user, &name).await?,
+        KeysCommand::List { user } => account_commands::list_keys(settings, &user).await?,
+        KeysCommand::Revoke { id } => account_commands::revoke_key(settings, id).await?,
+    })
+}
+
+/// The first line of standard input, without its line ending.
+fn read_password() -> std::io::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 /// Prints a command's report; a report of problems left unresolved exits with status 1.

@@ -313,7 +313,7 @@ async fn unknown_paths_and_wrong_methods_answer_in_the_error_format() {
     let wrong = [
         (reqwest::Method::PUT, "/api/v1/images/upload", "POST"),
         (reqwest::Method::GET, "/api/v1/images/batch", "POST"),
-        (reqwest::Method::POST, "/api/v1/images/abc", "GET,HEAD,DELETE"),
+        (reqwest::Method::POST, "/api/v1/images/abc", "GET,HEAD,DELETE,PATCH"),
         (reqwest::Method::PATCH, "/api/v1/images", "GET,HEAD"),
         (reqwest::Method::DELETE, "/health", "GET,HEAD"),
     ];

@@ -132,9 +132,10 @@ async fn send_chunked_upload(app: &TestApp, len: usize) -> String {
     let address = app.address.trim_start_matches("http://").to_owned();
     let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();
+    let auth = app.authorization_line();
     let sender = tokio::spawn(async move {
         let head = format!(
-            "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary=B\r\n\
+            "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\n{auth}Content-Type: multipart/form-data; boundary=B\r\n\
              Transfer-Encoding: chunked\r\n\r\n"
         );
         writer.write_all(head.as_bytes()).await?;
@@ -163,8 +164,9 @@ async fn a_declared_two_gigabyte_body_is_refused_unread(b: Backends) {
     let app = small_limit_app(b).await;
     let address = app.address.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let auth = app.authorization_line();
     let head = format!(
-        "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary=B\r\n\
+        "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\n{auth}Content-Type: multipart/form-data; boundary=B\r\n\
          Content-Length: 2147483648\r\n\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"huge.png\"\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
@@ -188,9 +190,10 @@ async fn send_endless(app: &TestApp, path: &str, head: Vec<u8>, filler: u8, tota
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
     let path = path.to_owned();
+    let auth = app.authorization_line();
     let sender = tokio::spawn(async move {
         let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary=B\r\n\
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Content-Type: multipart/form-data; boundary=B\r\n\
              Transfer-Encoding: chunked\r\n\r\n"
         );
         writer.write_all(request.as_bytes()).await?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chitram::blob::BlobKey;
 use chitram::metadata::{
     self, BlobCopies, CopyRef, DeletedImage, ImageRecord, ListPosition, MetadataStore, NewImage, QueueStats, Replica,
-    ReplicaCounts, ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind,
+    ReplicaCounts, ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind, Visibility,
 };
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
@@ -257,14 +257,14 @@ async fn the_list_is_newest_first_and_pages_neither_repeat_nor_skip(store: Arc<d
     images.sort_by_key(|image| std::cmp::Reverse((image.created_at, image.id)));
     let newest_first: Vec<Uuid> = images.iter().map(|image| image.id).collect();
 
-    let everything = store.list_images(100, None).await.unwrap();
+    let everything = store.list_images(100, None, None).await.unwrap();
     assert_eq!(ids(&everything), newest_first);
     assert!(everything.iter().all(|record| record.replicas == [copy("a", ReplicaState::Stored)]));
 
     for limit in 1..=4 {
         assert_eq!(page_through(&*store, limit).await, newest_first, "paging {limit} at a time");
     }
-    assert!(store.list_images(0, None).await.unwrap().is_empty());
+    assert!(store.list_images(0, None, None).await.unwrap().is_empty());
 }
 
 async fn deleting_the_last_reference_marks_every_copy_deleting(store: Arc<dyn MetadataStore>) {
@@ -926,6 +926,8 @@ fn new_image(blob: &BlobKey, created_at: DateTime<Utc>) -> NewImage {
         height: 480,
         blob: blob.clone(),
         created_at,
+        owner: None,
+        visibility: Visibility::Public,
     }
 }
 
@@ -940,6 +942,8 @@ fn record_of(image: &NewImage, replicas: Vec<Replica>) -> ImageRecord {
         blob: image.blob.clone(),
         created_at: image.created_at,
         replicas,
+        owner: image.owner.map(|owner| owner.user),
+        visibility: image.visibility,
     }
 }
 
@@ -1043,7 +1047,7 @@ async fn page_through(store: &dyn MetadataStore, limit: u32) -> Vec<Uuid> {
     let mut seen = Vec::new();
     let mut after: Option<ListPosition> = None;
     loop {
-        let page = store.list_images(limit, after.as_ref()).await.unwrap();
+        let page = store.list_images(limit, after.as_ref(), None).await.unwrap();
         assert!(page.len() <= limit as usize);
         let Some(last) = page.last() else {
             return seen;

@@ -42,6 +42,7 @@ impl Deployment {
         let mut text = format!(
             "[server]\nbind = \"127.0.0.1:{port}\"\nspool_dir = \"{spool}\"\nshutdown_grace_secs = 10\n\
              [database]\nurl = \"{url}\"\n\
+             [auth]\nenabled = false\n\
              [replication]\nworkers = 2\nlease_secs = 2\nretry_min_ms = 50\nretry_max_secs = 1\nidle_poll_ms = 50\nbreaker_cooldown_ms = 200\n",
             spool = self.dir.path().join("spool").display(),
             url = self.database.url,
@@ -254,8 +255,10 @@ fn run_cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
 }
 
 fn fs_config(dir: &std::path::Path, shards: &[&str], extra: &str) -> String {
-    let mut text =
-        format!("[database]\nurl = \"sqlite://{}/chitram.db\"\n[placement]\nreplication_factor = 1\n", dir.display());
+    let mut text = format!(
+        "[database]\nurl = \"sqlite://{}/chitram.db\"\n[placement]\nreplication_factor = 1\n[auth]\nenabled = false\n",
+        dir.display()
+    );
     for shard in shards {
         text.push_str(&format!(
             "[[shards]]\nname = \"{shard}\"\nkind = \"fs\"\npath = \"{}/{shard}\"\n",
@@ -624,6 +627,15 @@ fn the_readme_serve_and_curl_examples_work_against_the_binary() {
     }
     let docs = curl(dir.path(), &["-L", "-o", "/dev/null", "-w", "%{http_code}", &format!("{base}/docs")]);
     assert_eq!(docs, "200", "the interactive API page");
+    // The first start wrote the first admin's key, readable by its owner only.
+    let token_file = dir.path().join("data/admin-token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let key = std::fs::read_to_string(&token_file).unwrap().trim().to_owned();
+    assert!(key.starts_with("chm_"), "{key}");
+    let auth = format!("Authorization: Bearer {key}");
+    let refused = curl(dir.path(), &["-o", "/dev/null", "-w", "%{http_code}", &format!("{base}/api/v1/images")]);
+    assert_eq!(refused, "401", "without the key");
 
     let cat = png(64, 48, 95_000);
     std::fs::write(dir.path().join("cat.png"), &cat).unwrap();
@@ -632,24 +644,34 @@ fn the_readme_serve_and_curl_examples_work_against_the_binary() {
     std::fs::write(dir.path().join("notes.txt"), "not an image").unwrap();
     let json = |text: &str| -> Value { serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}")) };
 
-    let image = json(&curl(dir.path(), &["-F", "file=@cat.png", &format!("{base}/api/v1/images/upload")]));
+    let image = json(&curl(dir.path(), &["-H", &auth, "-F", "file=@cat.png", &format!("{base}/api/v1/images/upload")]));
     let id = image["id"].as_str().unwrap().to_owned();
     assert_eq!((image["filename"].as_str(), image["width"].as_u64()), (Some("cat.png"), Some(64)), "{image}");
     assert_eq!(image["replicas"].as_array().map(Vec::len), Some(2), "two copies: {image}");
 
     let batch = json(&curl(
         dir.path(),
-        &["-F", "files=@a.png", "-F", "files=@b.jpg", "-F", "files=@notes.txt", &format!("{base}/api/v1/images/batch")],
+        &[
+            "-H",
+            &auth,
+            "-F",
+            "files=@a.png",
+            "-F",
+            "files=@b.jpg",
+            "-F",
+            "files=@notes.txt",
+            &format!("{base}/api/v1/images/batch"),
+        ],
     ));
     assert_eq!((batch["succeeded"].as_u64(), batch["failed"].as_u64()), (Some(2), Some(1)), "{batch}");
     assert_eq!(batch["results"][2]["status"], 400, "{batch}");
     assert_eq!(batch["results"][2]["error"]["code"], "INVALID_FILE_FORMAT", "{batch}");
 
-    let page = json(&curl(dir.path(), &[&format!("{base}/api/v1/images?limit=50")]));
+    let page = json(&curl(dir.path(), &["-H", &auth, &format!("{base}/api/v1/images?limit=50")]));
     assert_eq!(page["items"].as_array().map(Vec::len), Some(3), "{page}");
-    let first = json(&curl(dir.path(), &[&format!("{base}/api/v1/images?limit=2")]));
+    let first = json(&curl(dir.path(), &["-H", &auth, &format!("{base}/api/v1/images?limit=2")]));
     let cursor = first["next_cursor"].as_str().expect("a next page").to_owned();
-    let rest = json(&curl(dir.path(), &[&format!("{base}/api/v1/images?limit=50&cursor={cursor}")]));
+    let rest = json(&curl(dir.path(), &["-H", &auth, &format!("{base}/api/v1/images?limit=50&cursor={cursor}")]));
     assert_eq!(rest["items"][0]["id"].as_str(), Some(id.as_str()), "the oldest comes last: {rest}");
 
     let found = json(&curl(dir.path(), &[&format!("{base}/api/v1/images/{id}")]));
@@ -661,12 +683,35 @@ fn the_readme_serve_and_curl_examples_work_against_the_binary() {
     let etag = format!("If-None-Match: \"{}\"", image["checksum"].as_str().unwrap());
     let revalidated = curl(dir.path(), &["-H", &etag, "-i", &format!("{base}/api/v1/images/{id}/file")]);
     assert!(revalidated.starts_with("HTTP/1.1 304"), "{revalidated}");
-    let deleted = curl(dir.path(), &["-X", "DELETE", &format!("{base}/api/v1/images/{id}")]);
+    let private = curl(
+        dir.path(),
+        &[
+            "-H",
+            &auth,
+            "-X",
+            "PATCH",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"visibility":"private"}"#,
+            &format!("{base}/api/v1/images/{id}"),
+        ],
+    );
+    assert!(private.contains(r#""visibility":"private""#), "{private}");
+    let hidden =
+        curl(dir.path(), &["-o", "/dev/null", "-w", "%{http_code}", &format!("{base}/api/v1/images/{id}/file")]);
+    assert_eq!(hidden, "404", "a private image is not served to anyone");
+    let signed =
+        json(&curl(dir.path(), &["-H", &auth, "-X", "POST", &format!("{base}/api/v1/images/{id}/signed-url")]));
+    let link = format!("{base}{}", signed["url"].as_str().unwrap());
+    curl(&downloads, &["-o", "signed.png", &link]);
+    assert_eq!(std::fs::read(downloads.join("signed.png")).unwrap(), cat, "the signed link serves it");
+    let deleted = curl(dir.path(), &["-H", &auth, "-X", "DELETE", &format!("{base}/api/v1/images/{id}")]);
     assert!(deleted.is_empty(), "204, no body: {deleted}");
-    let gone = json(&curl(dir.path(), &[&format!("{base}/api/v1/images/{id}")]));
+    let gone = json(&curl(dir.path(), &["-H", &auth, &format!("{base}/api/v1/images/{id}")]));
     assert_eq!(gone["detail"]["code"], "IMAGE_NOT_FOUND", "{gone}");
 
-    let health = json(&curl(dir.path(), &[&format!("{base}/health")]));
+    let health = json(&curl(dir.path(), &["-H", &auth, &format!("{base}/health")]));
     assert!(["ok", "degraded"].contains(&health["status"].as_str().unwrap_or_default()), "{health}");
     assert_eq!(health["shards"].as_array().map(Vec::len), Some(3), "{health}");
     let _ = child.kill();

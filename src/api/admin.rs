@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
+use crate::accounts::Caller;
 use crate::storage::breaker::CircuitState;
 
 pub fn router() -> Router<AppState> {
@@ -43,13 +44,17 @@ pub struct ShardReplication {
 }
 
 #[utoipa::path(
-    get, path = "/api/v1/admin/replication", tag = "operations",
+    get, path = "/api/v1/admin/replication", tag = "operations", security(("bearer" = [])),
     responses(
         (status = 200, description = "The replication queue and each shard's circuit", body = ReplicationStatus),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN: admins only", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
         (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
-async fn replication(State(state): State<AppState>) -> Result<Json<ReplicationStatus>, ApiError> {
+async fn replication(State(state): State<AppState>, caller: Caller) -> Result<Json<ReplicationStatus>, ApiError> {
+    caller.require_admin()?;
     let stats = state.metadata.queue_stats().await?;
     let shards = state
         .router

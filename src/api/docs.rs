@@ -2,7 +2,8 @@
 //! the binary: the Swagger UI assets are vendored at build time, so no network is needed.
 
 use axum::Router;
-use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use super::AppState;
@@ -12,21 +13,48 @@ use super::AppState;
     info(title = "Chitram", description = "A self-hosted image store over a sharded, replicated object store.\n\n\
 Every error is JSON, `{\"detail\": {\"code\": \"…\", \"message\": \"…\"}}` (schema `ErrorBody`), with a stable code. \
 On every path: `404 NOT_FOUND` for a path that is no endpoint, `405 METHOD_NOT_ALLOWED` (with `Allow`) for a method \
-the endpoint does not answer, `500 INTERNAL_ERROR` for a fault of the server; `503` answers carry `Retry-After`."),
+the endpoint does not answer, `500 INTERNAL_ERROR` for a fault of the server; `503` answers carry `Retry-After`.\n\n\
+Credentials: `Authorization: Bearer <token>`, an API key (`chm_…`) or an access token from `POST /api/v1/auth/login`. \
+Credentials that are sent and not valid get `401 UNAUTHORIZED` on every path. Every path but `/health` is rate limited \
+per caller: answers carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`, and `429 RATE_LIMITED` \
+carries `Retry-After`."),
+    modifiers(&BearerAuth),
     paths(
         super::images::upload,
         super::images::batch,
         super::images::list,
         super::images::find,
         super::images::remove,
+        super::images::change,
+        super::images::sign,
         super::images::download,
         super::images::download_head,
         super::health::health,
         super::admin::replication,
+        super::auth::register,
+        super::auth::login,
+        super::auth::me,
+        super::auth::create_key,
+        super::auth::list_keys,
+        super::auth::revoke_key,
     ),
-    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health and replication"))
+    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health and replication"), (name = "accounts", description = "Users, access tokens and API keys"))
 )]
 pub struct ApiDoc;
+
+/// The `bearer` scheme the paths' `security` names.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some("An API key (`chm_…`) or an access token from `POST /api/v1/auth/login`"))
+            .build();
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
 
 pub fn router() -> Router<AppState> {
     Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))

@@ -11,17 +11,34 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::accounts::AuthError;
 use crate::images::error::ImageError;
 use crate::images::format::FormatError;
+use crate::metadata::MetadataError;
 use crate::telemetry::error_chain;
 
 /// An error as the API reports it.
 #[derive(Debug)]
-pub struct ApiError(pub ImageError);
+pub enum ApiError {
+    Image(ImageError),
+    Auth(AuthError),
+    /// 400 `INVALID_BODY`: a JSON body that is not what the route takes.
+    InvalidBody(String),
+    /// 429 `RATE_LIMITED`, with `Retry-After` (whole seconds).
+    RateLimited {
+        retry_after_secs: u64,
+    },
+}
 
 impl<E: Into<ImageError>> From<E> for ApiError {
     fn from(error: E) -> Self {
-        ApiError(error.into())
+        ApiError::Image(error.into())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        ApiError::Auth(error)
     }
 }
 
@@ -41,37 +58,95 @@ pub struct ErrorDetail {
 impl ApiError {
     /// The status, code and client-facing message of this error.
     pub fn parts(&self) -> (StatusCode, &'static str, String) {
-        use ImageError::*;
-        let client = |status, code| (status, code, self.0.to_string());
-        match &self.0 {
-            InvalidFormat(FormatError::TooManyPixels { .. }) => {
-                client(StatusCode::PAYLOAD_TOO_LARGE, "IMAGE_TOO_LARGE")
+        match self {
+            ApiError::Image(error) => image_parts(error),
+            ApiError::Auth(error) => auth_parts(error),
+            ApiError::InvalidBody(reason) => {
+                (StatusCode::BAD_REQUEST, "INVALID_BODY", format!("the request body is not valid: {reason}"))
             }
-            InvalidFormat(_) => client(StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT"),
-            EmptyFile => client(StatusCode::BAD_REQUEST, "EMPTY_FILE"),
-            FileTooLarge { .. } => client(StatusCode::PAYLOAD_TOO_LARGE, "FILE_TOO_LARGE"),
-            MissingFile { .. } => client(StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE"),
-            InvalidMultipart(_) => client(StatusCode::BAD_REQUEST, "INVALID_MULTIPART"),
-            TooManyFiles { .. } => client(StatusCode::BAD_REQUEST, "TOO_MANY_FILES"),
-            NotFound => client(StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
-            InvalidCursor => client(StatusCode::BAD_REQUEST, "INVALID_CURSOR"),
-            InvalidLimit => client(StatusCode::BAD_REQUEST, "INVALID_LIMIT"),
-            StorageUnavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "STORAGE_UNAVAILABLE",
-                "no storage shard can serve this request right now; retry later".to_owned(),
-            ),
-            Metadata(error) if error.is_unavailable() => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "DATABASE_UNAVAILABLE",
-                "the metadata database is unavailable; retry later".to_owned(),
-            ),
-            Metadata(_) | Internal { .. } => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "INTERNAL_ERROR",
-                "an internal error occurred; the server log has the cause".to_owned(),
+            ApiError::RateLimited { retry_after_secs } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMITED",
+                format!("too many requests: retry in {retry_after_secs} s"),
             ),
         }
+    }
+
+    /// The error inside, for the log.
+    pub fn source_chain(&self) -> String {
+        match self {
+            ApiError::Image(error) => error_chain(error),
+            ApiError::Auth(error) => error_chain(error),
+            other => other.parts().2,
+        }
+    }
+}
+
+fn auth_parts(error: &AuthError) -> (StatusCode, &'static str, String) {
+    use AuthError::*;
+    let client = |status, code| (status, code, error.to_string());
+    match error {
+        MissingCredentials | InvalidCredentials { .. } => client(StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+        WrongPassword => client(StatusCode::UNAUTHORIZED, "INVALID_CREDENTIALS"),
+        Forbidden(_) => client(StatusCode::FORBIDDEN, "FORBIDDEN"),
+        SignedUrlExpired => client(StatusCode::FORBIDDEN, "SIGNED_URL_EXPIRED"),
+        RegistrationClosed => client(StatusCode::FORBIDDEN, "REGISTRATION_CLOSED"),
+        UsernameTaken(_) => client(StatusCode::CONFLICT, "USERNAME_TAKEN"),
+        InvalidUsername => client(StatusCode::BAD_REQUEST, "INVALID_USERNAME"),
+        InvalidPassword => client(StatusCode::BAD_REQUEST, "INVALID_PASSWORD"),
+        InvalidKeyName => client(StatusCode::BAD_REQUEST, "INVALID_KEY_NAME"),
+        InvalidExpiry { .. } => client(StatusCode::BAD_REQUEST, "INVALID_EXPIRY"),
+        KeyNotFound => client(StatusCode::NOT_FOUND, "KEY_NOT_FOUND"),
+        UserNotFound(_) => client(StatusCode::NOT_FOUND, "USER_NOT_FOUND"),
+        Metadata(error) => metadata_parts(error),
+        Internal { .. } => internal(),
+    }
+}
+
+fn metadata_parts(error: &MetadataError) -> (StatusCode, &'static str, String) {
+    if error.is_unavailable() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+            "the metadata database is unavailable; retry later".to_owned(),
+        )
+    } else {
+        internal()
+    }
+}
+
+fn internal() -> (StatusCode, &'static str, String) {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "INTERNAL_ERROR",
+        "an internal error occurred; the server log has the cause".to_owned(),
+    )
+}
+
+fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String) {
+    use ImageError::*;
+    let client = |status, code| (status, code, error.to_string());
+    match error {
+        InvalidFormat(FormatError::TooManyPixels { .. }) => client(StatusCode::PAYLOAD_TOO_LARGE, "IMAGE_TOO_LARGE"),
+        InvalidFormat(_) => client(StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT"),
+        EmptyFile => client(StatusCode::BAD_REQUEST, "EMPTY_FILE"),
+        FileTooLarge { .. } => client(StatusCode::PAYLOAD_TOO_LARGE, "FILE_TOO_LARGE"),
+        MissingFile { .. } => client(StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE"),
+        InvalidMultipart(_) => client(StatusCode::BAD_REQUEST, "INVALID_MULTIPART"),
+        TooManyFiles { .. } => client(StatusCode::BAD_REQUEST, "TOO_MANY_FILES"),
+        NotFound => client(StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
+        InvalidCursor => client(StatusCode::BAD_REQUEST, "INVALID_CURSOR"),
+        InvalidLimit => client(StatusCode::BAD_REQUEST, "INVALID_LIMIT"),
+        StorageUnavailable(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STORAGE_UNAVAILABLE",
+            "no storage shard can serve this request right now; retry later".to_owned(),
+        ),
+        QuotaExceeded { .. } => client(StatusCode::FORBIDDEN, "QUOTA_EXCEEDED"),
+        InvalidVisibility => client(StatusCode::BAD_REQUEST, "INVALID_VISIBILITY"),
+        InvalidSignedUrl => client(StatusCode::BAD_REQUEST, "INVALID_SIGNED_URL"),
+        Metadata(error) => metadata_parts(error),
+        Internal { .. } => internal(),
     }
 }
 
@@ -79,11 +154,27 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, message) = self.parts();
         if status.is_server_error() {
-            tracing::error!(code, error = %error_chain(&self.0), "request failed");
+            tracing::error!(code, error = %self.source_chain(), "request failed");
+        } else if let ApiError::Auth(AuthError::InvalidCredentials { reason }) = &self {
+            tracing::info!(reason, "refused credentials");
         }
         let mut response = error_body(status, code, &message).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        let headers = response.headers_mut();
+        match (&self, status) {
+            (ApiError::RateLimited { retry_after_secs }, _) => {
+                headers.insert(header::RETRY_AFTER, header::HeaderValue::from(*retry_after_secs));
+            }
+            (_, StatusCode::SERVICE_UNAVAILABLE) => {
+                headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            }
+            (ApiError::Auth(AuthError::InvalidCredentials { .. }), _) => {
+                let challenge = header::HeaderValue::from_static("Bearer error=\"invalid_token\"");
+                headers.insert(header::WWW_AUTHENTICATE, challenge);
+            }
+            (_, StatusCode::UNAUTHORIZED) => {
+                headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         response
     }

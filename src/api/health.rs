@@ -11,6 +11,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use super::error::ErrorBody;
+use crate::accounts::Caller;
 use crate::metadata::{MetadataStore, ReplicaCounts};
 use crate::storage::breaker::CircuitState;
 use crate::telemetry::error_chain;
@@ -53,9 +55,14 @@ pub struct Health {
     /// is open, or copies are below the replication factor (`replicas.pending` or
     /// `replicas.missing` above 0). `unavailable`: the database or every shard is down.
     pub status: &'static str,
-    pub database: ComponentHealth,
-    pub shards: Vec<ComponentHealth>,
+    /// The components: shown to admins only (and to everyone with accounts off), since they
+    /// name the store's internals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<ComponentHealth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<Vec<ComponentHealth>>,
     /// Copies per state (absent when the database is down), counted at most 10 s ago.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<ReplicaSummary>,
 }
 
@@ -84,13 +91,14 @@ pub struct ReplicaSummary {
 }
 
 #[utoipa::path(
-    get, path = "/health", tag = "operations",
+    get, path = "/health", tag = "operations", security((), ("bearer" = [])),
     responses(
-        (status = 200, description = "The database and at least one shard answer", body = Health),
+        (status = 200, description = "The database and at least one shard answer; the components are listed for admins", body = Health),
+        (status = 401, description = "UNAUTHORIZED: credentials were sent and are not valid", body = ErrorBody),
         (status = 503, description = "The database or every shard is down", body = Health),
     )
 )]
-async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+async fn health(State(state): State<AppState>, caller: Caller) -> (StatusCode, Json<Health>) {
     let (database, shards) = tokio::join!(check_database(&state), state.router.check_health(CHECK_TIMEOUT));
     let shards: Vec<ComponentHealth> = shards
         .into_iter()
@@ -119,7 +127,10 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
         missing: c.missing,
         deleting: c.deleting,
     });
-    (code, Json(Health { status, database, shards, replicas }))
+    if !caller.is_admin() {
+        return (code, Json(Health { status, database: None, shards: None, replicas: None }));
+    }
+    (code, Json(Health { status, database: Some(database), shards: Some(shards), replicas }))
 }
 
 async fn check_database(state: &AppState) -> ComponentHealth {

@@ -3,33 +3,46 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
+use uuid::Uuid;
 
+use super::auth::json_body;
 use super::error::{ApiError, ErrorBody};
-use super::json::{BatchItem, BatchResult, Image, ImageBytes, ImageList};
+use super::json::{
+    BatchItem, BatchResult, Image, ImageBytes, ImageList, SignedUrlJson, SignedUrlRequest, VisibilityChange,
+};
 use super::multipart::{EXTRA_PARTS, FormLimits, FramingError, open_form};
 use super::{AppState, UploadLimits};
+use crate::accounts::signed_url::Signature;
+use crate::accounts::{AuthError, Caller};
 use crate::images::error::ImageError;
 use crate::images::spool::{SpoolError, SpoolLimits, SpooledBody, spool_body};
-use crate::metadata::ImageRecord;
+use crate::metadata::{ImageOwner, ImageRecord, Visibility};
 use multer::{Field, Multipart};
 
 /// Room for multipart boundaries and part headers on top of the file itself.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
-/// Images never change under an id, so clients and proxies may keep them for a year.
+/// Images never change under an id, so clients and proxies may keep public ones for a year.
 const CACHE_FOREVER: &str = "public, max-age=31536000, immutable";
+/// A private image is for its reader alone: no shared cache keeps it, and the reader's own
+/// revalidates (a cheap 304) so that losing access takes effect.
+const CACHE_PRIVATE: &str = "private, no-cache";
+/// Longest value of the `visibility` form field read.
+const VISIBILITY_FIELD_MAX: usize = 16;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/images/upload", post(upload))
         .route("/api/v1/images/batch", post(batch))
         .route("/api/v1/images", get(list))
-        .route("/api/v1/images/{id}", get(find).delete(remove))
+        .route("/api/v1/images/{id}", get(find).delete(remove).patch(change))
         .route("/api/v1/images/{id}/file", get(download).head(download_head))
+        .route("/api/v1/images/{id}/signed-url", post(sign))
 }
 
 /// The bounds of a form carrying up to `files` files.
@@ -39,28 +52,47 @@ fn form_limits(limits: &UploadLimits, files: usize) -> FormLimits {
 }
 
 #[utoipa::path(
-    post, path = "/api/v1/images/upload", tag = "images",
+    post, path = "/api/v1/images/upload", tag = "images", params(UploadParams), security(("bearer" = [])),
     request_body(content_type = "multipart/form-data", content = super::json::UploadForm),
     responses(
-        (status = 201, description = "Stored", body = Image),
-        (status = 400, description = "INVALID_FILE_FORMAT (not JPEG/PNG/GIF/WebP, or truncated or corrupt), EMPTY_FILE or INVALID_MULTIPART", body = ErrorBody),
+        (status = 201, description = "Stored, owned by the caller", body = Image),
+        (status = 400, description = "INVALID_FILE_FORMAT (not JPEG/PNG/GIF/WebP, or truncated or corrupt), EMPTY_FILE, INVALID_MULTIPART or INVALID_VISIBILITY", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "QUOTA_EXCEEDED", body = ErrorBody),
         (status = 413, description = "FILE_TOO_LARGE (over server.max_upload_bytes) or IMAGE_TOO_LARGE (over server.max_pixels)", body = ErrorBody),
         (status = 422, description = "MISSING_FILE: no part named file, or not a multipart body", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
         (status = 500, description = "INTERNAL_ERROR", body = ErrorBody),
         (status = 503, description = "STORAGE_UNAVAILABLE or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
-async fn upload(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let owner = state.accounts.upload_owner(&caller)?;
+    let mut visibility = query_visibility(&query)?;
     let limits = form_limits(&state.limits, 1);
     refuse_declared_oversize(&headers, limits.body, &state.limits.spool)?;
     let mut multipart = open_form(&headers, body, limits).ok_or(ImageError::MissingFile { field: "file" })?;
+    // The whole form is read before anything is stored, so that a `visibility` field counts
+    // wherever it is; the file waits in the spool meanwhile (the form's size is bounded).
+    let mut file = None;
     while let Some(field) = next_field(&mut multipart, &state.limits.spool, "file").await? {
-        if field.name() != Some("file") {
-            continue; // Dropping a field skips the rest of it.
+        match field.name() {
+            Some("visibility") => visibility = read_visibility(field).await?,
+            Some("file") if file.is_none() => {
+                let filename = field.file_name().map(str::to_owned);
+                file = Some((filename, spool_field(field, &state.limits.spool).await?));
+            }
+            _ => {} // Dropping a field skips the rest of it.
         }
-        let filename = field.file_name().map(str::to_owned);
-        let body = spool_field(field, &state.limits.spool).await?;
-        let image = Image::from(state.images.upload(filename.as_deref(), body).await?);
+    }
+    if let Some((filename, body)) = file {
+        let image = Image::from(state.images.upload(filename.as_deref(), body, owner, visibility).await?);
         let location =
             HeaderValue::from_str(&format!("/api/v1/images/{}", image.id)).expect("a UUID path is a valid header");
         return Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(image)).into_response());
@@ -69,18 +101,29 @@ async fn upload(State(state): State<AppState>, headers: HeaderMap, body: Body) -
 }
 
 #[utoipa::path(
-    post, path = "/api/v1/images/batch", tag = "images",
+    post, path = "/api/v1/images/batch", tag = "images", params(UploadParams), security(("bearer" = [])),
     request_body(content_type = "multipart/form-data", content = super::json::BatchForm),
     responses(
         (status = 200, description = "One result per file, each with the status and code the file would have had alone; a bad file does not fail the others", body = BatchResult),
-        (status = 400, description = "INVALID_MULTIPART: the form is malformed before its first file", body = ErrorBody),
+        (status = 400, description = "INVALID_MULTIPART (the form is malformed before its first file) or INVALID_VISIBILITY", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+
         (status = 413, description = "FILE_TOO_LARGE: the request as a whole is too large", body = ErrorBody),
         (status = 422, description = "MISSING_FILE: no part named files, or not a multipart body", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
         (status = 500, description = "INTERNAL_ERROR", body = ErrorBody),
         (status = 503, description = "STORAGE_UNAVAILABLE or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
-async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Json<BatchResult>, ApiError> {
+async fn batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BatchResult>, ApiError> {
+    let owner = state.accounts.upload_owner(&caller)?;
+    let mut visibility = query_visibility(&query)?;
     let limits = &state.limits;
     let form = form_limits(limits, limits.max_batch_files);
     refuse_declared_oversize(&headers, form.body, &limits.spool)?;
@@ -98,6 +141,18 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
             }
             Err(error) => return Err(error),
         };
+        if field.name() == Some("visibility") {
+            // Files are stored as they arrive: the field applies to those after it.
+            match read_visibility(field).await {
+                Ok(chosen) => visibility = chosen,
+                Err(error) if !results.is_empty() => {
+                    results.push(batch_item(String::new(), Err(error.into())));
+                    break;
+                }
+                Err(error) => return Err(error.into()),
+            }
+            continue;
+        }
         if field.name() != Some("files") {
             continue;
         }
@@ -105,7 +160,7 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
         let outcome = if results.len() >= limits.max_batch_files {
             Err(ImageError::TooManyFiles { limit: limits.max_batch_files }.into())
         } else {
-            store_one(&state, &filename, field).await
+            store_one(&state, &filename, field, owner, visibility).await
         };
         results.push(batch_item(filename, outcome));
     }
@@ -116,9 +171,36 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
     Ok(Json(BatchResult { failed: results.len() - succeeded, succeeded, results }))
 }
 
-async fn store_one(state: &AppState, filename: &str, field: Field<'static>) -> Result<ImageRecord, ApiError> {
+async fn store_one(
+    state: &AppState,
+    filename: &str,
+    field: Field<'static>,
+    owner: Option<ImageOwner>,
+    visibility: Visibility,
+) -> Result<ImageRecord, ApiError> {
     let body = spool_field(field, &state.limits.spool).await?;
-    Ok(state.images.upload(Some(filename), body).await?)
+    Ok(state.images.upload(Some(filename), body, owner, visibility).await?)
+}
+
+/// `?visibility=` of an upload (the default: public).
+fn query_visibility(query: &[(String, String)]) -> Result<Visibility, ImageError> {
+    match query.iter().rev().find(|(key, _)| key == "visibility") {
+        Some((_, value)) => Visibility::parse(value).ok_or(ImageError::InvalidVisibility),
+        None => Ok(Visibility::default()),
+    }
+}
+
+/// The `visibility` form field; it applies to the files after it in the form.
+async fn read_visibility(mut field: Field<'static>) -> Result<Visibility, ImageError> {
+    let mut text = Vec::new();
+    while let Some(chunk) = field.next().await {
+        let chunk = chunk.map_err(|error| ImageError::InvalidMultipart(error.to_string()))?;
+        if text.len() + chunk.len() > VISIBILITY_FIELD_MAX {
+            return Err(ImageError::InvalidVisibility);
+        }
+        text.extend_from_slice(&chunk);
+    }
+    std::str::from_utf8(&text).ok().and_then(|text| Visibility::parse(text.trim())).ok_or(ImageError::InvalidVisibility)
 }
 
 fn batch_item(filename: String, outcome: Result<ImageRecord, ApiError>) -> BatchItem {
@@ -127,7 +209,7 @@ fn batch_item(filename: String, outcome: Result<ImageRecord, ApiError>) -> Batch
         Err(error) => {
             let (status, code, message) = error.parts();
             if status.is_server_error() {
-                tracing::error!(code, error = %crate::telemetry::error_chain(&error.0), "batch item failed");
+                tracing::error!(code, error = %error.source_chain(), "batch item failed");
             }
             let detail = super::error::ErrorDetail { code: code.to_owned(), message };
             BatchItem { filename, status: status.as_u16(), image: None, error: Some(detail) }
@@ -194,6 +276,32 @@ struct ListParams {
     /// The `next_cursor` of the previous page.
     #[param(nullable = false)]
     cursor: Option<String>,
+    /// Admins: whose images (a username, or `*` for everyone's). Default: the caller's own.
+    #[param(nullable = false)]
+    owner: Option<String>,
+}
+
+/// The query of an upload (documented; read as pairs).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct UploadParams {
+    /// `public` (default) or `private`; a `visibility` form field before the file does the same.
+    #[param(nullable = false)]
+    visibility: Option<Visibility>,
+}
+
+/// A signed URL's query, on the metadata and file of a private image: both or neither.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct SignedParams {
+    /// Unix time the signed URL stops working.
+    #[param(nullable = false, minimum = 0)]
+    expires: Option<i64>,
+    /// From `POST /api/v1/images/{id}/signed-url`: 64 hex digits.
+    #[param(nullable = false, pattern = "^[0-9a-fA-F]{64}$")]
+    signature: Option<String>,
 }
 
 /// The `{id}` of a path, as the OpenAPI document describes it.
@@ -208,99 +316,278 @@ struct IdParam {
 }
 
 #[utoipa::path(
-    get, path = "/api/v1/images", tag = "images", params(ListParams),
+    get, path = "/api/v1/images", tag = "images", params(ListParams), security(("bearer" = [])),
     responses(
-        (status = 200, description = "Newest first", body = ImageList),
+        (status = 200, description = "The caller's images (an admin's `owner=`), newest first", body = ImageList),
         (status = 400, description = "INVALID_CURSOR or INVALID_LIMIT", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN: `owner` names someone else and the caller is no admin", body = ErrorBody),
+        (status = 404, description = "USER_NOT_FOUND: `owner` names no user", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
+
         (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
 async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<ImageList>, ApiError> {
     // Read as pairs, which cannot fail to parse: a repeated parameter counts once (the last),
     // so the answer is INVALID_LIMIT or INVALID_CURSOR rather than a bare parse error.
     let param = |name: &str| pairs.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.as_str());
-    let page = state.images.list(param("limit"), param("cursor")).await?;
+    let owner = list_owner(&state, &caller, param("owner")).await?;
+    let page = state.images.list(param("limit"), param("cursor"), owner).await?;
     Ok(Json(ImageList { items: page.items.into_iter().map(Image::from).collect(), next_cursor: page.next_cursor }))
 }
 
-#[utoipa::path(
-    get, path = "/api/v1/images/{id}", tag = "images", params(IdParam),
-    responses(
-        (status = 200, description = "The image", body = Image),
-        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
-        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
-    )
-)]
-async fn find(State(state): State<AppState>, id: Result<Path<String>, PathRejection>) -> Result<Json<Image>, ApiError> {
-    Ok(Json(state.images.find(&image_id(id)?).await?.into()))
+/// Whose images a list shows: a user's own; an admin's own, or `owner`'s (`*`: everyone's);
+/// with accounts off, everyone's unless `owner` names someone.
+async fn list_owner(state: &AppState, caller: &Caller, owner: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    caller.require_signed_in()?;
+    match (owner, caller) {
+        (Some(name), Caller::User(identity)) if name == identity.username => Ok(Some(identity.user)),
+        (Some(_), _) if !caller.is_admin() => {
+            Err(AuthError::Forbidden("only an admin may list another user's images").into())
+        }
+        (Some("*"), _) => Ok(None),
+        (Some(name), _) => Ok(Some(state.accounts.user_named(name).await?.id)),
+        (None, Caller::User(identity)) => Ok(Some(identity.user)),
+        (None, _) => Ok(None),
+    }
+}
+
+/// How a reader came to see an image, which decides how it may be cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Public,
+    Private,
+}
+
+/// The image if the caller may see it (or the query carries a valid signed URL for it). Who
+/// may not see a private image gets 404, as for an unknown id: its existence is not theirs to
+/// learn.
+async fn readable(
+    state: &AppState,
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+    query: &[(String, String)],
+) -> Result<(ImageRecord, Access), ApiError> {
+    let signed = signed_params(query)?;
+    let record = state.images.find(&image_id(id)?).await?;
+    if record.visibility == Visibility::Public {
+        return Ok((record, Access::Public));
+    }
+    if caller.may_read(&record) {
+        return Ok((record, Access::Private));
+    }
+    if let Some((expires, signature)) = signed {
+        match state.accounts.check_signature(record.id, expires, signature) {
+            Signature::Valid => return Ok((record, Access::Private)),
+            Signature::Expired => return Err(AuthError::SignedUrlExpired.into()),
+            Signature::Invalid => {}
+        }
+    }
+    Err(ImageError::NotFound.into())
+}
+
+/// The `expires` and `signature` of a signed URL: both or neither, well formed.
+fn signed_params(query: &[(String, String)]) -> Result<Option<(i64, &str)>, ApiError> {
+    let param = |name: &str| query.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.as_str());
+    match (param("expires"), param("signature")) {
+        (None, None) => Ok(None),
+        (Some(expires), Some(signature)) => {
+            let expires = expires.parse::<i64>().ok().filter(|expires| *expires >= 0);
+            let hex = signature.len() == 64 && signature.bytes().all(|b| b.is_ascii_hexdigit());
+            match expires {
+                Some(expires) if hex => Ok(Some((expires, signature))),
+                _ => Err(ImageError::InvalidSignedUrl.into()),
+            }
+        }
+        _ => Err(ImageError::InvalidSignedUrl.into()),
+    }
+}
+
+/// The image if the caller may change it (its owner or an admin).
+async fn changeable(
+    state: &AppState,
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<ImageRecord, ApiError> {
+    // Credentials first: without them, the answer is 401 whether the image exists or not.
+    caller.require_signed_in()?;
+    let record = state.images.find(&image_id(id)?).await?;
+    match caller.may_change(&record) {
+        Ok(()) => Ok(record),
+        Err(Some(refusal)) => Err(refusal.into()),
+        Err(None) => Err(ImageError::NotFound.into()),
+    }
 }
 
 #[utoipa::path(
-    delete, path = "/api/v1/images/{id}", tag = "images", params(IdParam),
+    get, path = "/api/v1/images/{id}", tag = "images", params(IdParam, SignedParams), security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The image", body = Image),
+        (status = 400, description = "INVALID_SIGNED_URL: `expires` or `signature` malformed, or one without the other", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "SIGNED_URL_EXPIRED", body = ErrorBody),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID, and for another user's private image)", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
+
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
+)]
+async fn find(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Json<Image>, ApiError> {
+    let (record, _) = readable(&state, &caller, id, &query).await?;
+    Ok(Json(record.into()))
+}
+
+#[utoipa::path(
+    delete, path = "/api/v1/images/{id}", tag = "images", params(IdParam), security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN: not the owner or an admin", body = ErrorBody),
         (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
+
         (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
 async fn remove(
     State(state): State<AppState>,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    state.images.delete(&image_id(id)?).await?;
+    let record = changeable(&state, &caller, id).await?;
+    state.images.delete(&record.id.to_string()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(
-    get, path = "/api/v1/images/{id}/file", tag = "images", params(IdParam),
+    patch, path = "/api/v1/images/{id}", tag = "images", params(IdParam), request_body = VisibilityChange,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The image, with its new visibility", body = Image),
+        (status = 400, description = "INVALID_BODY", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN: not the owner or an admin", body = ErrorBody),
+        (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
+)]
+async fn change(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<VisibilityChange>, JsonRejection>,
+) -> Result<Json<Image>, ApiError> {
+    let change = json_body(body)?;
+    let record = changeable(&state, &caller, id).await?;
+    Ok(Json(state.images.set_visibility(record.id, change.visibility).await?.into()))
+}
+
+#[utoipa::path(
+    post, path = "/api/v1/images/{id}/signed-url", tag = "images", params(IdParam),
+    request_body(content = Option<SignedUrlRequest>, description = "Optional; the default lifetime is one hour"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A link to the file that needs no credentials until it expires", body = SignedUrlJson),
+        (status = 400, description = "INVALID_BODY or INVALID_EXPIRY", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN: not the owner or an admin", body = ErrorBody),
+        (status = 404, description = "IMAGE_NOT_FOUND", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
+        (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
+    )
+)]
+async fn sign(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<Json<SignedUrlJson>, ApiError> {
+    let record = changeable(&state, &caller, id).await?;
+    let bytes = axum::body::to_bytes(body, 4096).await.map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    let request: SignedUrlRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        SignedUrlRequest::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidBody(e.to_string()))?
+    };
+    let signed = state.accounts.sign_url(record.id, request.expires_in)?;
+    let url = format!("/api/v1/images/{}/file?expires={}&signature={}", record.id, signed.expires, signed.signature);
+    let expires_at = chrono::DateTime::from_timestamp(signed.expires, 0).unwrap_or_default();
+    Ok(Json(SignedUrlJson { url, expires_at }))
+}
+
+#[utoipa::path(
+    get, path = "/api/v1/images/{id}/file", tag = "images", params(IdParam, SignedParams), security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The bytes, as the type their magic bytes showed at upload",
             content((ImageBytes = "image/png"), (ImageBytes = "image/jpeg"), (ImageBytes = "image/gif"), (ImageBytes = "image/webp"))),
+        (status = 400, description = "INVALID_SIGNED_URL: `expires` or `signature` malformed, or one without the other", body = ErrorBody),
         (status = 304, description = "If-None-Match matched the ETag"),
-        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "SIGNED_URL_EXPIRED", body = ErrorBody),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID, and for another user's private image)", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
+
         (status = 503, description = "STORAGE_UNAVAILABLE (no copy could be read) or DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
 async fn download(
     State(state): State<AppState>,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
+    Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let record = state.images.find(&image_id(id)?).await?;
+    // Access first: a 304 to someone who may not see the image would confirm that it exists.
+    let (record, access) = readable(&state, &caller, id, &query).await?;
     // The ETag is the checksum, so a revalidation is answered from metadata alone.
     if etag_matches(&headers, &record) {
-        return Ok(not_modified(&record));
+        return Ok(not_modified(&record, access));
     }
     let file = state.images.open_file(record).await?;
     let mut response = Body::from_stream(file.reader.stream).into_response();
-    *response.headers_mut() = file_headers(&file.record);
+    *response.headers_mut() = file_headers(&file.record, access);
     Ok(response)
 }
 
 /// HEAD answers from metadata: no shard is read.
 #[utoipa::path(
-    head, path = "/api/v1/images/{id}/file", tag = "images", params(IdParam),
+    head, path = "/api/v1/images/{id}/file", tag = "images", params(IdParam, SignedParams), security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The headers of the file: Content-Type, Content-Length, ETag; no body"),
+        (status = 400, description = "INVALID_SIGNED_URL: `expires` or `signature` malformed, or one without the other"),
         (status = 304, description = "If-None-Match matched the ETag"),
-        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID)", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "SIGNED_URL_EXPIRED", body = ErrorBody),
+        (status = 404, description = "IMAGE_NOT_FOUND (also for an id that is not a UUID, and for another user's private image)", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED", body = ErrorBody),
+
         (status = 503, description = "DATABASE_UNAVAILABLE", body = ErrorBody),
     )
 )]
 async fn download_head(
     State(state): State<AppState>,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
+    Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let record = state.images.find(&image_id(id)?).await?;
+    let (record, access) = readable(&state, &caller, id, &query).await?;
     if etag_matches(&headers, &record) {
-        return Ok(not_modified(&record));
+        return Ok(not_modified(&record, access));
     }
     let mut response = StatusCode::OK.into_response();
-    *response.headers_mut() = file_headers(&record);
+    *response.headers_mut() = file_headers(&record, access);
     Ok(response)
 }
 
@@ -322,19 +609,26 @@ fn etag_matches(headers: &HeaderMap, record: &ImageRecord) -> bool {
     })
 }
 
-fn not_modified(record: &ImageRecord) -> Response {
-    let headers = [(header::ETAG, etag(record)), (header::CACHE_CONTROL, HeaderValue::from_static(CACHE_FOREVER))];
+fn cache_control(access: Access) -> HeaderValue {
+    HeaderValue::from_static(match access {
+        Access::Public => CACHE_FOREVER,
+        Access::Private => CACHE_PRIVATE,
+    })
+}
+
+fn not_modified(record: &ImageRecord, access: Access) -> Response {
+    let headers = [(header::ETAG, etag(record)), (header::CACHE_CONTROL, cache_control(access))];
     (StatusCode::NOT_MODIFIED, headers).into_response()
 }
 
-fn file_headers(record: &ImageRecord) -> HeaderMap {
+fn file_headers(record: &ImageRecord, access: Access) -> HeaderMap {
     let mut headers = HeaderMap::new();
     let content_type =
         HeaderValue::from_str(&record.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(record.file_size));
     headers.insert(header::ETAG, etag(record));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(CACHE_FOREVER));
+    headers.insert(header::CACHE_CONTROL, cache_control(access));
     // Uploaded bytes are served as the type their magic bytes showed, and never sniffed
     // into something a browser would run.
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));

@@ -5,7 +5,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::metadata::{ImageRecord, ReplicaState};
+use crate::metadata::{ImageRecord, ReplicaState, Visibility};
 
 /// An image, as every endpoint returns it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -27,6 +27,10 @@ pub struct Image {
     pub created_at: DateTime<Utc>,
     /// Every recorded copy of the bytes.
     pub replicas: Vec<ReplicaJson>,
+    /// The id of the user who uploaded it (`null` for an image uploaded with accounts off).
+    pub owner: Option<Uuid>,
+    /// `public`: anyone may fetch it; `private`: its owner, an admin, or a signed URL.
+    pub visibility: Visibility,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -49,6 +53,8 @@ impl From<ImageRecord> for Image {
             storage_key: record.blob.to_string(),
             created_at: record.created_at,
             replicas: record.replicas.into_iter().map(|r| ReplicaJson { shard: r.shard, state: r.state }).collect(),
+            owner: record.owner,
+            visibility: record.visibility,
         }
     }
 }
@@ -84,6 +90,9 @@ pub struct BatchResult {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct UploadForm {
+    /// `public` (default) or `private` (or the `visibility` query parameter).
+    #[schema(nullable = false)]
+    pub visibility: Option<Visibility>,
     /// The image (JPEG, PNG, GIF or WebP, complete), not empty.
     #[schema(value_type = String, format = Binary, min_length = 1)]
     pub file: Vec<u8>,
@@ -93,6 +102,9 @@ pub struct UploadForm {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct BatchForm {
+    /// `public` (default) or `private`, for the files after it in the form.
+    #[schema(nullable = false)]
+    pub visibility: Option<Visibility>,
     /// The images, at least one; repeat the field once per file.
     #[schema(value_type = Vec<String>, format = Binary, min_items = 1)]
     pub files: Vec<Vec<u8>>,
@@ -103,3 +115,26 @@ pub struct BatchForm {
 #[schema(value_type = String, format = Binary)]
 #[allow(dead_code)]
 pub struct ImageBytes(Vec<u8>);
+
+/// The body of `PATCH /api/v1/images/{id}`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VisibilityChange {
+    pub visibility: Visibility,
+}
+
+/// The body of `POST /api/v1/images/{id}/signed-url`.
+#[derive(Debug, Default, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignedUrlRequest {
+    /// Seconds the link works, from 1 to `auth.signed_url_max_secs` (default 3600).
+    #[schema(minimum = 1)]
+    pub expires_in: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SignedUrlJson {
+    /// The file's path with `expires` and `signature`; it needs no credentials.
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}

@@ -2,24 +2,30 @@
 //! S3: handlers call the use cases in `images` and map their errors in `error`.
 
 pub mod admin;
+pub mod auth;
+pub mod caller;
 pub mod docs;
 pub mod error;
 pub mod health;
 pub mod images;
 pub mod json;
 pub mod multipart;
+pub mod ratelimit;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::accounts::Accounts;
 use crate::images::service::ImageService;
 use crate::images::spool::SpoolLimits;
 use crate::metadata::MetadataStore;
+use crate::ratelimit::RateLimiter;
 use crate::storage::router::StorageRouter;
 
 /// What every handler can reach.
@@ -33,6 +39,10 @@ pub struct AppState {
     pub replication_workers: usize,
     /// The copy counts `/health` shows, refreshed at most every few seconds.
     pub replica_counts: Arc<health::ReplicaCountsCache>,
+    pub accounts: Arc<Accounts>,
+    pub limiter: Arc<RateLimiter>,
+    /// Whether the client's address is the last `X-Forwarded-For` entry (behind a proxy).
+    pub trust_forwarded_for: bool,
 }
 
 /// Limits on what a client may send.
@@ -42,16 +52,21 @@ pub struct UploadLimits {
     pub max_batch_files: usize,
 }
 
-/// The whole HTTP surface.
+/// The whole HTTP surface. Every request is identified (`caller`), then rate limited
+/// (`ratelimit`), then routed.
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(images::router())
+        .merge(auth::router())
         .merge(health::router())
         .merge(admin::router())
         .merge(docs::router())
         .fallback(unknown_route)
         // Set once every route is in: it applies to the routes present. axum keeps `Allow`.
         .method_not_allowed_fallback(method_not_allowed)
+        // The last layer added runs first.
+        .layer(from_fn_with_state(state.clone(), ratelimit::limit))
+        .layer(from_fn_with_state(state.clone(), caller::identify))
         .with_state(state)
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(error::panic_response))

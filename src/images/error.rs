@@ -37,12 +37,21 @@ pub enum ImageError {
     /// 400 `INVALID_LIMIT`
     #[error("limit must be an integer from 1 to 100")]
     InvalidLimit,
+    /// 403 `QUOTA_EXCEEDED`
+    #[error("this upload would exceed your quota ({0}); delete images or ask an admin for more room")]
+    QuotaExceeded(String),
+    /// 400 `INVALID_SIGNED_URL`
+    #[error("a signed URL carries `expires` (Unix seconds) and `signature` (64 hex digits), both unchanged")]
+    InvalidSignedUrl,
+    /// 400 `INVALID_VISIBILITY`
+    #[error("visibility must be \"public\" or \"private\"")]
+    InvalidVisibility,
     /// 503 `STORAGE_UNAVAILABLE`
     #[error("no shard could serve the request")]
     StorageUnavailable(#[source] RouterError),
     /// 503 `DATABASE_UNAVAILABLE` when the database cannot be reached, else 500 `INTERNAL_ERROR`.
     #[error(transparent)]
-    Metadata(#[from] MetadataError),
+    Metadata(MetadataError),
     /// 500 `INTERNAL_ERROR`: a fault of the server (its spool directory, a shard misbehaving).
     #[error("{context}")]
     Internal {
@@ -58,6 +67,16 @@ impl From<SpoolError> for ImageError {
             SpoolError::TooLarge { limit } => ImageError::FileTooLarge { limit },
             SpoolError::Body(source) => ImageError::InvalidMultipart(source.to_string()),
             SpoolError::Io(source) => ImageError::Internal { context: "spooling the upload", source: Box::new(source) },
+        }
+    }
+}
+
+impl From<MetadataError> for ImageError {
+    fn from(error: MetadataError) -> Self {
+        match error {
+            // Found where the image is recorded, after the early check (a concurrent upload).
+            MetadataError::QuotaExceeded => ImageError::QuotaExceeded("checked as the image was recorded".into()),
+            other => ImageError::Metadata(other),
         }
     }
 }

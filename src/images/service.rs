@@ -13,7 +13,9 @@ use super::spool::SpooledBody;
 use super::verify::{self, ReadError};
 use crate::maintenance::deletion;
 use crate::maintenance::suspicion::{self, Finding};
-use crate::metadata::{CopyRef, ImageRecord, MetadataStore, NewImage, Replica, ReplicaState};
+use crate::metadata::{
+    CopyRef, ImageOwner, ImageRecord, MetadataStore, NewImage, Replica, ReplicaState, Role, Visibility,
+};
 use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
 use crate::storage::{BlobBody, BlobReader, ByteStream, StorageError};
 
@@ -59,14 +61,24 @@ impl ImageService {
         Self { max_pixels, ..self }
     }
 
-    /// Validates and stores an upload, and records it. The image is visible only once its bytes
-    /// are stored on a shard and its row is committed (DESIGN invariant 1).
-    pub async fn upload(&self, raw_filename: Option<&str>, upload: SpooledBody) -> Result<ImageRecord> {
+    /// Validates and stores an upload, and records it for `owner` (none with accounts off).
+    /// The image is visible only once its bytes are stored on a shard and its row is
+    /// committed (DESIGN invariant 1).
+    pub async fn upload(
+        &self,
+        raw_filename: Option<&str>,
+        upload: SpooledBody,
+        owner: Option<ImageOwner>,
+        visibility: Visibility,
+    ) -> Result<ImageRecord> {
         if upload.len == 0 {
             return Err(ImageError::EmptyFile);
         }
         // Format, dimensions and completeness, before anything is written anywhere.
         let info = inspect(&upload, self.max_pixels).await?;
+        if let Some(owner) = &owner {
+            self.ensure_room(owner, upload.len).await?;
+        }
         let image = NewImage {
             id: Uuid::now_v7(),
             filename: Filename::sanitise(raw_filename).into_string(),
@@ -76,6 +88,8 @@ impl ImageService {
             height: info.height,
             blob: upload.key.clone(),
             created_at: now_in_micros(),
+            owner,
+            visibility,
         };
         if let Some(record) = self.metadata.insert_image_for_live_blob(&image).await? {
             tracing::info!(id = %record.id, blob = %record.blob, "stored as a reference to an existing blob");
@@ -109,7 +123,13 @@ impl ImageService {
                     return Err(ImageError::StorageUnavailable(error));
                 }
             };
-            let guard = self.metadata.lock_blob_for_upload(&image.blob, image.file_size).await?;
+            let guard = match self.metadata.lock_blob_for_upload(&image.blob, image.file_size).await {
+                Ok(guard) => guard,
+                Err(error) => {
+                    self.remove_unrecorded_copies(&receipt.stored, image).await;
+                    return Err(error.into());
+                }
+            };
             let doubtful: Vec<String> =
                 receipt.stored.iter().filter(|shard| guard.shards_in_doubt().contains(shard)).cloned().collect();
             if !doubtful.is_empty() {
@@ -120,7 +140,16 @@ impl ImageService {
             }
             match self.copies_still_exist(&receipt, image).await {
                 Confirmation::Confirmed => {
-                    let record = guard.commit(image, &copies_after_write(&receipt)).await?;
+                    let record = match guard.commit(image, &copies_after_write(&receipt)).await {
+                        Ok(record) => record,
+                        // A concurrent upload of the same owner took the room left: what was
+                        // written for this one goes, and nothing was recorded.
+                        Err(crate::metadata::MetadataError::QuotaExceeded) => {
+                            self.remove_unrecorded_copies(&receipt.stored, image).await;
+                            return Err(ImageError::QuotaExceeded("checked as the image was recorded".into()));
+                        }
+                        Err(error) => return Err(error.into()),
+                    };
                     tracing::info!(id = %record.id, blob = %record.blob, shards = ?receipt.stored, "stored a new blob");
                     return Ok(record);
                 }
@@ -150,6 +179,12 @@ impl ImageService {
     /// removed now (the database or its shard down) is an orphan that scrub collects.
     async fn remove_refused_copies(&self, error: &RouterError, image: &NewImage) {
         let RouterError::QuorumNotReached { written, .. } = error else { return };
+        self.remove_unrecorded_copies(written, image).await;
+    }
+
+    /// Removes copies written for an upload that will not be recorded. Best effort, like
+    /// [`Self::remove_refused_copies`]: what cannot be removed now is an orphan scrub collects.
+    async fn remove_unrecorded_copies(&self, written: &[String], image: &NewImage) {
         for shard in written {
             let removed = deletion::delete_unrecorded_object(
                 self.metadata.as_ref(),
@@ -183,17 +218,50 @@ impl ImageService {
         Confirmation::Confirmed
     }
 
+    /// Refuses an upload that would take its owner over their quota before any byte is
+    /// written. The check that counts is the one made as the image is recorded (atomic with
+    /// it); this one spares the shards the writes of an upload bound to be refused.
+    async fn ensure_room(&self, owner: &ImageOwner, size: u64) -> Result<()> {
+        let Some(user) = self.metadata.find_user(owner.user).await? else {
+            return Err(ImageError::QuotaExceeded("the uploader no longer exists".into()));
+        };
+        if user.role == Role::Admin {
+            return Ok(());
+        }
+        let quota = user.quota.effective(owner.default_quota);
+        if let Some(limit) = quota.bytes
+            && user.usage.bytes.saturating_add(size) > limit
+        {
+            return Err(ImageError::QuotaExceeded(format!(
+                "{} of {limit} bytes used, and this file has {size}",
+                user.usage.bytes
+            )));
+        }
+        if let Some(limit) = quota.images
+            && user.usage.images >= limit
+        {
+            return Err(ImageError::QuotaExceeded(format!("{} of {limit} images stored", user.usage.images)));
+        }
+        Ok(())
+    }
+
+    /// Changes who may see an image (the caller's right to is the route's to check).
+    pub async fn set_visibility(&self, id: Uuid, visibility: Visibility) -> Result<ImageRecord> {
+        self.metadata.set_visibility(id, visibility).await?.ok_or(ImageError::NotFound)
+    }
+
     pub async fn find(&self, id: &str) -> Result<ImageRecord> {
         // Any id that is not a UUID names no image: 404, like an unknown UUID.
         let id = Uuid::try_parse(id).map_err(|_| ImageError::NotFound)?;
         self.metadata.find_image(id).await?.ok_or(ImageError::NotFound)
     }
 
-    pub async fn list(&self, limit: Option<&str>, cursor: Option<&str>) -> Result<ImagePage> {
+    /// A page of the list, of `owner`'s images only when given.
+    pub async fn list(&self, limit: Option<&str>, cursor: Option<&str>, owner: Option<Uuid>) -> Result<ImagePage> {
         let limit = parse_limit(limit)?;
         let after = cursor.map(cursor::decode).transpose().map_err(|_| ImageError::InvalidCursor)?;
         // One extra row tells whether another page follows, without a count query.
-        let mut items = self.metadata.list_images(limit + 1, after.as_ref()).await?;
+        let mut items = self.metadata.list_images(limit + 1, after.as_ref(), owner).await?;
         let next_cursor = if items.len() > limit as usize {
             items.truncate(limit as usize);
             items

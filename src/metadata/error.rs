@@ -19,6 +19,9 @@ pub enum MetadataError {
     /// A row holds a value this version cannot read.
     #[error("stored metadata is malformed: {0}")]
     Corrupt(String),
+    /// Recording the image would take its owner over their quota; nothing was recorded.
+    #[error("the upload would exceed the owner's quota")]
+    QuotaExceeded,
     #[error("applying metadata migrations failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The URL as shown, its password masked (`crate::redact::redact_url`).

@@ -7,7 +7,8 @@
 //! - [`ImageStore`] (`images.rs`): the rows clients see;
 //! - [`CopyStore`] (`copies.rs`): blobs, their copies, and the locks dedup and deletion share;
 //! - [`TaskQueue`] (`queue.rs`): the durable replication queue;
-//! - [`JobCursors`] (`jobs.rs`): where resumable maintenance jobs stopped.
+//! - [`JobCursors`] (`jobs.rs`): where resumable maintenance jobs stopped;
+//! - [`AccountStore`] (`accounts.rs`): users, API keys, usage and the token secret.
 //!
 //! [`MetadataStore`] is all of them at once, over one connection pool; [`connect`] opens it.
 //! Postgres serves production and several instances; SQLite is the embedded default for one
@@ -15,6 +16,7 @@
 //! places where the two databases differ are named in `sql/dialect.rs`. Both pass the same
 //! behavioural suite (`tests/metadata.rs`). `docs/architecture.md` shows how to add a table.
 
+mod accounts;
 mod copies;
 mod error;
 mod images;
@@ -28,13 +30,16 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use accounts::{
+    AccountStore, ApiKey, Limit, NewApiKey, NewUser, Quota, QuotaOverride, Role, Usage, User, UserCredentials,
+};
 pub use copies::{CopyDeletionGuard, CopyStore, MissingCopyGuard, UploadGuard};
 pub use error::{MetaResult, MetadataError};
 pub use images::ImageStore;
 pub use jobs::JobCursors;
 pub use model::{
-    BlobCopies, CopyRef, DeletedImage, ImageRecord, ListPosition, NewImage, QueueStats, Replica, ReplicaCounts,
-    ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind,
+    BlobCopies, CopyRef, DeletedImage, ImageOwner, ImageRecord, ListPosition, NewImage, QueueStats, Replica,
+    ReplicaCounts, ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind, Visibility,
 };
 pub use queue::TaskQueue;
 
@@ -45,7 +50,7 @@ use sql::dialect::{Postgres, Sqlite};
 /// unless it returns a guard, which holds its transaction until it commits or is dropped (a
 /// drop rolls back).
 #[async_trait]
-pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors {
+pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors + AccountStore {
     /// `"postgres"` or `"sqlite"`, for health output.
     fn backend_name(&self) -> &'static str;
 

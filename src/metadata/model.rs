@@ -75,6 +75,46 @@ pub struct NewImage {
     pub height: u32,
     pub blob: BlobKey,
     pub created_at: DateTime<Utc>,
+    /// Who uploads it, and the quota the upload must fit in; `None` with accounts off.
+    pub owner: Option<ImageOwner>,
+    pub visibility: Visibility,
+}
+
+/// The owner of an image being recorded. Their usage grows in the transaction that records
+/// the image, and only if it stays within their quota (their own, else `default_quota`), so
+/// two concurrent uploads cannot both squeeze under the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageOwner {
+    pub user: Uuid,
+    pub default_quota: super::Quota,
+}
+
+/// Who may see an image besides its owner and admins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    /// Anyone, signed in or not.
+    #[default]
+    Public,
+    /// Its owner, an admin, or a signed URL.
+    Private,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Public => "public",
+            Visibility::Private => "private",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "public" => Some(Visibility::Public),
+            "private" => Some(Visibility::Private),
+            _ => None,
+        }
+    }
 }
 
 /// A recorded image with the copies of its blob (in shard-name order).
@@ -89,6 +129,9 @@ pub struct ImageRecord {
     pub blob: BlobKey,
     pub created_at: DateTime<Utc>,
     pub replicas: Vec<Replica>,
+    /// `None` for an image recorded with accounts off and not yet adopted.
+    pub owner: Option<Uuid>,
+    pub visibility: Visibility,
 }
 
 /// Where a page of the image list ends: the list is ordered by `(created_at, id)` descending,

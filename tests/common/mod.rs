@@ -90,7 +90,11 @@ pub const BUCKET: &str = "chitram";
 
 pub struct TestApp {
     pub address: String,
+    /// Sends the first admin's API key with every request (accounts are on, as by default).
     pub client: reqwest::Client,
+    /// The first admin's API key, from the token file the first start wrote; `None` with
+    /// accounts off.
+    pub admin_key: Option<String>,
     pub metadata: Arc<dyn MetadataStore>,
     pub router: Arc<StorageRouter>,
     pub settings: Settings,
@@ -118,6 +122,13 @@ pub struct TestOptions {
     /// what they see is what the request path did; replication tests turn them on, or drive
     /// them one step at a time with [`TestApp::replicate_until_idle`].
     pub workers: usize,
+    /// `auth.enabled` (on, as by default). The suites before accounts run as the first admin.
+    pub auth: bool,
+    /// `rate_limits.enabled`: off unless a test is about rate limits (the suites send hundreds
+    /// of requests in a burst).
+    pub rate_limits: bool,
+    /// `redis.url` (a private `redis-server` the test started).
+    pub redis_url: Option<String>,
 }
 
 impl Default for TestOptions {
@@ -130,6 +141,9 @@ impl Default for TestOptions {
             database_url: None,
             adjust: None,
             workers: 0,
+            auth: true,
+            rate_limits: false,
+            redis_url: None,
         }
     }
 }
@@ -153,6 +167,10 @@ pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp
     settings.database.url = options.database_url.clone().unwrap_or_else(|| database.url.clone());
     settings.placement.replication_factor = options.replication_factor;
     settings.replication = fast_replication(options.workers);
+    settings.auth.enabled = options.auth;
+    settings.auth.admin_token_file = dir.path().join("admin-token");
+    settings.rate_limits.enabled = options.rate_limits;
+    settings.redis.url = options.redis_url.clone();
     let mut shards = Vec::new();
     settings.shards.clear();
     for i in 0..options.shards {
@@ -184,9 +202,11 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
+    let admin_key = settings.auth.enabled.then(|| read_admin_key(&settings.auth.admin_token_file));
     TestApp {
         address,
-        client: reqwest::Client::new(),
+        client: client_with_key(admin_key.as_deref()),
+        admin_key,
         metadata,
         router,
         settings,
@@ -210,6 +230,22 @@ pub fn fast_replication(workers: usize) -> ReplicationSettings {
         breaker_failures: 3,
         breaker_cooldown_ms: 200,
     }
+}
+
+/// The key the first start wrote to the token file.
+pub fn read_admin_key(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("the first start writes the admin token file");
+    text.trim().to_owned()
+}
+
+/// A client that sends `key` as its bearer token with every request (none: anonymous).
+pub fn client_with_key(key: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = key {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).expect("a key is a header value");
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder().default_headers(headers).build().expect("a client builds")
 }
 
 pub fn shard_name(index: usize) -> String {
@@ -257,6 +293,12 @@ impl Drop for TestApp {
 }
 
 impl TestApp {
+    /// `Authorization: Bearer <first admin's key>\r\n` for a raw HTTP request (empty with
+    /// accounts off).
+    pub fn authorization_line(&self) -> String {
+        self.admin_key.as_ref().map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
@@ -389,7 +431,7 @@ impl TestApp {
         let server = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        SiblingApp { address, client: reqwest::Client::new(), _shutdown: shutdown, server }
+        SiblingApp { address, client: client_with_key(self.admin_key.as_deref()), _shutdown: shutdown, server }
     }
 
     /// The image as the API shows it now.
@@ -402,7 +444,7 @@ impl TestApp {
     }
 
     pub async fn image_count(&self) -> usize {
-        self.metadata.list_images(100, None).await.unwrap().len()
+        self.metadata.list_images(100, None, None).await.unwrap().len()
     }
 
     /// Asserts that a rejected request left nothing behind.

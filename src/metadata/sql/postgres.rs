@@ -2,6 +2,8 @@
 
 type D = super::dialect::Postgres;
 
+#[path = "store/accounts.rs"]
+mod accounts;
 #[path = "store/copies.rs"]
 mod copies;
 #[path = "store/images.rs"]

@@ -10,7 +10,8 @@ use crate::metadata::rows::{from_column, parse_blob_key, sql_error, to_column};
 use crate::metadata::sql::dialect::Dialect;
 use crate::metadata::sql::{SqlStore, Statement};
 use crate::metadata::{
-    DeletedImage, ImageRecord, ImageStore, ListPosition, MetaResult, MetadataError, NewImage, Replica, ReplicaState,
+    DeletedImage, ImageOwner, ImageRecord, ImageStore, ListPosition, MetaResult, MetadataError, NewImage, Replica,
+    ReplicaState, Visibility,
 };
 
 type Db = <D as Dialect>::Db;
@@ -21,7 +22,8 @@ type Connection = <Db as Database>::Connection;
 macro_rules! image_columns {
     () => {
         "i.id, i.filename, i.content_type, i.file_size, CAST(i.width AS BIGINT) AS width,
-         CAST(i.height AS BIGINT) AS height, i.blob_checksum, i.created_at, r.shard, r.state"
+         CAST(i.height AS BIGINT) AS height, i.blob_checksum, i.created_at, i.owner_id, i.visibility,
+         r.shard, r.state"
     };
 }
 
@@ -34,28 +36,49 @@ static FIND_IMAGE: Statement = Statement::new(concat!(
       WHERE i.id = $1"
 ));
 
-static LIST_FIRST_PAGE: Statement = Statement::new(concat!(
-    "SELECT ",
-    image_columns!(),
-    " FROM (SELECT * FROM images ORDER BY created_at DESC, id DESC LIMIT $1) AS i
-      LEFT JOIN replicas AS r ON r.blob_checksum = i.blob_checksum
-      ORDER BY i.created_at DESC, i.id DESC"
-));
+/// A page of the list, newest first: the images `$filter` selects (with `$1` the page size),
+/// each joined with the copies of its blob.
+macro_rules! list_page {
+    ($filter:literal) => {
+        concat!(
+            "SELECT ",
+            image_columns!(),
+            " FROM (SELECT * FROM images ",
+            $filter,
+            " ORDER BY created_at DESC, id DESC LIMIT $1) AS i
+              LEFT JOIN replicas AS r ON r.blob_checksum = i.blob_checksum
+              ORDER BY i.created_at DESC, i.id DESC"
+        )
+    };
+}
 
-static LIST_PAGE_AFTER: Statement = Statement::new(concat!(
-    "SELECT ",
-    image_columns!(),
-    " FROM (SELECT * FROM images
-            WHERE (created_at, id) < ($2, $3)
-            ORDER BY created_at DESC, id DESC LIMIT $1) AS i
-      LEFT JOIN replicas AS r ON r.blob_checksum = i.blob_checksum
-      ORDER BY i.created_at DESC, i.id DESC"
-));
+// Four statements rather than one with optional conditions: each uses its index
+// (`images_newest_first`, `images_by_owner`) whatever plan the database caches.
+static LIST_FIRST_PAGE: Statement = Statement::new(list_page!(""));
+static LIST_PAGE_AFTER: Statement = Statement::new(list_page!("WHERE (created_at, id) < ($2, $3)"));
+static LIST_OWNER_FIRST_PAGE: Statement = Statement::new(list_page!("WHERE owner_id = $2"));
+static LIST_OWNER_PAGE_AFTER: Statement =
+    Statement::new(list_page!("WHERE owner_id = $4 AND (created_at, id) < ($2, $3)"));
 
 static INSERT_IMAGE: Statement = Statement::new(
-    "INSERT INTO images (id, filename, content_type, file_size, width, height, blob_checksum, created_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    "INSERT INTO images (id, filename, content_type, file_size, width, height, blob_checksum, created_at, owner_id,
+                         visibility)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
 );
+
+/// Adds an image to its owner's usage if that keeps them within their quota (their own, else
+/// the default `$3`/`$4`; admins have none). The row lock this takes orders concurrent uploads
+/// of one owner, so each sees the usage the previous one left.
+static CHARGE_OWNER: Statement = Statement::new(
+    "UPDATE users SET used_bytes = used_bytes + $2, used_images = used_images + 1
+     WHERE id = $1 AND (role = 'admin'
+        OR (used_bytes + $2 <= COALESCE(quota_bytes, $3) AND used_images + 1 <= COALESCE(quota_images, $4)))",
+);
+
+static REFUND_OWNER: Statement =
+    Statement::new("UPDATE users SET used_bytes = used_bytes - $2, used_images = used_images - 1 WHERE id = $1");
+
+static SET_VISIBILITY: Statement = Statement::new("UPDATE images SET visibility = $2 WHERE id = $1");
 
 /// Adds a reference only to a live blob. On Postgres the row lock this takes means a
 /// concurrent deletion of the last reference either commits first (and this sees zero) or
@@ -66,7 +89,8 @@ static ADD_REFERENCE_TO_LIVE_BLOB: Statement = Statement::new(
        AND EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND state = 'stored')",
 );
 
-static DELETE_IMAGE: Statement = Statement::new("DELETE FROM images WHERE id = $1 RETURNING blob_checksum");
+static DELETE_IMAGE: Statement =
+    Statement::new("DELETE FROM images WHERE id = $1 RETURNING blob_checksum, owner_id, file_size");
 
 #[async_trait]
 impl ImageStore for SqlStore<D> {
@@ -93,31 +117,68 @@ impl ImageStore for SqlStore<D> {
         fetch_image(&self.pool, id).await
     }
 
-    async fn list_images(&self, limit: u32, after: Option<&ListPosition>) -> MetaResult<Vec<ImageRecord>> {
+    async fn list_images(
+        &self,
+        limit: u32,
+        after: Option<&ListPosition>,
+        owner: Option<Uuid>,
+    ) -> MetaResult<Vec<ImageRecord>> {
         let limit = i64::from(limit);
-        let query = match after {
-            None => sqlx::query_as::<_, ImageRow>(LIST_FIRST_PAGE.sql::<D>()).bind(limit),
-            Some(position) => sqlx::query_as::<_, ImageRow>(LIST_PAGE_AFTER.sql::<D>())
-                .bind(limit)
+        let page = |statement: &'static Statement| sqlx::query_as::<_, ImageRow>(statement.sql::<D>()).bind(limit);
+        let query = match (after, owner) {
+            (None, None) => page(&LIST_FIRST_PAGE),
+            (None, Some(owner)) => page(&LIST_OWNER_FIRST_PAGE).bind(D::id(owner)),
+            (Some(position), None) => {
+                page(&LIST_PAGE_AFTER).bind(D::time(position.created_at)).bind(D::id(position.id))
+            }
+            (Some(position), Some(owner)) => page(&LIST_OWNER_PAGE_AFTER)
                 .bind(D::time(position.created_at))
-                .bind(D::id(position.id)),
+                .bind(D::id(position.id))
+                .bind(D::id(owner)),
         };
         let rows = query.fetch_all(&self.pool).await.map_err(sql_error("listing images"))?;
         records_from_rows(rows)
     }
 
+    async fn set_visibility(&self, id: Uuid, visibility: Visibility) -> MetaResult<Option<ImageRecord>> {
+        const CONTEXT: &str = "changing an image's visibility";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let changed = sqlx::query(SET_VISIBILITY.sql::<D>())
+            .bind(D::id(id))
+            .bind(visibility.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?
+            .rows_affected();
+        if changed == 0 {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(None);
+        }
+        let record = fetch_recorded(&mut tx, id).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(Some(record))
+    }
+
     async fn delete_image(&self, id: Uuid) -> MetaResult<Option<DeletedImage>> {
         const CONTEXT: &str = "deleting an image";
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
-        let checksum: Option<String> = sqlx::query_scalar(DELETE_IMAGE.sql::<D>())
+        let deleted: Option<(String, Option<<D as Dialect>::Id>, i64)> = sqlx::query_as(DELETE_IMAGE.sql::<D>())
             .bind(D::id(id))
             .fetch_optional(&mut *tx)
             .await
             .map_err(sql_error(CONTEXT))?;
-        let Some(checksum) = checksum else {
+        let Some((checksum, owner, file_size)) = deleted else {
             tx.rollback().await.map_err(sql_error(CONTEXT))?;
             return Ok(None);
         };
+        if let Some(owner) = owner {
+            sqlx::query(REFUND_OWNER.sql::<D>())
+                .bind(owner)
+                .bind(file_size)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error(CONTEXT))?;
+        }
         let blob = parse_blob_key(&checksum)?;
         let blob_unreferenced = drop_reference(&mut tx, &blob).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
@@ -125,9 +186,13 @@ impl ImageStore for SqlStore<D> {
     }
 }
 
-/// Records an image row; its blob's reference is the caller's to add.
+/// Records an image row and charges it to its owner (failing with `QuotaExceeded` when it does
+/// not fit); its blob's reference is the caller's to add.
 pub(super) async fn insert_image(conn: &mut Connection, image: &NewImage) -> MetaResult<()> {
     const CONTEXT: &str = "recording an image";
+    if let Some(owner) = &image.owner {
+        charge_owner(conn, owner, image.file_size).await?;
+    }
     sqlx::query(INSERT_IMAGE.sql::<D>())
         .bind(D::id(image.id))
         .bind(&image.filename)
@@ -138,9 +203,30 @@ pub(super) async fn insert_image(conn: &mut Connection, image: &NewImage) -> Met
         .bind(to_column::<_, i32>(image.height, CONTEXT)?)
         .bind(image.blob.as_str())
         .bind(D::time(image.created_at))
+        .bind(image.owner.map(|owner| D::id(owner.user)))
+        .bind(image.visibility.as_str())
         .execute(conn)
         .await
         .map_err(sql_error(CONTEXT))?;
+    Ok(())
+}
+
+async fn charge_owner(conn: &mut Connection, owner: &ImageOwner, file_size: u64) -> MetaResult<()> {
+    const CONTEXT: &str = "charging an image to its owner's quota";
+    // An unlimited default is the largest limit a column holds.
+    let limit = |limit: Option<u64>| limit.map_or(i64::MAX, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+    let charged = sqlx::query(CHARGE_OWNER.sql::<D>())
+        .bind(D::id(owner.user))
+        .bind(to_column::<_, i64>(file_size, CONTEXT)?)
+        .bind(limit(owner.default_quota.bytes))
+        .bind(limit(owner.default_quota.images))
+        .execute(conn)
+        .await
+        .map_err(sql_error(CONTEXT))?
+        .rows_affected();
+    if charged == 0 {
+        return Err(MetadataError::QuotaExceeded);
+    }
     Ok(())
 }
 
@@ -171,6 +257,8 @@ struct ImageRow {
     height: i64,
     blob_checksum: String,
     created_at: <D as Dialect>::Time,
+    owner_id: Option<<D as Dialect>::Id>,
+    visibility: String,
     shard: Option<String>,
     state: Option<String>,
 }
@@ -196,6 +284,9 @@ fn records_from_rows(rows: Vec<ImageRow>) -> MetaResult<Vec<ImageRecord>> {
                 blob: parse_blob_key(&row.blob_checksum)?,
                 created_at: D::parse_time(row.created_at)?,
                 replicas: Vec::new(),
+                owner: row.owner_id.map(D::parse_id).transpose()?,
+                visibility: Visibility::parse(&row.visibility)
+                    .ok_or_else(|| MetadataError::Corrupt(format!("unknown visibility {:?}", row.visibility)))?,
             });
         }
         if let Some(record) = records.last_mut() {
