@@ -59,9 +59,11 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    chitram::telemetry::init(cli.log_color);
     let result = match Settings::load(cli.config.as_deref()) {
-        Ok(settings) => run(cli.command, settings).await,
+        Ok(settings) => {
+            chitram::telemetry::init(cli.log_color, settings.telemetry.log_format);
+            run(cli.command, settings).await
+        }
         Err(error) => Err(error.into()),
     };
     match result {

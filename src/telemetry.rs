@@ -1,9 +1,11 @@
-//! Logging: `RUST_LOG` filters (default `info`), output to stderr, in colour only where
-//! colour can be seen (see [`LogColor`]).
+//! Logging: `RUST_LOG` filters (default `info`), output to stderr, as text in colour only where
+//! colour can be seen (see [`LogColor`]), or as JSON lines (`[telemetry] log_format`).
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
 
 /// When log lines carry ANSI colour codes (`--log-color`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -28,12 +30,19 @@ impl LogColor {
     }
 }
 
-pub fn init(color: LogColor) {
+/// Installs the log output: text (coloured per `color`) or, with `LogFormat::Json`, one JSON
+/// object per line whose `spans` carry the request's id (`[telemetry] log_format`).
+pub fn init(color: LogColor, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let no_color = std::env::var("NO_COLOR").ok();
-    let ansi = color.enabled(std::io::stderr().is_terminal(), no_color.as_deref());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second call (tests that build several apps) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(false).with_span_list(true).try_init(),
+        LogFormat::Text => {
+            let no_color = std::env::var("NO_COLOR").ok();
+            builder.with_ansi(color.enabled(std::io::stderr().is_terminal(), no_color.as_deref())).try_init()
+        }
+    };
 }
 
 /// `error: cause: cause of cause`, for logs and operator-facing messages.

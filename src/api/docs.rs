@@ -22,9 +22,12 @@ the endpoint does not answer, `500 INTERNAL_ERROR` for a fault of the server; `5
         super::images::download,
         super::images::download_head,
         super::health::health,
+        super::health::live,
+        super::health::ready,
+        super::metrics::metrics,
         super::admin::replication,
     ),
-    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health and replication"))
+    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health, metrics and replication"))
 )]
 pub struct ApiDoc;
 

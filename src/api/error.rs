@@ -81,7 +81,7 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(code, error = %error_chain(&self.0), "request failed");
         }
-        let mut response = error_body(status, code, &message).into_response();
+        let mut response = error_body(status, code, &message);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
         }
@@ -89,9 +89,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The code of an error answer, kept on the response for the request metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 /// An error response with the given code.
-pub fn error_body(status: StatusCode, code: &str, message: &str) -> (StatusCode, Json<ErrorBody>) {
-    (status, Json(ErrorBody { detail: ErrorDetail { code: code.to_owned(), message: message.to_owned() } }))
+pub fn error_body(status: StatusCode, code: &'static str, message: &str) -> Response {
+    let body = ErrorBody { detail: ErrorDetail { code: code.to_owned(), message: message.to_owned() } };
+    let mut response = (status, Json(body)).into_response();
+    response.extensions_mut().insert(ErrorCode(code));
+    response
 }
 
 /// A handler that panicked still answers in the error format.
@@ -101,5 +108,4 @@ pub fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
         "INTERNAL_ERROR",
         "an internal error occurred; the server log has the cause",
     )
-    .into_response()
 }

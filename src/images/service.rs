@@ -14,6 +14,7 @@ use super::verify::{self, ReadError};
 use crate::maintenance::deletion;
 use crate::maintenance::suspicion::{self, Finding};
 use crate::metadata::{CopyRef, ImageRecord, MetadataStore, NewImage, Replica, ReplicaState};
+use crate::observability::names;
 use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
 use crate::storage::{BlobBody, BlobReader, ByteStream, StorageError};
 
@@ -79,9 +80,12 @@ impl ImageService {
         };
         if let Some(record) = self.metadata.insert_image_for_live_blob(&image).await? {
             tracing::info!(id = %record.id, blob = %record.blob, "stored as a reference to an existing blob");
+            metrics::counter!(names::DEDUP_HITS).increment(1);
             return Ok(record);
         }
-        self.store_new_blob(&image, &upload.body).await
+        let record = self.store_new_blob(&image, &upload.body).await?;
+        metrics::counter!(names::NEW_BLOBS).increment(1);
+        Ok(record)
     }
 
     /// Writes the bytes, then records them under the blob's lock.

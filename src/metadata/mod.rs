@@ -7,7 +7,8 @@
 //! - [`ImageStore`] (`images.rs`): the rows clients see;
 //! - [`CopyStore`] (`copies.rs`): blobs, their copies, and the locks dedup and deletion share;
 //! - [`TaskQueue`] (`queue.rs`): the durable replication queue;
-//! - [`JobCursors`] (`jobs.rs`): where resumable maintenance jobs stopped.
+//! - [`JobCursors`] (`jobs.rs`): where resumable maintenance jobs stopped;
+//! - [`SingletonLocks`] (`singleton.rs`): which instance runs the jobs only one may run.
 //!
 //! [`MetadataStore`] is all of them at once, over one connection pool; [`connect`] opens it.
 //! Postgres serves production and several instances; SQLite is the embedded default for one
@@ -22,6 +23,7 @@ mod jobs;
 mod model;
 mod queue;
 mod rows;
+mod singleton;
 mod sql;
 
 use std::sync::Arc;
@@ -37,6 +39,7 @@ pub use model::{
     ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind,
 };
 pub use queue::TaskQueue;
+pub use singleton::{SingletonLock, SingletonLocks};
 
 use sql::SqlStore;
 use sql::dialect::{Postgres, Sqlite};
@@ -45,7 +48,7 @@ use sql::dialect::{Postgres, Sqlite};
 /// unless it returns a guard, which holds its transaction until it commits or is dropped (a
 /// drop rolls back).
 #[async_trait]
-pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors {
+pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors + SingletonLocks {
     /// `"postgres"` or `"sqlite"`, for health output.
     fn backend_name(&self) -> &'static str;
 

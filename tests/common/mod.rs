@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod database;
+pub mod exposition;
 pub mod images;
 pub mod proxy;
 pub mod s3;
@@ -90,6 +91,8 @@ pub const BUCKET: &str = "chitram";
 
 pub struct TestApp {
     pub address: String,
+    /// The internal metrics listener (`[metrics] bind`), when the test set one.
+    pub metrics_address: Option<String>,
     pub client: reqwest::Client,
     pub metadata: Arc<dyn MetadataStore>,
     pub router: Arc<StorageRouter>,
@@ -140,7 +143,7 @@ pub async fn spawn_app(backends: Backends) -> TestApp {
 
 pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        chitram::telemetry::init(chitram::telemetry::LogColor::Auto);
+        chitram::telemetry::init(chitram::telemetry::LogColor::Auto, chitram::config::LogFormat::Text);
     }
     let database = TestDatabase::create(backends.db).await;
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -178,6 +181,7 @@ pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp
 async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDir, database: TestDatabase) -> TestApp {
     let app = Application::build(&settings).await.expect("the app builds");
     let address = format!("http://{}", app.local_addr());
+    let metrics_address = app.metrics_addr().map(|addr| format!("http://{addr}"));
     let metadata = app.metadata();
     let router = app.router();
     let (shutdown, stopped) = oneshot::channel::<()>();
@@ -186,6 +190,7 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
     }));
     TestApp {
         address,
+        metrics_address,
         client: reqwest::Client::new(),
         metadata,
         router,
@@ -257,6 +262,15 @@ impl Drop for TestApp {
 }
 
 impl TestApp {
+    /// Stops serving (as a killed process would, without draining), keeping the database and
+    /// shards for the test to use: another `serve` of the same SQLite file may start then.
+    pub async fn stop_serving(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
