@@ -61,8 +61,18 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => {
-            chitram::telemetry::init(cli.log_color, settings.telemetry.log_format);
-            run(cli.command, settings).await
+            let telemetry = &settings.telemetry;
+            match chitram::telemetry::init(cli.log_color, telemetry.log_format, telemetry.otlp_endpoint.as_deref()) {
+                Ok(traces) => {
+                    let result = run(cli.command, settings).await;
+                    // Sends the spans still buffered (a blocking call: off the async threads).
+                    if let Some(traces) = traces {
+                        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+                    }
+                    result
+                }
+                Err(error) => Err(error.into()),
+            }
         }
         Err(error) => Err(error.into()),
     };

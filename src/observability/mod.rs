@@ -7,3 +7,4 @@ pub mod names;
 pub mod recorder;
 pub mod refresher;
 pub mod request_id;
+pub mod traces;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use metrics::{counter, histogram};
+use tracing::Instrument;
 
 use super::{BlobBody, BlobReader, BlobStore, ShardLabel, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
@@ -28,7 +29,8 @@ impl MeteredStore {
         call: impl Future<Output = StorageResult<T>>,
     ) -> StorageResult<T> {
         let mut measured = Measured { shard: &self.shard, operation, started: Instant::now(), finished: false };
-        let result = call.await;
+        let span = tracing::info_span!("shard_operation", shard = %self.shard, operation);
+        let result = call.instrument(span).await;
         measured.finish(result.as_ref().err());
         result
     }

@@ -143,7 +143,7 @@ pub async fn spawn_app(backends: Backends) -> TestApp {
 
 pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        chitram::telemetry::init(chitram::telemetry::LogColor::Auto, chitram::config::LogFormat::Text);
+        let _ = chitram::telemetry::init(chitram::telemetry::LogColor::Auto, chitram::config::LogFormat::Text, None);
     }
     let database = TestDatabase::create(backends.db).await;
     let dir = tempfile::tempdir().expect("temporary directory");
