@@ -217,11 +217,16 @@ impl Application {
         served
     }
 
-    /// Keeps the metrics read from the metadata fresh (`[metrics] refresh_secs`).
+    /// Keeps the metrics read from the metadata fresh (`[metrics] refresh_secs`),
+    /// and the exporter's histograms folded (`observability/recorder.rs`).
     fn metrics_refresher(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
         let every = self.metrics_refresh?;
+        let handle = self.state.metrics.clone()?;
         let shards = self.state.router.shards().iter().map(|shard| shard.name.clone()).collect();
-        Some(tokio::spawn(refresher::run(self.state.metadata.clone(), shards, every, stop)))
+        let metadata = self.state.metadata.clone();
+        Some(tokio::spawn(async move {
+            tokio::join!(refresher::run(metadata, shards, every, stop.clone()), recorder::run_upkeep(handle, stop));
+        }))
     }
 
     /// The background scrub, paced so it does not starve traffic (`maintenance.*`), in the one

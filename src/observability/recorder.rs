@@ -27,3 +27,17 @@ pub fn install() -> Result<PrometheusHandle, RecorderError> {
     *installed = Some(handle.clone());
     Ok(handle)
 }
+
+/// How often histogram samples are folded into their buckets. Without this the exporter keeps
+/// every sample recorded between two scrapes: memory that grows with traffic when nobody scrapes.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded samples every [`UPKEEP_EVERY`] until `stop`.
+pub async fn run_upkeep(handle: PrometheusHandle, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(UPKEEP_EVERY) => handle.run_upkeep(),
+        }
+    }
+}
