@@ -164,12 +164,12 @@ async fn two_instances_share_one_postgres_and_the_survivor_takes_over() {
         .map(|seed| {
             let (client, address) = (deployment.client.clone(), a.address.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(seed * 10)).await;
+                tokio::time::sleep(Duration::from_millis(seed * 20)).await;
                 upload(&client, &address, png(6, 6, 95_100 + seed), &format!("burst-{seed}")).await
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     a.child.kill().unwrap();
     let _ = a.child.wait();
     let mut acknowledged = Vec::new();
