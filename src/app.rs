@@ -18,8 +18,12 @@ use crate::api::{self, AppState, UploadLimits};
 use crate::config::{BackendSettings, MaintenanceSettings, Settings, sqlite_path};
 use crate::images::service::ImageService;
 use crate::images::spool::SpoolLimits;
+use crate::instance_lock::{InstanceLock, InstanceLockError, lock_sqlite_database};
+use crate::maintenance::leader;
 use crate::maintenance::scrub::{self, ScrubOptions};
 use crate::metadata::{self, MetadataError, MetadataStore};
+use crate::observability::recorder::{self, RecorderError};
+use crate::observability::{names, refresher};
 use crate::placement::ring::{Ring, RingError};
 use crate::ratelimit::RateLimiter;
 use crate::ratelimit::shared::RedisConfigError;
@@ -29,6 +33,7 @@ use crate::replication::worker::{Replicator, WorkerSettings, run_workers};
 use crate::storage::breaker::BreakerSettings;
 use crate::storage::fs::FsStore;
 use crate::storage::identity::LabelledStore;
+use crate::storage::metered::MeteredStore;
 use crate::storage::router::{Shard, StorageRouter};
 use crate::storage::s3::{S3Settings, S3Store};
 use crate::storage::{BlobStore, ShardLabel};
@@ -76,6 +81,10 @@ pub enum StartError {
     Bootstrap(#[from] BootstrapError),
     #[error(transparent)]
     Redis(#[from] RedisConfigError),
+    #[error(transparent)]
+    InstanceLock(#[from] InstanceLockError),
+    #[error(transparent)]
+    Metrics(#[from] RecorderError),
     #[error("cannot listen on {addr} (is another process using it?)")]
     Bind {
         addr: SocketAddr,
@@ -90,13 +99,22 @@ pub struct Application {
     state: AppState,
     workers: Vec<Replicator>,
     shutdown_grace: Duration,
+    shutdown_drain: Duration,
     maintenance: MaintenanceSettings,
     spool_dir: Option<PathBuf>,
+    /// `[metrics] bind`: the internal listener that serves `/metrics` alone.
+    metrics_listener: Option<TcpListener>,
+    /// How often the metadata figures are refreshed; `None` when metrics are off.
+    metrics_refresh: Option<Duration>,
+    /// On SQLite: this process's claim on the database file, held while it serves.
+    instance_lock: Option<InstanceLock>,
 }
 
 impl Application {
     /// Connects and migrates the database, opens every shard, and binds the listener.
     pub async fn build(settings: &Settings) -> Result<Self, StartError> {
+        let instance_lock = lock_sqlite_database(&settings.database.url)?;
+        let metrics = settings.metrics.enabled.then(recorder::install).transpose()?;
         let metadata = open_metadata(&settings.database.url).await?;
         refuse_stranded_blobs(metadata.as_ref(), settings).await?;
         let router = Arc::new(open_storage(settings, metadata.as_ref()).await?);
@@ -114,8 +132,14 @@ impl Application {
             bootstrap::ensure_first_admin(&accounts, metadata.as_ref(), &settings.auth.admin_token_file).await?;
         }
         let limiter = Arc::new(RateLimiter::new(&settings.rate_limits, settings.redis.url.as_deref())?);
-        let addr = settings.server.bind;
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let listener = bind(settings.server.bind).await?;
+        let metrics_listener = match settings.metrics.bind {
+            Some(addr) if metrics.is_some() => Some(bind(addr).await?),
+            _ => None,
+        };
+        for shard in &settings.shards {
+            metrics::gauge!(names::SHARD_WEIGHT, "shard" => shard.name.clone()).set(shard.effective_weight());
+        }
         let state = AppState {
             images,
             metadata,
@@ -126,15 +150,26 @@ impl Application {
             accounts,
             limiter,
             trust_forwarded_for: settings.rate_limits.trust_forwarded_for,
+            readiness: Arc::new(api::health::Readiness::new(settings.placement.write_quorum)),
+            metrics,
         };
         Ok(Self {
             listener,
-            state,
             workers,
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_secs),
+            shutdown_drain: Duration::from_secs(settings.server.shutdown_drain_secs),
             maintenance: settings.maintenance.clone(),
             spool_dir: settings.server.spool_dir.clone(),
+            metrics_refresh: state.metrics.is_some().then(|| Duration::from_secs(settings.metrics.refresh_secs)),
+            state,
+            metrics_listener,
+            instance_lock,
         })
+    }
+
+    /// The internal metrics listener's address, when `[metrics] bind` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|listener| listener.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -155,10 +190,25 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let stopping = CancellationToken::new();
         let scrubber = self.periodic_scrub(stopping.clone());
+        let refresher = self.metrics_refresher(stopping.clone());
+        let internal = self.metrics_listener.map(|listener| serve_metrics(listener, &self.state, stopping.clone()));
+        // Held until serving ends: another `serve` of a SQLite file may start only then.
+        let _instance_lock = self.instance_lock;
         let workers = tokio::spawn(run_workers(self.workers, stopping.clone()));
         let signalled = stopping.clone();
+        let readiness = self.state.readiness.clone();
+        let drain = self.shutdown_drain;
         let shutdown = async move {
             shutdown.await;
+            // Load balancers see `/health/ready` fail from now on and stop sending requests.
+            readiness.stop_accepting();
+            if !drain.is_zero() {
+                tracing::info!(
+                    drain_secs = drain.as_secs(),
+                    "shutting down: draining (readiness fails, requests still served)"
+                );
+                tokio::time::sleep(drain).await;
+            }
             tracing::info!("shutting down: no new connections; finishing requests in flight");
             signalled.cancel();
         };
@@ -182,13 +232,26 @@ impl Application {
         };
         stopping.cancel();
         let _ = workers.await;
-        if let Some(scrubber) = scrubber {
-            let _ = scrubber.await;
+        for task in [scrubber, refresher, internal].into_iter().flatten() {
+            let _ = task.await;
         }
         served
     }
 
-    /// The background scrub, paced so it does not starve traffic (`maintenance.*`).
+    /// Keeps the metrics read from the metadata fresh (`[metrics] refresh_secs`),
+    /// and the exporter's histograms folded (`observability/recorder.rs`).
+    fn metrics_refresher(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+        let every = self.metrics_refresh?;
+        let handle = self.state.metrics.clone()?;
+        let shards = self.state.router.shards().iter().map(|shard| shard.name.clone()).collect();
+        let metadata = self.state.metadata.clone();
+        Some(tokio::spawn(async move {
+            tokio::join!(refresher::run(metadata, shards, every, stop.clone()), recorder::run_upkeep(handle, stop));
+        }))
+    }
+
+    /// The background scrub, paced so it does not starve traffic (`maintenance.*`), in the one
+    /// instance that holds the maintenance lock (`maintenance/leader.rs`).
     fn periodic_scrub(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
         let settings = &self.maintenance;
         if settings.scrub_interval_secs == 0 {
@@ -201,12 +264,31 @@ impl Application {
             copies_per_sec: Some(settings.scrub_copies_per_sec),
             spool_dir: self.spool_dir.clone(),
             resume: true,
-            stop,
+            stop: stop.clone(),
         };
         let interval = Duration::from_secs(settings.scrub_interval_secs);
         let (metadata, router) = (self.state.metadata.clone(), self.state.router.clone());
-        Some(tokio::spawn(scrub::run_periodic(metadata, router, interval, options)))
+        let jobs = move |term: CancellationToken| {
+            let options = ScrubOptions { stop: term, ..options.clone() };
+            scrub::run_periodic(metadata.clone(), router.clone(), interval, options)
+        };
+        Some(tokio::spawn(leader::run_as_leader(self.state.metadata.clone(), stop, jobs)))
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Serves `/metrics` alone on the internal listener until `stop`.
+fn serve_metrics(listener: TcpListener, state: &AppState, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let app = api::metrics::internal_app(state.clone());
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        if let Err(error) = served {
+            tracing::warn!(%error, "the metrics listener stopped");
+        }
+    })
 }
 
 /// Refuses to start when the config dropped a shard that holds the only stored copies of some
@@ -328,6 +410,7 @@ async fn open_storage_with(
         let label = ShardLabel { store_id: store_id.clone(), shard: shard.name.clone() };
         let recorded_copies = usage.iter().any(|u| u.shard == shard.name && u.copies > 0);
         let store = LabelledStore::open(backend, label, recorded_copies).await;
+        let store = MeteredStore::new(shard.name.clone(), Box::new(store));
         shards.push(Shard::new(shard.name.clone(), Arc::new(store), breaker));
     }
     Ok(StorageRouter::new(ring, shards, settings.placement.replication_factor)

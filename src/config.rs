@@ -31,6 +31,8 @@ pub struct Settings {
     pub rate_limits: RateLimitSettings,
     #[serde(default)]
     pub redis: RedisSettings,
+    pub metrics: MetricsSettings,
+    pub telemetry: TelemetrySettings,
     pub shards: Vec<ShardSettings>,
 }
 
@@ -49,6 +51,9 @@ pub struct ServerSettings {
     pub spool_dir: Option<PathBuf>,
     /// On shutdown, how long requests in flight may take to finish.
     pub shutdown_grace_secs: u64,
+    /// On shutdown, how long the instance keeps serving while `/health/ready` answers 503, so
+    /// that load balancers stop sending it requests before its listener closes.
+    pub shutdown_drain_secs: u64,
 }
 
 impl Default for ServerSettings {
@@ -60,6 +65,7 @@ impl Default for ServerSettings {
             max_pixels: 100_000_000,
             spool_dir: None,
             shutdown_grace_secs: 30,
+            shutdown_drain_secs: 0,
         }
     }
 }
@@ -688,6 +694,8 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             rate_limits: RateLimitSettings::default(),
             redis: RedisSettings::default(),
+            metrics: MetricsSettings::default(),
+            telemetry: TelemetrySettings::default(),
             shards: vec![shard("a"), shard("b"), shard("c")],
         }
     }
@@ -825,6 +833,7 @@ impl Settings {
             return Err(invalid("server.max_batch_files", "must be above 0"));
         }
         self.latency.validate()?;
+        self.metrics.validate()?;
         if self.server.max_pixels == 0 {
             return Err(invalid("server.max_pixels", "must be above 0"));
         }
@@ -890,6 +899,61 @@ fn mask_secrets(value: &mut toml::Value) {
         toml::Value::String(text) => *text = redact_url(text),
         _ => {}
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint (README, "Operating many instances and observability").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Record metrics and serve `/metrics` (false: nothing is recorded, `/metrics` answers 404).
+    pub enabled: bool,
+    /// An internal address that serves `/metrics` alone, without credentials (none when unset:
+    /// `/metrics` is then only on the main listener).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<SocketAddr>,
+    /// How often the figures read from the metadata (objects and bytes per shard, the queue,
+    /// copies by state) are refreshed, in seconds: a scrape never queries the database.
+    pub refresh_secs: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { enabled: true, bind: None, refresh_secs: 15 }
+    }
+}
+
+impl MetricsSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.refresh_secs == 0 {
+            return Err(invalid("metrics.refresh_secs", "must be above 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `[telemetry]`: the log format and where traces go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// `text` (for people) or `json` (one object per line, for a log pipeline).
+    pub log_format: LogFormat,
+    /// An OpenTelemetry collector's OTLP/HTTP endpoint, e.g. `http://otel-collector:4318`;
+    /// spans are exported only when it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self { log_format: LogFormat::Text, otlp_endpoint: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 fn validate_shard(i: usize, shard: &ShardSettings, earlier: &[ShardSettings]) -> Result<(), ConfigError> {
@@ -1101,6 +1165,8 @@ mod tests {
         assert_eq!(settings.auth, default.auth);
         assert_eq!(settings.rate_limits, default.rate_limits);
         assert_eq!(settings.redis, default.redis);
+        assert_eq!(settings.metrics, default.metrics);
+        assert_eq!(settings.telemetry, default.telemetry);
         let s3 = settings.shards[1].backend(1).unwrap();
         let BackendSettings::S3(s3) = s3 else { panic!("the second shard is s3") };
         assert_eq!((s3.region.as_str(), s3.create_bucket), ("us-east-1", true), "the defaults it names");
@@ -1112,6 +1178,14 @@ mod tests {
                 ..ShardSettings::s3("x", &S3Settings { endpoint: Some("http://e".into()), ..s3.clone() })
             }],
             server: ServerSettings { spool_dir: Some("/tmp".into()), ..default.server.clone() },
+            metrics: MetricsSettings {
+                bind: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+                ..default.metrics.clone()
+            },
+            telemetry: TelemetrySettings {
+                otlp_endpoint: Some("http://collector:4318".into()),
+                ..default.telemetry.clone()
+            },
             ..default.clone()
         })
         .unwrap();

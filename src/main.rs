@@ -118,9 +118,21 @@ enum KeysCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    chitram::telemetry::init(cli.log_color);
     let result = match Settings::load(cli.config.as_deref()) {
-        Ok(settings) => run(cli.command, settings).await,
+        Ok(settings) => {
+            let telemetry = &settings.telemetry;
+            match chitram::telemetry::init(cli.log_color, telemetry.log_format, telemetry.otlp_endpoint.as_deref()) {
+                Ok(traces) => {
+                    let result = run(cli.command, settings).await;
+                    // Sends the spans still buffered (a blocking call: off the async threads).
+                    if let Some(traces) = traces {
+                        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+                    }
+                    result
+                }
+                Err(error) => Err(error.into()),
+            }
+        }
         Err(error) => Err(error.into()),
     };
     match result {

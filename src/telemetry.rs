@@ -1,9 +1,16 @@
-//! Logging: `RUST_LOG` filters (default `info`), output to stderr, in colour only where
-//! colour can be seen (see [`LogColor`]).
+//! Logging: `RUST_LOG` filters (default `info`), output to stderr, as text in colour only where
+//! colour can be seen (see [`LogColor`]), or as JSON lines (`[telemetry] log_format`); spans
+//! exported over OTLP when `[telemetry] otlp_endpoint` is set (`observability/traces.rs`).
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, fmt};
+
+use crate::config::LogFormat;
+use crate::observability::traces::{self, TraceExportError};
 
 /// When log lines carry ANSI colour codes (`--log-color`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -28,12 +35,34 @@ impl LogColor {
     }
 }
 
-pub fn init(color: LogColor) {
+/// Installs the log output: text (coloured per `color`) or, with `LogFormat::Json`, one JSON
+/// object per line whose `spans` carry the request's id (`[telemetry] log_format`); and, with
+/// an OTLP endpoint, the export of every span to it. The returned provider flushes the spans
+/// still buffered when it is shut down (at the end of `main`).
+pub fn init(
+    color: LogColor,
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> Result<Option<SdkTracerProvider>, TraceExportError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let no_color = std::env::var("NO_COLOR").ok();
-    let ansi = color.enabled(std::io::stderr().is_terminal(), no_color.as_deref());
+    let output = match format {
+        LogFormat::Json => {
+            fmt::layer().json().with_current_span(false).with_span_list(true).with_writer(std::io::stderr).boxed()
+        }
+        LogFormat::Text => {
+            let no_color = std::env::var("NO_COLOR").ok();
+            let ansi = color.enabled(std::io::stderr().is_terminal(), no_color.as_deref());
+            fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).boxed()
+        }
+    };
+    let export = otlp_endpoint.map(traces::start).transpose()?;
+    let (provider, otel) = match export {
+        Some(export) => (Some(export.provider), Some(tracing_opentelemetry::layer().with_tracer(export.tracer))),
+        None => (None, None),
+    };
     // A second call (tests that build several apps) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(output).with(otel).try_init();
+    Ok(provider)
 }
 
 /// `error: cause: cause of cause`, for logs and operator-facing messages.

@@ -631,6 +631,14 @@ async fn operator_routes_need_an_admin(b: Backends) {
     assert_error(alice.client.get(app.url(replication)).send().await.unwrap(), StatusCode::FORBIDDEN, "FORBIDDEN")
         .await;
     assert_eq!(app.get(replication).await.status(), StatusCode::OK);
+    assert_error(anonymous.get(app.url("/metrics")).send().await.unwrap(), StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+        .await;
+    assert_error(alice.client.get(app.url("/metrics")).send().await.unwrap(), StatusCode::FORBIDDEN, "FORBIDDEN").await;
+    assert_eq!(app.get("/metrics").await.status(), StatusCode::OK);
+    // Load balancers' probes need no credentials.
+    for probe in ["/health/live", "/health/ready"] {
+        assert_eq!(status(anonymous.get(app.url(probe))).await, StatusCode::OK, "{probe}");
+    }
 
     // /health answers everyone (load balancers), but names the internals to admins only.
     for (who, client) in [("anonymous", &anonymous), ("user", &alice.client)] {
@@ -743,7 +751,7 @@ async fn disabled_users_are_refused(b: Backends) {
 /// the images uploaded with accounts off given to that admin. A second start creates nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_start_creates_one_admin_key_and_adopts_older_images() {
-    let app = spawn_app_with(Backends::SQLITE_FS, TestOptions { auth: false, ..TestOptions::default() }).await;
+    let mut app = spawn_app_with(Backends::SQLITE_FS, TestOptions { auth: false, ..TestOptions::default() }).await;
     assert!(app.admin_key.is_none());
     for seed in 0..2 {
         let image = app.upload_ok("old.png", png(8, 8, seed)).await;
@@ -752,6 +760,8 @@ async fn the_first_start_creates_one_admin_key_and_adopts_older_images() {
     let token_file = app.settings.auth.admin_token_file.clone();
     assert!(!token_file.exists(), "accounts off: no admin is made");
 
+    // The same store started again with accounts on (one `serve` per SQLite file at a time).
+    app.stop_serving().await;
     let mut settings = app.settings.clone();
     settings.auth.enabled = true;
     settings.server.bind = "127.0.0.1:0".parse().unwrap();

@@ -178,9 +178,11 @@ async fn an_interrupted_rebalance_resumes_where_it_stopped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_shard_empties_and_can_then_leave_the_config() {
-    let app =
+    let mut app =
         spawn_app_with(Backends::SQLITE_FS, TestOptions { replication_factor: 1, ..TestOptions::default() }).await;
     upload_many(&app, 60, 300_000).await;
+    // One `serve` per SQLite file: the builds below stand for restarts of this one.
+    app.stop_serving().await;
     let mut without_s1 = app.settings.clone();
     without_s1.shards.retain(|shard| shard.name != "s1");
     without_s1.server.bind = "127.0.0.1:0".parse().unwrap();

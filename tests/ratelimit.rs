@@ -22,14 +22,14 @@ fn tight_limits(settings: &mut Settings) {
     settings.auth.open_registration = true;
 }
 
-async fn limited_app(redis: Option<&str>) -> TestApp {
+async fn limited_app(backends: Backends, redis: Option<&str>) -> TestApp {
     let options = TestOptions {
         rate_limits: true,
         adjust: Some(tight_limits),
         redis_url: redis.map(str::to_owned),
         ..TestOptions::default()
     };
-    spawn_app_with(Backends::SQLITE_FS, options).await
+    spawn_app_with(backends, options).await
 }
 
 async fn get(client: &reqwest::Client, app: &TestApp, path: &str) -> reqwest::Response {
@@ -49,7 +49,7 @@ async fn assert_limited(response: reqwest::Response) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_caller_has_its_own_buckets() {
-    let app = limited_app(None).await;
+    let app = limited_app(Backends::SQLITE_FS, None).await;
     let admin = &app.client;
     for remaining in ["2", "1", "0"] {
         let response = get(admin, &app, "/api/v1/images").await;
@@ -137,7 +137,9 @@ impl Drop for PrivateRedis {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_shares_the_buckets_between_instances_and_its_outage_falls_back() {
     let mut redis = PrivateRedis::start();
-    let app = limited_app(Some(&redis.url)).await;
+    // Two instances on one database: Postgres (a SQLite file takes one `serve` at a time).
+    let postgres = Backends { db: common::database::DbKind::Postgres, storage: common::StorageKind::Fs };
+    let app = limited_app(postgres, Some(&redis.url)).await;
     let sibling = app.spawn_sibling(0).await;
     let key = app.admin_key.clone().unwrap();
     let client = client_with_key(Some(&key));

@@ -183,6 +183,7 @@ async fn login(
     let attempt = format!("{}|{address}", credentials.username);
     let decision = state.limiter.check(Class::Login, &attempt).await;
     if let Some(decision) = decision.filter(|decision| !decision.allowed) {
+        metrics::counter!(crate::observability::names::RATE_LIMITED, "class" => Class::Login.as_str()).increment(1);
         let mut response =
             ApiError::RateLimited { retry_after_secs: whole_seconds(decision.retry_after) }.into_response();
         add_headers(response.headers_mut(), &decision);

@@ -30,6 +30,9 @@ carries `Retry-After`."),
         super::images::download,
         super::images::download_head,
         super::health::health,
+        super::health::live,
+        super::health::ready,
+        super::metrics::metrics_for_admins,
         super::admin::replication,
         super::auth::register,
         super::auth::login,
@@ -38,7 +41,7 @@ carries `Retry-After`."),
         super::auth::list_keys,
         super::auth::revoke_key,
     ),
-    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health and replication"), (name = "accounts", description = "Users, access tokens and API keys"))
+    tags((name = "images", description = "Upload, list, fetch and delete images"), (name = "operations", description = "Health, metrics and replication"), (name = "accounts", description = "Users, access tokens and API keys"))
 )]
 pub struct ApiDoc;
 

@@ -158,7 +158,7 @@ impl IntoResponse for ApiError {
         } else if let ApiError::Auth(AuthError::InvalidCredentials { reason }) = &self {
             tracing::info!(reason, "refused credentials");
         }
-        let mut response = error_body(status, code, &message).into_response();
+        let mut response = error_body(status, code, &message);
         let headers = response.headers_mut();
         match (&self, status) {
             (ApiError::RateLimited { retry_after_secs }, _) => {
@@ -180,9 +180,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The code of an error answer, kept on the response for the request metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 /// An error response with the given code.
-pub fn error_body(status: StatusCode, code: &str, message: &str) -> (StatusCode, Json<ErrorBody>) {
-    (status, Json(ErrorBody { detail: ErrorDetail { code: code.to_owned(), message: message.to_owned() } }))
+pub fn error_body(status: StatusCode, code: &'static str, message: &str) -> Response {
+    let body = ErrorBody { detail: ErrorDetail { code: code.to_owned(), message: message.to_owned() } };
+    let mut response = (status, Json(body)).into_response();
+    response.extensions_mut().insert(ErrorCode(code));
+    response
 }
 
 /// A handler that panicked still answers in the error format.
@@ -192,5 +199,4 @@ pub fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
         "INTERNAL_ERROR",
         "an internal error occurred; the server log has the cause",
     )
-    .into_response()
 }

@@ -1,4 +1,6 @@
 //! `GET /health`: whether this instance can serve, and the state of each component.
+//! `GET /health/live` and `GET /health/ready`: the same question for load balancers, with no
+//! internals in the answer.
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +48,66 @@ impl ReplicaCountsCache {
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/health", get(health))
+    Router::new().route("/health", get(health)).route("/health/live", get(live)).route("/health/ready", get(ready))
+}
+
+/// Whether this instance takes new work: false from the start of a graceful shutdown, so a
+/// load balancer stops sending requests before the listener closes.
+#[derive(Debug)]
+pub struct Readiness {
+    accepting: std::sync::atomic::AtomicBool,
+    /// Shards that must answer for the instance to be ready: enough to acknowledge an upload
+    /// (`placement.write_quorum`).
+    min_shards: usize,
+}
+
+impl Readiness {
+    pub fn new(min_shards: usize) -> Self {
+        Self { accepting: std::sync::atomic::AtomicBool::new(true), min_shards }
+    }
+
+    /// Graceful shutdown has begun.
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_accepting(&self) -> bool {
+        self.accepting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A load balancer's probe answer: `live`, `ready`, `not_ready` or `stopping`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Probe {
+    pub status: &'static str,
+}
+
+#[utoipa::path(
+    get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "The process answers", body = Probe))
+)]
+async fn live() -> Json<Probe> {
+    Json(Probe { status: "live" })
+}
+
+#[utoipa::path(
+    get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "The database and enough shards to store an upload answer", body = Probe),
+        (status = 503, description = "Not ready (`not_ready`), or shutting down (`stopping`)", body = Probe),
+    )
+)]
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Probe>) {
+    let not_ready = |status| (StatusCode::SERVICE_UNAVAILABLE, Json(Probe { status }));
+    if !state.readiness.is_accepting() {
+        return not_ready("stopping");
+    }
+    let (database, shards) = tokio::join!(check_database(&state), state.router.check_health(CHECK_TIMEOUT));
+    let shards_up = shards.iter().filter(|shard| shard.result.is_ok()).count();
+    if database.error.is_some() || shards_up < state.readiness.min_shards.max(1) {
+        return not_ready("not_ready");
+    }
+    (StatusCode::OK, Json(Probe { status: "ready" }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

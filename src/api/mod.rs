@@ -9,17 +9,20 @@ pub mod error;
 pub mod health;
 pub mod images;
 pub mod json;
+pub mod metrics;
 pub mod multipart;
 pub mod ratelimit;
+pub mod request;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::http::StatusCode;
+use axum::middleware::from_fn;
 use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::accounts::Accounts;
 use crate::images::service::ImageService;
@@ -43,6 +46,10 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// Whether the client's address is the last `X-Forwarded-For` entry (behind a proxy).
     pub trust_forwarded_for: bool,
+    /// Renders `/metrics`; `None` when metrics are off.
+    pub metrics: Option<PrometheusHandle>,
+    /// What `/health/ready` answers from.
+    pub readiness: Arc<health::Readiness>,
 }
 
 /// Limits on what a client may send.
@@ -61,6 +68,7 @@ pub fn app(state: AppState) -> Router {
         .merge(health::router())
         .merge(admin::router())
         .merge(docs::router())
+        .merge(metrics::router())
         .fallback(unknown_route)
         // Set once every route is in: it applies to the routes present. axum keeps `Allow`.
         .method_not_allowed_fallback(method_not_allowed)
@@ -68,7 +76,13 @@ pub fn app(state: AppState) -> Router {
         .layer(from_fn_with_state(state.clone(), ratelimit::limit))
         .layer(from_fn_with_state(state.clone(), caller::identify))
         .with_state(state)
-        .layer(TraceLayer::new_for_http())
+        // Layers apply to each route after routing (so the route template is known), the
+        // last added outermost: the id is checked, set, traced, echoed, then in scope.
+        .layer(from_fn(request::observe))
+        .layer(request::propagate_id())
+        .layer(request::trace())
+        .layer(request::set_id())
+        .layer(from_fn(request::refuse_unacceptable_id))
         .layer(CatchPanicLayer::custom(error::panic_response))
 }
 

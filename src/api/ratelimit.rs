@@ -10,6 +10,7 @@ use super::AppState;
 use super::caller::ClientAddress;
 use super::error::ApiError;
 use crate::accounts::Caller;
+use crate::observability::names;
 use crate::ratelimit::bucket::Decision;
 use crate::ratelimit::{Class, whole_seconds};
 
@@ -27,6 +28,7 @@ pub async fn limit(State(state): State<AppState>, request: Request, next: Next) 
         next.run(request).await
     } else {
         tracing::info!(subject, ?class, "rate limited");
+        metrics::counter!(names::RATE_LIMITED, "class" => class.as_str()).increment(1);
         ApiError::RateLimited { retry_after_secs: whole_seconds(decision.retry_after) }.into_response()
     };
     // A handler that applied a bucket of its own (login) reported that one: keep it.

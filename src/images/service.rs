@@ -16,8 +16,10 @@ use crate::maintenance::suspicion::{self, Finding};
 use crate::metadata::{
     CopyRef, ImageOwner, ImageRecord, MetadataStore, NewImage, Replica, ReplicaState, Role, Visibility,
 };
+use crate::observability::names;
 use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
 use crate::storage::{BlobBody, BlobReader, ByteStream, StorageError};
+use tracing::Instrument;
 
 /// How often an upload retries when a concurrent deletion removed the copy it had just written
 /// (see [`ImageService::store_new_blob`]). Each retry needs another deletion racing with it.
@@ -91,11 +93,16 @@ impl ImageService {
             owner,
             visibility,
         };
-        if let Some(record) = self.metadata.insert_image_for_live_blob(&image).await? {
+        if let Some(record) =
+            self.metadata.insert_image_for_live_blob(&image).instrument(query("insert_image_for_live_blob")).await?
+        {
             tracing::info!(id = %record.id, blob = %record.blob, "stored as a reference to an existing blob");
+            metrics::counter!(names::DEDUP_HITS).increment(1);
             return Ok(record);
         }
-        self.store_new_blob(&image, &upload.body).await
+        let record = self.store_new_blob(&image, &upload.body).await?;
+        metrics::counter!(names::NEW_BLOBS).increment(1);
+        Ok(record)
     }
 
     /// Writes the bytes, then records them under the blob's lock.
@@ -123,7 +130,12 @@ impl ImageService {
                     return Err(ImageError::StorageUnavailable(error));
                 }
             };
-            let guard = match self.metadata.lock_blob_for_upload(&image.blob, image.file_size).await {
+            let locked = self
+                .metadata
+                .lock_blob_for_upload(&image.blob, image.file_size)
+                .instrument(query("lock_blob_for_upload"))
+                .await;
+            let guard = match locked {
                 Ok(guard) => guard,
                 Err(error) => {
                     self.remove_unrecorded_copies(&receipt.stored, image).await;
@@ -140,7 +152,11 @@ impl ImageService {
             }
             match self.copies_still_exist(&receipt, image).await {
                 Confirmation::Confirmed => {
-                    let record = match guard.commit(image, &copies_after_write(&receipt)).await {
+                    let record = match guard
+                        .commit(image, &copies_after_write(&receipt))
+                        .instrument(query("commit_upload"))
+                        .await
+                    {
                         Ok(record) => record,
                         // A concurrent upload of the same owner took the room left: what was
                         // written for this one goes, and nothing was recorded.
@@ -253,7 +269,7 @@ impl ImageService {
     pub async fn find(&self, id: &str) -> Result<ImageRecord> {
         // Any id that is not a UUID names no image: 404, like an unknown UUID.
         let id = Uuid::try_parse(id).map_err(|_| ImageError::NotFound)?;
-        self.metadata.find_image(id).await?.ok_or(ImageError::NotFound)
+        self.metadata.find_image(id).instrument(query("find_image")).await?.ok_or(ImageError::NotFound)
     }
 
     /// A page of the list, of `owner`'s images only when given.
@@ -261,7 +277,8 @@ impl ImageService {
         let limit = parse_limit(limit)?;
         let after = cursor.map(cursor::decode).transpose().map_err(|_| ImageError::InvalidCursor)?;
         // One extra row tells whether another page follows, without a count query.
-        let mut items = self.metadata.list_images(limit + 1, after.as_ref(), owner).await?;
+        let mut items =
+            self.metadata.list_images(limit + 1, after.as_ref(), owner).instrument(query("list_images")).await?;
         let next_cursor = if items.len() > limit as usize {
             items.truncate(limit as usize);
             items
@@ -359,7 +376,8 @@ impl ImageService {
     /// copies on shards that are down stay `Deleting` until the background sweep removes them.
     pub async fn delete(&self, id: &str) -> Result<()> {
         let id = Uuid::try_parse(id).map_err(|_| ImageError::NotFound)?;
-        let deleted = self.metadata.delete_image(id).await?.ok_or(ImageError::NotFound)?;
+        let deleted =
+            self.metadata.delete_image(id).instrument(query("delete_image")).await?.ok_or(ImageError::NotFound)?;
         if deleted.blob_unreferenced {
             deletion::delete_copies_of(self.metadata.as_ref(), &self.router, &deleted.blob).await;
         }
@@ -423,6 +441,11 @@ fn parse_limit(limit: Option<&str>) -> Result<u32> {
 /// one written, and keeps the list order identical on both.
 fn now_in_micros() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
+}
+
+/// A span around one metadata call on the request path, for traces (`[telemetry] otlp_endpoint`).
+fn query(operation: &'static str) -> tracing::Span {
+    tracing::info_span!("metadata_query", operation)
 }
 
 #[cfg(test)]

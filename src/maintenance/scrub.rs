@@ -381,17 +381,23 @@ pub async fn run_periodic(
             }
         }
         match scrub(metadata.as_ref(), &router, &options, &super::progress::Silent).await {
-            Ok(report) => tracing::info!(
-                blobs = report.blobs_checked,
-                copies = report.copies_checked,
-                bad = report.bad_copies.len(),
-                recovered = report.recovered.len(),
-                adopted = report.adopted.len(),
-                restored = report.restored,
-                lost = report.lost.len(),
-                orphans = report.orphans.len(),
-                "background scrub finished"
-            ),
+            Ok(report) if report.interrupted => {
+                tracing::info!("background scrub interrupted; it resumes where it stopped")
+            }
+            Ok(report) => {
+                metrics::counter!(crate::observability::names::SCRUB_RUNS).increment(1);
+                tracing::info!(
+                    blobs = report.blobs_checked,
+                    copies = report.copies_checked,
+                    bad = report.bad_copies.len(),
+                    recovered = report.recovered.len(),
+                    adopted = report.adopted.len(),
+                    restored = report.restored,
+                    lost = report.lost.len(),
+                    orphans = report.orphans.len(),
+                    "background scrub finished"
+                )
+            }
             Err(error) => tracing::warn!(error = %error_chain(&error), "background scrub stopped"),
         }
     }

@@ -9,6 +9,7 @@
 //! - [`TaskQueue`] (`queue.rs`): the durable replication queue;
 //! - [`JobCursors`] (`jobs.rs`): where resumable maintenance jobs stopped;
 //! - [`AccountStore`] (`accounts.rs`): users, API keys, usage and the token secret.
+//! - [`SingletonLocks`] (`singleton.rs`): which instance runs the jobs only one may run.
 //!
 //! [`MetadataStore`] is all of them at once, over one connection pool; [`connect`] opens it.
 //! Postgres serves production and several instances; SQLite is the embedded default for one
@@ -24,6 +25,7 @@ mod jobs;
 mod model;
 mod queue;
 mod rows;
+mod singleton;
 mod sql;
 
 use std::sync::Arc;
@@ -42,6 +44,7 @@ pub use model::{
     ReplicaCounts, ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind, Visibility,
 };
 pub use queue::TaskQueue;
+pub use singleton::{SingletonLock, SingletonLocks};
 
 use sql::SqlStore;
 use sql::dialect::{Postgres, Sqlite};
@@ -50,7 +53,7 @@ use sql::dialect::{Postgres, Sqlite};
 /// unless it returns a guard, which holds its transaction until it commits or is dropped (a
 /// drop rolls back).
 #[async_trait]
-pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors + AccountStore {
+pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors + AccountStore + SingletonLocks {
     /// `"postgres"` or `"sqlite"`, for health output.
     fn backend_name(&self) -> &'static str;
 

@@ -185,6 +185,8 @@ pub struct ReplicationTask {
     /// Failed attempts so far (a claim that expired because its worker died is not counted).
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// The `x-request-id` of the request that queued the task, if a request did.
+    pub request_id: Option<String>,
 }
 
 /// The replication queue at a glance, for `/api/v1/admin/replication` and health.

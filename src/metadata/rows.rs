@@ -20,6 +20,7 @@ pub(in crate::metadata) struct TaskRow {
     shard: String,
     attempts: i64,
     last_error: Option<String>,
+    request_id: Option<String>,
 }
 
 impl TaskRow {
@@ -30,6 +31,7 @@ impl TaskRow {
             copy: CopyRef { blob: parse_blob_key(&self.blob_checksum)?, shard: self.shard },
             attempts: from_column(self.attempts, "attempts")?,
             last_error: self.last_error,
+            request_id: self.request_id,
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod shared;
 use std::time::Duration;
 
 use crate::config::RateLimitSettings;
+use crate::observability::names;
 use bucket::{Decision, Rate};
 
 /// The kind of request a bucket counts.
@@ -24,7 +25,7 @@ pub enum Class {
 }
 
 impl Class {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Class::Upload => "upload",
             Class::Request => "request",
@@ -66,10 +67,11 @@ impl RateLimiter {
             Class::Login => self.login,
         };
         let key = format!("{}:{subject}", class.as_str());
-        if let Some(shared) = &self.shared
-            && let Some(decision) = shared.take(&key, rate).await
-        {
-            return Some(decision);
+        if let Some(shared) = &self.shared {
+            match shared.take(&key, rate).await {
+                Some(decision) => return Some(decision),
+                None => metrics::counter!(names::RATE_LIMIT_FALLBACKS).increment(1),
+            }
         }
         Some(self.local.take(&key, rate))
     }

@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::backoff::RetryPolicy;
 use super::copy::{CopyCheck, check_copy, copy_blob};
 use crate::maintenance::deletion::{self, DeletionOutcome};
 use crate::metadata::{CopyRef, MetadataError, MetadataStore, ReplicaState, ReplicationTask, TaskKind};
+use crate::observability::names;
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
@@ -64,11 +66,22 @@ impl Replicator {
         let Some(task) = self.metadata.claim_task(&self.id, self.settings.lease).await? else {
             return Ok(StepOutcome::Idle);
         };
+        // The task's log lines carry the id of the request that queued it.
+        let span = tracing::info_span!("replication_task", task = task.id, kind = task.kind.as_str(),
+            shard = %task.copy.shard, request_id = task.request_id.as_deref().unwrap_or_default());
+        let outcome = self.run_claimed(&task).instrument(span).await;
+        if let Ok(outcome) = &outcome {
+            count_outcome(outcome);
+        }
+        outcome
+    }
+
+    async fn run_claimed(&self, task: &ReplicationTask) -> Result<StepOutcome, MetadataError> {
         let result = tokio::select! {
-            result = self.execute(&task) => result,
+            result = self.execute(task) => result,
             lost = self.keep_claim(task.id) => return Ok(lost),
         };
-        self.record(&task, result).await
+        self.record(task, result).await
     }
 
     /// Renews the lease at a third of its length; returns only if the claim is lost.
@@ -153,6 +166,16 @@ impl Replicator {
         copy_blob(self.metadata.as_ref(), &self.router, &blob, &target.shard, spool_dir).await?;
         Ok(Completion::CopyStored)
     }
+}
+
+fn count_outcome(outcome: &StepOutcome) {
+    let (kind, result) = match outcome {
+        StepOutcome::Idle => return,
+        StepOutcome::Done(kind) => (kind.as_str(), "done"),
+        StepOutcome::Failed { kind, .. } => (kind.as_str(), "failed"),
+        StepOutcome::LostClaim => ("unknown", "lost_claim"),
+    };
+    metrics::counter!(names::REPLICATION_TASKS, "kind" => kind, "outcome" => result).increment(1);
 }
 
 enum Completion {

@@ -9,6 +9,7 @@ pub mod deadline;
 pub mod fs;
 pub mod hedge;
 pub mod identity;
+pub mod metered;
 pub mod router;
 pub mod s3;
 

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod database;
+pub mod exposition;
 pub mod images;
 pub mod proxy;
 pub mod s3;
@@ -90,6 +91,8 @@ pub const BUCKET: &str = "chitram";
 
 pub struct TestApp {
     pub address: String,
+    /// The internal metrics listener (`[metrics] bind`), when the test set one.
+    pub metrics_address: Option<String>,
     /// Sends the first admin's API key with every request (accounts are on, as by default).
     pub client: reqwest::Client,
     /// The first admin's API key, from the token file the first start wrote; `None` with
@@ -154,7 +157,7 @@ pub async fn spawn_app(backends: Backends) -> TestApp {
 
 pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        chitram::telemetry::init(chitram::telemetry::LogColor::Auto);
+        let _ = chitram::telemetry::init(chitram::telemetry::LogColor::Auto, chitram::config::LogFormat::Text, None);
     }
     let database = TestDatabase::create(backends.db).await;
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -196,6 +199,7 @@ pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp
 async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDir, database: TestDatabase) -> TestApp {
     let app = Application::build(&settings).await.expect("the app builds");
     let address = format!("http://{}", app.local_addr());
+    let metrics_address = app.metrics_addr().map(|addr| format!("http://{addr}"));
     let metadata = app.metadata();
     let router = app.router();
     let (shutdown, stopped) = oneshot::channel::<()>();
@@ -205,6 +209,7 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
     let admin_key = settings.auth.enabled.then(|| read_admin_key(&settings.auth.admin_token_file));
     TestApp {
         address,
+        metrics_address,
         client: client_with_key(admin_key.as_deref()),
         admin_key,
         metadata,
@@ -297,6 +302,15 @@ impl TestApp {
     /// accounts off).
     pub fn authorization_line(&self) -> String {
         self.admin_key.as_ref().map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default()
+    }
+
+    /// Stops serving (as a killed process would, without draining), keeping the database and
+    /// shards for the test to use: another `serve` of the same SQLite file may start then.
+    pub async fn stop_serving(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -11,6 +11,7 @@ pub(super) mod dialect;
 // Loading `store/` once per dialect is the point (see above), not the slip this lint looks for.
 #[allow(clippy::duplicate_mod)]
 mod postgres;
+mod singleton;
 #[allow(clippy::duplicate_mod)]
 mod sqlite;
 

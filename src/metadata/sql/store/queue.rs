@@ -15,6 +15,7 @@ use crate::metadata::rows::{
 use crate::metadata::sql::dialect::Dialect;
 use crate::metadata::sql::{SqlStore, Statement};
 use crate::metadata::{CopyRef, MetaResult, QueueStats, ReplicationTask, TaskKind, TaskQueue};
+use crate::observability::request_id;
 
 type Connection = <<D as Dialect>::Db as Database>::Connection;
 
@@ -29,25 +30,26 @@ macro_rules! or_make_due_now {
 }
 
 /// Queues a task. `{clock}`: an upload guard queues at the end of a transaction that was open
-/// for the whole upload, and the task is due from now, not from its start.
+/// for the whole upload, and the task is due from now, not from its start. Every task records
+/// the request it came from (`$N`: the request id in scope, see `observability/request_id.rs`).
 static QUEUE_TASK: Statement = Statement::new(concat!(
-    "INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at)
-     VALUES ($1, $2, $3, {clock}, {clock})",
+    "INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at, request_id)
+     VALUES ($1, $2, $3, {clock}, {clock}, $4)",
     or_make_due_now!()
 ));
 
 /// Queues a `copy` task for one copy, if it is `pending`.
 static QUEUE_COPY_IF_PENDING: Statement = Statement::new(concat!(
-    "INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at)
-     SELECT blob_checksum, shard, 'copy', {clock}, {clock}
+    "INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at, request_id)
+     SELECT blob_checksum, shard, 'copy', {clock}, {clock}, $3
      FROM replicas WHERE blob_checksum = $1 AND shard = $2 AND state = 'pending'",
     or_make_due_now!()
 ));
 
 /// Queues a `delete` task for every copy of a blob.
 static QUEUE_DELETE_FOR_EVERY_COPY: Statement = Statement::new(concat!(
-    "INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at)
-     SELECT blob_checksum, shard, 'delete', {clock}, {clock}
+    "INSERT INTO replication_tasks (blob_checksum, shard, kind, created_at, next_attempt_at, request_id)
+     SELECT blob_checksum, shard, 'delete', {clock}, {clock}, $2
      FROM replicas WHERE blob_checksum = $1",
     or_make_due_now!()
 ));
@@ -73,7 +75,7 @@ static CLAIM_TASK: Statement = Statement::new(
          ORDER BY next_attempt_at, id
          LIMIT 1
          {skip_locked})
-     RETURNING id, kind, blob_checksum, shard, CAST(attempts AS BIGINT) AS attempts, last_error",
+     RETURNING id, kind, blob_checksum, shard, CAST(attempts AS BIGINT) AS attempts, last_error, request_id",
 );
 
 static EXTEND_CLAIM: Statement =
@@ -225,6 +227,7 @@ pub(super) async fn queue_task(conn: &mut Connection, copy: &CopyRef, kind: Task
         .bind(copy.blob.as_str())
         .bind(&copy.shard)
         .bind(kind.as_str())
+        .bind(request_id::current())
         .execute(conn)
         .await
         .map_err(sql_error("queueing a replication task"))?;
@@ -235,6 +238,7 @@ pub(super) async fn queue_copy_if_pending(conn: &mut Connection, blob: &BlobKey,
     sqlx::query(QUEUE_COPY_IF_PENDING.sql::<D>())
         .bind(blob.as_str())
         .bind(shard)
+        .bind(request_id::current())
         .execute(conn)
         .await
         .map_err(sql_error("queueing the copy of a pending copy"))?;
@@ -244,6 +248,7 @@ pub(super) async fn queue_copy_if_pending(conn: &mut Connection, blob: &BlobKey,
 pub(super) async fn queue_delete_for_every_copy(conn: &mut Connection, blob: &BlobKey) -> MetaResult<()> {
     sqlx::query(QUEUE_DELETE_FOR_EVERY_COPY.sql::<D>())
         .bind(blob.as_str())
+        .bind(request_id::current())
         .execute(conn)
         .await
         .map_err(sql_error("queueing the deletion of the copies of an unreferenced blob"))?;
