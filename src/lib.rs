@@ -17,3 +17,4 @@ pub mod redact;
 pub mod replication;
 pub mod storage;
 pub mod telemetry;
+pub mod variants;

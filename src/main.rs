@@ -54,6 +54,18 @@ enum Command {
         #[arg(long)]
         checksums: bool,
     },
+    /// Thumbnails and previews.
+    Variants {
+        #[command(subcommand)]
+        command: VariantsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VariantsCommand {
+    /// Make every configured variant that is missing or stale (a new name, a changed spec)
+    /// ahead of traffic, with a progress bar; resumable (Ctrl-C, then run it again).
+    Backfill,
 }
 
 #[tokio::main]
@@ -91,6 +103,9 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
         }
         Command::Rebalance { dry_run } => return finish(commands::rebalance(&settings, dry_run).await?),
         Command::Scrub { repair, checksums } => return finish(commands::scrub(&settings, repair, checksums).await?),
+        Command::Variants { command: VariantsCommand::Backfill } => {
+            return finish(commands::variants_backfill(&settings).await?);
+        }
     }
     Ok(())
 }

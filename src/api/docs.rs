@@ -21,6 +21,8 @@ the endpoint does not answer, `500 INTERNAL_ERROR` for a fault of the server; `5
         super::images::remove,
         super::images::download,
         super::images::download_head,
+        super::variants::variant,
+        super::variants::variant_head,
         super::health::health,
         super::admin::replication,
     ),

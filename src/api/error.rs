@@ -41,6 +41,7 @@ pub struct ErrorDetail {
 impl ApiError {
     /// The status, code and client-facing message of this error.
     pub fn parts(&self) -> (StatusCode, &'static str, String) {
+        use crate::images::error::Outage;
         use ImageError::*;
         let client = |status, code| (status, code, self.0.to_string());
         match &self.0 {
@@ -56,17 +57,24 @@ impl ApiError {
             NotFound => client(StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
             InvalidCursor => client(StatusCode::BAD_REQUEST, "INVALID_CURSOR"),
             InvalidLimit => client(StatusCode::BAD_REQUEST, "INVALID_LIMIT"),
-            StorageUnavailable(_) => (
+            VariantNotFound => client(StatusCode::NOT_FOUND, "VARIANT_NOT_FOUND"),
+            VariantFailed(_) => client(StatusCode::UNPROCESSABLE_ENTITY, "VARIANT_FAILED"),
+            StorageUnavailable(_) | VariantGeneration { outage: Outage::Storage, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "STORAGE_UNAVAILABLE",
                 "no storage shard can serve this request right now; retry later".to_owned(),
+            ),
+            VariantGeneration { outage: Outage::Database, .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+                "the metadata database is unavailable; retry later".to_owned(),
             ),
             Metadata(error) if error.is_unavailable() => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "DATABASE_UNAVAILABLE",
                 "the metadata database is unavailable; retry later".to_owned(),
             ),
-            Metadata(_) | Internal { .. } => (
+            Metadata(_) | Internal { .. } | VariantGeneration { .. } => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "INTERNAL_ERROR",
                 "an internal error occurred; the server log has the cause".to_owned(),

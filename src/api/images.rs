@@ -21,7 +21,7 @@ use multer::{Field, Multipart};
 /// Room for multipart boundaries and part headers on top of the file itself.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 /// Images never change under an id, so clients and proxies may keep them for a year.
-const CACHE_FOREVER: &str = "public, max-age=31536000, immutable";
+pub(super) const CACHE_FOREVER: &str = "public, max-age=31536000, immutable";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -305,7 +305,7 @@ async fn download_head(
 }
 
 /// The `{id}` of a path. One that is not even valid percent-encoded UTF-8 names no image.
-fn image_id(id: Result<Path<String>, PathRejection>) -> Result<String, ImageError> {
+pub(super) fn image_id(id: Result<Path<String>, PathRejection>) -> Result<String, ImageError> {
     id.map(|Path(id)| id).map_err(|_| ImageError::NotFound)
 }
 
@@ -315,7 +315,11 @@ fn etag(record: &ImageRecord) -> HeaderValue {
 
 /// `If-None-Match`: a list of (possibly weak) entity tags, or `*`.
 fn etag_matches(headers: &HeaderMap, record: &ImageRecord) -> bool {
-    let ours = etag(record);
+    if_none_match(headers, &etag(record))
+}
+
+/// Whether `If-None-Match` names `ours` (or is `*`).
+pub(super) fn if_none_match(headers: &HeaderMap, ours: &HeaderValue) -> bool {
     let Some(ours) = ours.to_str().ok() else { return false };
     headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|value| value.to_str().ok()).any(|value| {
         value.split(',').map(str::trim).any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == ours)

@@ -8,6 +8,7 @@ pub mod health;
 pub mod images;
 pub mod json;
 pub mod multipart;
+pub mod variants;
 
 use std::sync::Arc;
 
@@ -21,11 +22,13 @@ use crate::images::service::ImageService;
 use crate::images::spool::SpoolLimits;
 use crate::metadata::MetadataStore;
 use crate::storage::router::StorageRouter;
+use crate::variants::service::VariantService;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub images: Arc<ImageService>,
+    pub variants: Arc<VariantService>,
     pub metadata: Arc<dyn MetadataStore>,
     pub router: Arc<StorageRouter>,
     pub limits: Arc<UploadLimits>,
@@ -46,6 +49,7 @@ pub struct UploadLimits {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(images::router())
+        .merge(variants::router())
         .merge(health::router())
         .merge(admin::router())
         .merge(docs::router())

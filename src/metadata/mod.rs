@@ -7,7 +7,8 @@
 //! - [`ImageStore`] (`images.rs`): the rows clients see;
 //! - [`CopyStore`] (`copies.rs`): blobs, their copies, and the locks dedup and deletion share;
 //! - [`TaskQueue`] (`queue.rs`): the durable replication queue;
-//! - [`JobCursors`] (`jobs.rs`): where resumable maintenance jobs stopped.
+//! - [`JobCursors`] (`jobs.rs`): where resumable maintenance jobs stopped;
+//! - [`VariantStore`] (`variants.rs`): variants of images and the queue that generates them.
 //!
 //! [`MetadataStore`] is all of them at once, over one connection pool; [`connect`] opens it.
 //! Postgres serves production and several instances; SQLite is the embedded default for one
@@ -23,6 +24,7 @@ mod model;
 mod queue;
 mod rows;
 mod sql;
+mod variants;
 
 use std::sync::Arc;
 
@@ -33,10 +35,12 @@ pub use error::{MetaResult, MetadataError};
 pub use images::ImageStore;
 pub use jobs::JobCursors;
 pub use model::{
-    BlobCopies, CopyRef, DeletedImage, ImageRecord, ListPosition, NewImage, QueueStats, Replica, ReplicaCounts,
-    ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind,
+    BlobCopies, CopyRef, DeletedImage, ImageRecord, ListPosition, NewImage, NewVariant, QueueStats, Replica,
+    ReplicaCounts, ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind, VariantRecord, VariantState,
+    VariantTask,
 };
 pub use queue::TaskQueue;
+pub use variants::{VariantRecorded, VariantStore};
 
 use sql::SqlStore;
 use sql::dialect::{Postgres, Sqlite};
@@ -45,7 +49,7 @@ use sql::dialect::{Postgres, Sqlite};
 /// unless it returns a guard, which holds its transaction until it commits or is dropped (a
 /// drop rolls back).
 #[async_trait]
-pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors {
+pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors + VariantStore {
     /// `"postgres"` or `"sqlite"`, for health output.
     fn backend_name(&self) -> &'static str;
 

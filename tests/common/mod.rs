@@ -21,6 +21,7 @@ use chitram::metadata::MetadataStore;
 use chitram::replication::backoff::RetryPolicy;
 use chitram::replication::worker::{Replicator, StepOutcome, WorkerSettings};
 use chitram::storage::router::StorageRouter;
+use chitram::variants::service::VariantService;
 use database::{DbKind, TestDatabase};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Response, StatusCode};
@@ -93,6 +94,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub metadata: Arc<dyn MetadataStore>,
     pub router: Arc<StorageRouter>,
+    pub variants: Arc<VariantService>,
     pub settings: Settings,
     /// Indexed like `settings.shards`.
     pub shards: Vec<TestShard>,
@@ -118,6 +120,9 @@ pub struct TestOptions {
     /// what they see is what the request path did; replication tests turn them on, or drive
     /// them one step at a time with [`TestApp::replicate_until_idle`].
     pub workers: usize,
+    /// Variant generation workers in the background (`variants.workers`). None by default,
+    /// so the other suites see no variant blobs unless they ask for a variant.
+    pub variant_workers: usize,
 }
 
 impl Default for TestOptions {
@@ -130,6 +135,7 @@ impl Default for TestOptions {
             database_url: None,
             adjust: None,
             workers: 0,
+            variant_workers: 0,
         }
     }
 }
@@ -153,6 +159,7 @@ pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp
     settings.database.url = options.database_url.clone().unwrap_or_else(|| database.url.clone());
     settings.placement.replication_factor = options.replication_factor;
     settings.replication = fast_replication(options.workers);
+    settings.variants.workers = options.variant_workers;
     let mut shards = Vec::new();
     settings.shards.clear();
     for i in 0..options.shards {
@@ -180,6 +187,7 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
     let address = format!("http://{}", app.local_addr());
     let metadata = app.metadata();
     let router = app.router();
+    let variants = app.variants();
     let (shutdown, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -189,6 +197,7 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
         client: reqwest::Client::new(),
         metadata,
         router,
+        variants,
         settings,
         shards,
         dir,

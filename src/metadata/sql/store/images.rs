@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::D;
 use super::copies::drop_reference;
+use super::variants::{fetch_variants, queue_variant_tasks, release_variants};
 use crate::metadata::rows::{from_column, parse_blob_key, sql_error, to_column};
 use crate::metadata::sql::dialect::Dialect;
 use crate::metadata::sql::{SqlStore, Statement};
@@ -90,7 +91,9 @@ impl ImageStore for SqlStore<D> {
     }
 
     async fn find_image(&self, id: Uuid) -> MetaResult<Option<ImageRecord>> {
-        fetch_image(&self.pool, id).await
+        let Some(mut record) = fetch_image(&self.pool, id).await? else { return Ok(None) };
+        record.variants = fetch_variants(&self.pool, id).await?;
+        Ok(Some(record))
     }
 
     async fn list_images(&self, limit: u32, after: Option<&ListPosition>) -> MetaResult<Vec<ImageRecord>> {
@@ -103,12 +106,19 @@ impl ImageStore for SqlStore<D> {
                 .bind(D::id(position.id)),
         };
         let rows = query.fetch_all(&self.pool).await.map_err(sql_error("listing images"))?;
-        records_from_rows(rows)
+        let mut records = records_from_rows(rows)?;
+        // One indexed lookup per image of the page (at most 100).
+        for record in &mut records {
+            record.variants = fetch_variants(&self.pool, record.id).await?;
+        }
+        Ok(records)
     }
 
     async fn delete_image(&self, id: Uuid) -> MetaResult<Option<DeletedImage>> {
         const CONTEXT: &str = "deleting an image";
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        // Variant rows first: they refer to the image row.
+        let unreferenced_variant_blobs = release_variants(&mut tx, id).await?;
         let checksum: Option<String> = sqlx::query_scalar(DELETE_IMAGE.sql::<D>())
             .bind(D::id(id))
             .fetch_optional(&mut *tx)
@@ -121,11 +131,12 @@ impl ImageStore for SqlStore<D> {
         let blob = parse_blob_key(&checksum)?;
         let blob_unreferenced = drop_reference(&mut tx, &blob).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
-        Ok(Some(DeletedImage { blob, blob_unreferenced }))
+        Ok(Some(DeletedImage { blob, blob_unreferenced, unreferenced_variant_blobs }))
     }
 }
 
-/// Records an image row; its blob's reference is the caller's to add.
+/// Records an image row and queues its variants' generation; its blob's reference is the
+/// caller's to add.
 pub(super) async fn insert_image(conn: &mut Connection, image: &NewImage) -> MetaResult<()> {
     const CONTEXT: &str = "recording an image";
     sqlx::query(INSERT_IMAGE.sql::<D>())
@@ -138,10 +149,10 @@ pub(super) async fn insert_image(conn: &mut Connection, image: &NewImage) -> Met
         .bind(to_column::<_, i32>(image.height, CONTEXT)?)
         .bind(image.blob.as_str())
         .bind(D::time(image.created_at))
-        .execute(conn)
+        .execute(&mut *conn)
         .await
         .map_err(sql_error(CONTEXT))?;
-    Ok(())
+    queue_variant_tasks(conn, image.id, &image.variants).await
 }
 
 async fn fetch_image<'c>(executor: impl Executor<'c, Database = Db>, id: Uuid) -> MetaResult<Option<ImageRecord>> {
@@ -196,6 +207,7 @@ fn records_from_rows(rows: Vec<ImageRow>) -> MetaResult<Vec<ImageRecord>> {
                 blob: parse_blob_key(&row.blob_checksum)?,
                 created_at: D::parse_time(row.created_at)?,
                 replicas: Vec::new(),
+                variants: Vec::new(),
             });
         }
         if let Some(record) = records.last_mut() {
