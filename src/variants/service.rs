@@ -85,6 +85,10 @@ pub struct VariantService {
     pipeline: Pipeline,
     pool: DecodePool,
     flights: Mutex<HashMap<FlightKey, Flight>>,
+    /// Generations that may hold an original in memory at once: the pool's threads plus as
+    /// many waiting their turn, so a crowd of first requests for different images does not
+    /// read every original into memory ahead of the decode pool.
+    admission: tokio::sync::Semaphore,
     /// Pipeline runs in this process (each is a decode); tests and metrics read it.
     renders: AtomicU64,
 }
@@ -98,7 +102,17 @@ impl VariantService {
         pool: DecodePool,
     ) -> Self {
         let pipeline = Pipeline::new(max_pixels, *catalog.encoding());
-        Self { metadata, images, catalog, pipeline, pool, flights: Mutex::default(), renders: AtomicU64::new(0) }
+        let admission = tokio::sync::Semaphore::new(pool.threads() * 2);
+        Self {
+            metadata,
+            images,
+            catalog,
+            pipeline,
+            pool,
+            flights: Mutex::default(),
+            admission,
+            renders: AtomicU64::new(0),
+        }
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -197,6 +211,7 @@ impl VariantService {
         {
             return Ok(done.clone());
         }
+        let _admitted = self.admission.acquire().await.map_err(|_| GenerateError::PoolClosed)?;
         let source = self.read_original(image).await?;
         let (pipeline, job_spec) = (self.pipeline, spec.clone());
         self.renders.fetch_add(1, Ordering::Relaxed);
