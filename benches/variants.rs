@@ -180,11 +180,7 @@ async fn burst() {
         let _ = stopped.await;
     }));
     // A 2 MP photo each, unique by one pixel.
-    let base = {
-        let image =
-            RgbImage::from_fn(1600, 1200, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]));
-        image
-    };
+    let base = RgbImage::from_fn(1600, 1200, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]));
     let uploads: Vec<Vec<u8>> = (0..100u32)
         .map(|n| {
             let mut image = base.clone();
