@@ -37,6 +37,9 @@ use crate::storage::metered::MeteredStore;
 use crate::storage::router::{Shard, StorageRouter};
 use crate::storage::s3::{S3Settings, S3Store};
 use crate::storage::{BlobStore, ShardLabel};
+use crate::variants::pool::DecodePool;
+use crate::variants::service::VariantService;
+use crate::variants::worker::{self as variant_worker, VariantWorker, VariantWorkerSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -98,6 +101,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     workers: Vec<Replicator>,
+    variant_workers: Vec<VariantWorker>,
     shutdown_grace: Duration,
     shutdown_drain: Duration,
     maintenance: MaintenanceSettings,
@@ -118,15 +122,13 @@ impl Application {
         let metadata = open_metadata(&settings.database.url).await?;
         refuse_stranded_blobs(metadata.as_ref(), settings).await?;
         let router = Arc::new(open_storage(settings, metadata.as_ref()).await?);
-        let images = Arc::new(
-            ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum)
-                .with_max_pixels(settings.server.max_pixels),
-        );
+        let (images, variants) = image_services(settings, &metadata, &router)?;
         let limits = Arc::new(UploadLimits {
             spool: SpoolLimits { max_bytes: settings.server.max_upload_bytes, dir: settings.server.spool_dir.clone() },
             max_batch_files: settings.server.max_batch_files,
         });
         let workers = replicators(settings, &metadata, &router);
+        let variant_workers = variant_workers(settings, &variants);
         let accounts = Arc::new(Accounts::new(&settings.auth, metadata.clone()).await?);
         if settings.auth.enabled {
             bootstrap::ensure_first_admin(&accounts, metadata.as_ref(), &settings.auth.admin_token_file).await?;
@@ -142,6 +144,7 @@ impl Application {
         }
         let state = AppState {
             images,
+            variants,
             metadata,
             router,
             limits,
@@ -156,6 +159,7 @@ impl Application {
         Ok(Self {
             listener,
             workers,
+            variant_workers,
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_secs),
             shutdown_drain: Duration::from_secs(settings.server.shutdown_drain_secs),
             maintenance: settings.maintenance.clone(),
@@ -184,6 +188,10 @@ impl Application {
         self.state.router.clone()
     }
 
+    pub fn variants(&self) -> Arc<VariantService> {
+        self.state.variants.clone()
+    }
+
     /// Starts the replication workers and serves until `shutdown` resolves. Then it stops
     /// accepting, lets requests in flight finish (for up to `server.shutdown_grace_secs`), and
     /// stops the workers, whose unfinished tasks stay in the queue.
@@ -195,6 +203,7 @@ impl Application {
         // Held until serving ends: another `serve` of a SQLite file may start only then.
         let _instance_lock = self.instance_lock;
         let workers = tokio::spawn(run_workers(self.workers, stopping.clone()));
+        let variant_workers = tokio::spawn(variant_worker::run_workers(self.variant_workers, stopping.clone()));
         let signalled = stopping.clone();
         let readiness = self.state.readiness.clone();
         let drain = self.shutdown_drain;
@@ -232,6 +241,7 @@ impl Application {
         };
         stopping.cancel();
         let _ = workers.await;
+        let _ = variant_workers.await;
         for task in [scrubber, refresher, internal].into_iter().flatten() {
             let _ = task.await;
         }
@@ -308,6 +318,43 @@ pub async fn refuse_stranded_blobs(metadata: &dyn MetadataStore, settings: &Sett
         .collect();
     missing.dedup();
     Err(StartError::StrandedBlobs { count, shards: missing.join(", ") })
+}
+
+/// The image use cases and the variants use case over them, sharing the configured set.
+pub fn image_services(
+    settings: &Settings,
+    metadata: &Arc<dyn MetadataStore>,
+    router: &Arc<StorageRouter>,
+) -> Result<(Arc<ImageService>, Arc<VariantService>), StartError> {
+    let catalog = Arc::new(settings.variants.catalog()?);
+    let images = Arc::new(
+        ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum)
+            .with_max_pixels(settings.server.max_pixels)
+            .with_variants(catalog.clone()),
+    );
+    let pool = DecodePool::start(settings.variants.decode_threads);
+    let variants =
+        Arc::new(VariantService::new(metadata.clone(), images.clone(), catalog, settings.variants.max_pixels, pool));
+    Ok((images, variants))
+}
+
+/// Variant workers share the replication queue's lease, backoff and polling settings.
+fn variant_workers(settings: &Settings, variants: &Arc<VariantService>) -> Vec<VariantWorker> {
+    let replication = &settings.replication;
+    let worker_settings = VariantWorkerSettings {
+        lease: Duration::from_secs(replication.lease_secs),
+        retry: RetryPolicy {
+            min: Duration::from_millis(replication.retry_min_ms),
+            max: Duration::from_secs(replication.retry_max_secs),
+        },
+        idle_poll: Duration::from_millis(replication.idle_poll_ms.max(1)),
+    };
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    (0..settings.variants.workers)
+        .map(|n| {
+            VariantWorker::new(variants.clone(), worker_settings.clone(), format!("variants-{}-{n}", &instance[..8]))
+        })
+        .collect()
 }
 
 fn replicators(settings: &Settings, metadata: &Arc<dyn MetadataStore>, router: &Arc<StorageRouter>) -> Vec<Replicator> {

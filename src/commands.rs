@@ -215,6 +215,28 @@ fn write_summary(out: &mut String, summary: &RebalanceSummary) {
     }
 }
 
+/// `chitram variants backfill`: makes every configured variant that is missing or stale,
+/// resuming where an interrupted run stopped.
+pub async fn variants_backfill(settings: &Settings) -> Result<Outcome, CommandError> {
+    let mut out = String::new();
+    let (metadata, router) = open_for_job(settings, &mut out).await?;
+    eprint!("{out}");
+    out.clear();
+    let (_, variants) = app::image_services(settings, &metadata, &router)?;
+    let summary = crate::variants::backfill::backfill(&variants, &TerminalProgress::new(), &stop_on_ctrl_c()).await?;
+    let _ = writeln!(
+        out,
+        "variants backfill {}: {} images, {} variants made, {} already current, {} failed (cannot be decoded), {} not made (an outage: run again)",
+        if summary.interrupted { "interrupted (run it again to resume)" } else { "done" },
+        summary.images,
+        summary.generated,
+        summary.already_current,
+        summary.failed,
+        summary.errors
+    );
+    Ok(Outcome { report: out, ok: summary.errors == 0 && !summary.interrupted })
+}
+
 /// `chitram scrub [--repair] [--checksums]`.
 pub async fn scrub(settings: &Settings, repair: bool, verify_checksums: bool) -> Result<Outcome, CommandError> {
     let mut out = String::new();

@@ -34,6 +34,7 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub telemetry: TelemetrySettings,
     pub shards: Vec<ShardSettings>,
+    pub variants: VariantsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -582,6 +583,89 @@ impl ShardSettings {
     }
 }
 
+/// Variants (thumbnails, previews): `[variants]` holds the settings below and one table per
+/// variant, `[variants.NAME]` with `width`, `height` and `fit` (`cover` or `contain`). With no
+/// variant named, the default set applies (`thumb` 256×256 cover, `preview` 1280×1280 contain).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct VariantsSettings {
+    /// Most pixels (width × height, from the header) an original may claim to be decoded.
+    pub max_pixels: u64,
+    /// Decodes that run at once (threads of the decode pool, off the async threads).
+    pub decode_threads: usize,
+    /// Generation workers in this instance (0: none; another instance, or the first request
+    /// for a variant, makes them).
+    pub workers: usize,
+    /// JPEG quality of variants of opaque images, 1 to 100.
+    pub jpeg_quality: u8,
+    /// Format of variants of images with transparency: `png` or `webp` (lossless).
+    pub alpha_format: crate::variants::spec::AlphaFormat,
+    /// The variants, by name. (Flattened: the table's other keys are the settings above.)
+    #[serde(flatten)]
+    pub sets: std::collections::BTreeMap<String, VariantSettings>,
+}
+
+/// One `[variants.NAME]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSettings {
+    pub width: u32,
+    pub height: u32,
+    pub fit: crate::variants::spec::Fit,
+}
+
+impl Default for VariantsSettings {
+    fn default() -> Self {
+        Self {
+            max_pixels: 100_000_000,
+            decode_threads: 2,
+            workers: 2,
+            jpeg_quality: 82,
+            alpha_format: crate::variants::spec::AlphaFormat::Png,
+            sets: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl VariantsSettings {
+    /// The configured variants, or the default set when none is named.
+    pub fn specs(&self) -> Result<Vec<crate::variants::spec::VariantSpec>, ConfigError> {
+        use crate::variants::spec::VariantSpec;
+        if self.sets.is_empty() {
+            return Ok(VariantSpec::default_set());
+        }
+        self.sets
+            .iter()
+            .map(|(name, set)| {
+                VariantSpec::new(name, set.width, set.height, set.fit)
+                    .map_err(|problem| invalid(format!("variants.{name}"), problem.to_string()))
+            })
+            .collect()
+    }
+
+    pub fn encoding(&self) -> crate::variants::spec::Encoding {
+        crate::variants::spec::Encoding { jpeg_quality: self.jpeg_quality, alpha_format: self.alpha_format }
+    }
+
+    /// The catalog the service runs with.
+    pub fn catalog(&self) -> Result<crate::variants::Catalog, ConfigError> {
+        Ok(crate::variants::Catalog::new(self.specs()?, self.encoding()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_pixels == 0 {
+            return Err(invalid("variants.max_pixels", "must be above 0"));
+        }
+        if self.decode_threads == 0 {
+            return Err(invalid("variants.decode_threads", "must be above 0"));
+        }
+        if !(1..=100).contains(&self.jpeg_quality) {
+            return Err(invalid("variants.jpeg_quality", "must be between 1 and 100"));
+        }
+        self.specs().map(drop)
+    }
+}
+
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -697,6 +781,7 @@ impl Default for Settings {
             metrics: MetricsSettings::default(),
             telemetry: TelemetrySettings::default(),
             shards: vec![shard("a"), shard("b"), shard("c")],
+            variants: VariantsSettings::default(),
         }
     }
 }
@@ -839,6 +924,7 @@ impl Settings {
         }
         self.auth.validate(self.server.bind)?;
         self.rate_limits.validate()?;
+        self.variants.validate()?;
         Ok(())
     }
 
@@ -1167,6 +1253,7 @@ mod tests {
         assert_eq!(settings.redis, default.redis);
         assert_eq!(settings.metrics, default.metrics);
         assert_eq!(settings.telemetry, default.telemetry);
+        assert_eq!(settings.variants, default.variants);
         let s3 = settings.shards[1].backend(1).unwrap();
         let BackendSettings::S3(s3) = s3 else { panic!("the second shard is s3") };
         assert_eq!((s3.region.as_str(), s3.create_bucket), ("us-east-1", true), "the defaults it names");
@@ -1205,6 +1292,55 @@ mod tests {
                 "the README's example shows {key}"
             );
         }
+    }
+
+    #[test]
+    fn variants_are_named_tables_beside_their_settings() {
+        use crate::variants::spec::Fit;
+        let default = Settings::from_toml("").unwrap();
+        let names: Vec<String> = default.variants.specs().unwrap().iter().map(|s| s.name.to_string()).collect();
+        assert_eq!(names, ["thumb", "preview"], "the default set when none is named");
+
+        let settings = Settings::from_toml(
+            "[variants]\njpeg_quality = 90\n[variants.og]\nwidth = 1200\nheight = 630\nfit = \"cover\"\n",
+        )
+        .unwrap();
+        let specs = settings.variants.specs().unwrap();
+        assert_eq!(specs.len(), 1, "naming a variant replaces the default set");
+        assert_eq!((specs[0].width, specs[0].height, specs[0].fit), (1200, 630, Fit::Cover));
+        assert_eq!(settings.variants.jpeg_quality, 90);
+        let printed = settings.to_masked_toml().unwrap();
+        assert_eq!(Settings::from_toml(&printed).unwrap(), settings, "prints as itself");
+
+        for (text, key) in [
+            ("[variants.Big]\nwidth = 1\nheight = 1\nfit = \"cover\"", "variants.Big"),
+            ("[variants.t]\nwidth = 0\nheight = 1\nfit = \"cover\"", "variants.t"),
+            // Inside the flattened table serde loses the path: the value names itself.
+            ("[variants.t]\nwidth = 1\nheight = 1\nfit = \"stretch\"", "unknown value \"stretch\""),
+            ("[variants]\njpeg_quality = 0", "variants.jpeg_quality"),
+            ("[variants]\ndecode_threads = 0", "variants.decode_threads"),
+        ] {
+            let error = Settings::from_toml(text).unwrap_err().to_string();
+            assert!(error.contains(key), "{text}: {error}");
+        }
+    }
+
+    /// Accounts off on a public address would let anyone delete everything: refused unless
+    /// asked for in so many words.
+    #[test]
+    fn accounts_off_is_refused_off_loopback_unless_allowed() {
+        let off = |bind: &str, allow: bool| {
+            Settings::from_toml(&format!(
+                "[server]\nbind = \"{bind}\"\n[auth]\nenabled = false\nallow_anonymous_network = {allow}\n"
+            ))
+        };
+        let Err(error) = off("0.0.0.0:8000", false) else { panic!("accounts off on 0.0.0.0 was accepted") };
+        assert!(error.to_string().contains("auth.enabled"), "{error}");
+        assert!(off("0.0.0.0:8000", true).is_ok());
+        assert!(off("127.0.0.1:8000", false).is_ok());
+        assert!(off("[::1]:8000", false).is_ok());
+        let short = Settings::from_toml("[auth]\ntoken_secret = \"too short\"\n").unwrap_err();
+        assert!(short.to_string().contains("auth.token_secret"), "{short}");
     }
 
     #[test]

@@ -21,3 +21,4 @@ pub mod redact;
 pub mod replication;
 pub mod storage;
 pub mod telemetry;
+pub mod variants;

@@ -65,6 +65,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Thumbnails and previews.
+    Variants {
+        #[command(subcommand)]
+        command: VariantsCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -113,6 +118,13 @@ enum KeysCommand {
     },
     /// Revoke a key by its id.
     Revoke { id: uuid::Uuid },
+}
+
+#[derive(Subcommand)]
+enum VariantsCommand {
+    /// Make every configured variant that is missing or stale (a new name, a changed spec)
+    /// ahead of traffic, with a progress bar; resumable (Ctrl-C, then run it again).
+    Backfill,
 }
 
 #[tokio::main]
@@ -164,6 +176,9 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
         Command::Scrub { repair, checksums } => return finish(commands::scrub(&settings, repair, checksums).await?),
         Command::Users { command } => return finish(users(command, &settings).await?),
         Command::Keys { command } => return finish(keys(command, &settings).await?),
+        Command::Variants { command: VariantsCommand::Backfill } => {
+            return finish(commands::variants_backfill(&settings).await?);
+        }
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ macro_rules! on_both_databases {
 
 on_both_databases!(
     the_ownership_table_holds_on_every_route,
+    variants_follow_their_images_visibility,
     lists_show_the_callers_own_images,
     signed_urls_open_private_images_until_they_expire,
     api_keys_are_shown_once_listed_and_revoked,
@@ -217,6 +218,60 @@ async fn the_ownership_table_holds_on_every_route(b: Backends) {
         assert_eq!(item["image"]["visibility"], "private");
     }
     assert_eq!(app.image_count().await, 2);
+}
+
+/// A PNG the variant pipeline can decode (the fixtures' PNGs are valid containers around
+/// pixels no decoder is asked for).
+fn decodable_png(seed: u8) -> Vec<u8> {
+    let pixels = image::RgbImage::from_pixel(40, 30, image::Rgb([seed, 100, 200]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    pixels.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    bytes.into_inner()
+}
+
+/// A private image's thumbnail is as private as the image: 404 to others, and served to its
+/// owner, an admin and the image's signed URL, never kept by a shared cache.
+async fn variants_follow_their_images_visibility(b: Backends) {
+    let app = spawn(b).await;
+    let alice = sign_up(&app, "alice").await;
+    let bob = sign_up(&app, "bob").await;
+    let upload = |bytes: Vec<u8>, visibility: &str| {
+        let form = Form::new()
+            .text("visibility", visibility.to_owned())
+            .part("file", Part::bytes(bytes).file_name("photo.png"));
+        alice.client.post(app.url("/api/v1/images/upload")).multipart(form).send()
+    };
+    let public: Value = upload(decodable_png(1), "public").await.unwrap().json().await.unwrap();
+    let private: Value = upload(decodable_png(2), "private").await.unwrap().json().await.unwrap();
+    let thumb = |image: &Value| app.url(&format!("/api/v1/images/{}/variants/thumb", image["id"].as_str().unwrap()));
+    let anonymous = reqwest::Client::new();
+
+    let served = anonymous.get(thumb(&public)).send().await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert!(served.headers()[header::CACHE_CONTROL].to_str().unwrap().starts_with("public"));
+    for (who, client) in [("anonymous", &anonymous), ("other user", &bob.client)] {
+        let refused = client.get(thumb(&private)).send().await.unwrap();
+        assert_error(refused, StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND").await;
+        assert_eq!(status(client.head(thumb(&private))).await, StatusCode::NOT_FOUND, "{who} HEAD");
+    }
+    for client in [&alice.client, &app.client] {
+        let served = client.get(thumb(&private)).send().await.unwrap();
+        assert_eq!(served.status(), StatusCode::OK);
+        assert_eq!(served.headers()[header::CACHE_CONTROL], "private, no-cache");
+    }
+    let id = private["id"].as_str().unwrap();
+    let signed: Value = alice
+        .client
+        .post(app.url(&format!("/api/v1/images/{id}/signed-url")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let query = signed["url"].as_str().unwrap().split_once('?').unwrap().1.to_owned();
+    let by_link = anonymous.get(format!("{}?{query}", thumb(&private))).send().await.unwrap();
+    assert_eq!(by_link.status(), StatusCode::OK, "the image's signed URL opens its variants");
 }
 
 async fn lists_show_the_callers_own_images(b: Backends) {

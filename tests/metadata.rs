@@ -50,6 +50,8 @@ macro_rules! on_both_databases {
 }
 
 on_both_databases!(with_store:
+    variants_are_queued_recorded_shared_and_released,
+    a_failed_variant_keeps_its_reason_and_a_deleted_image_records_nothing,
     ping_answers,
     an_upload_round_trips,
     an_unknown_image_is_not_found,
@@ -928,6 +930,7 @@ fn new_image(blob: &BlobKey, created_at: DateTime<Utc>) -> NewImage {
         created_at,
         owner: None,
         visibility: Visibility::Public,
+        variants: Vec::new(),
     }
 }
 
@@ -944,6 +947,7 @@ fn record_of(image: &NewImage, replicas: Vec<Replica>) -> ImageRecord {
         replicas,
         owner: image.owner.map(|owner| owner.user),
         visibility: image.visibility,
+        variants: Vec::new(),
     }
 }
 
@@ -956,7 +960,7 @@ fn copy_ref(blob: &BlobKey, shard: &str) -> CopyRef {
 }
 
 fn deleted(blob: &BlobKey, blob_unreferenced: bool) -> DeletedImage {
-    DeletedImage { blob: blob.clone(), blob_unreferenced }
+    DeletedImage { blob: blob.clone(), blob_unreferenced, unreferenced_variant_blobs: Vec::new() }
 }
 
 fn ids(records: &[ImageRecord]) -> Vec<Uuid> {
@@ -1073,4 +1077,93 @@ async fn blob_row_exists(url: &str, blob: &BlobKey) -> bool {
             .await
             .unwrap()
     }
+}
+
+fn new_variant(image: Uuid, name: &str, blob: &BlobKey) -> metadata::NewVariant {
+    metadata::NewVariant {
+        image,
+        name: name.into(),
+        fingerprint: "v1:256x256:cover:q82:png".into(),
+        blob: blob.clone(),
+        content_type: "image/jpeg".into(),
+        width: 256,
+        height: 192,
+        file_size: 1234,
+    }
+}
+
+async fn variants_are_queued_recorded_shared_and_released(store: Arc<dyn MetadataStore>) {
+    use metadata::{VariantRecorded, VariantState};
+    let names = vec!["thumb".to_owned(), "preview".to_owned()];
+    let first = NewImage { variants: names.clone(), ..new_image(&blob(1), now()) };
+    upload(&*store, &first, &[copy("a", ReplicaState::Stored)]).await;
+    let second = NewImage { variants: names, ..new_image(&blob(1), now()) };
+    assert!(store.insert_image_for_live_blob(&second).await.unwrap().is_some());
+    assert_eq!(store.variant_queue_depth().await.unwrap(), 4, "one task per variant, on both paths");
+
+    // Claimed one at a time, each once.
+    let task = store.claim_variant_task("w1", LEASE).await.unwrap().expect("a due task");
+    let other = store.claim_variant_task("w2", LEASE).await.unwrap().expect("another");
+    assert_ne!(task.id, other.id);
+    assert!(store.fail_variant_task(task.id, "w1", "a shard is down", Duration::ZERO).await.unwrap());
+    assert!(!store.finish_variant_task(task.id, "w1").await.unwrap(), "a failed attempt releases the claim");
+    assert!(store.finish_variant_task(other.id, "w2").await.unwrap());
+    assert_eq!(store.release_variant_claims("w1").await.unwrap(), 0);
+
+    // The first image's thumb: new bytes, through the upload guard.
+    let thumb = blob(9);
+    let guard = store.lock_blob_for_upload(&thumb, 1234).await.unwrap();
+    let recorded = guard
+        .commit_variant(
+            &new_variant(first.id, "thumb", &thumb),
+            &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(recorded, VariantRecorded::Recorded);
+    let found = store.find_variant(first.id, "thumb").await.unwrap().unwrap();
+    assert_eq!((found.state, found.blob.as_ref(), found.width), (VariantState::Ready, Some(&thumb), 256));
+    assert_eq!(store.find_image(first.id).await.unwrap().unwrap().variants, vec![found]);
+    let queue = store.queue_stats().await.unwrap();
+    assert_eq!(queue.copy_tasks, 1, "the variant's pending copy gets a replication task");
+
+    // The second image's identical thumb references the same blob.
+    let shared = store.record_variant_for_live_blob(&new_variant(second.id, "thumb", &thumb)).await.unwrap();
+    assert_eq!(shared, VariantRecorded::Recorded);
+    assert_eq!(store.find_blob_copies(&thumb).await.unwrap().unwrap().ref_count, 2);
+    let absent = store.record_variant_for_live_blob(&new_variant(second.id, "preview", &blob(10))).await.unwrap();
+    assert_eq!(absent, VariantRecorded::BlobNotLive);
+
+    // Deleting releases the variants' references; the last one marks the copies for deletion.
+    let deleted = store.delete_image(first.id).await.unwrap().unwrap();
+    assert!(deleted.unreferenced_variant_blobs.is_empty());
+    assert_eq!(store.find_blob_copies(&thumb).await.unwrap().unwrap().ref_count, 1);
+    let deleted = store.delete_image(second.id).await.unwrap().unwrap();
+    assert_eq!(deleted.unreferenced_variant_blobs, vec![thumb.clone()]);
+    let copies = store.find_blob_copies(&thumb).await.unwrap().unwrap();
+    assert!(copies.replicas.iter().all(|r| r.state == ReplicaState::Deleting), "{copies:?}");
+    assert_eq!(store.variant_queue_depth().await.unwrap(), 0, "the tasks went with their images");
+}
+
+async fn a_failed_variant_keeps_its_reason_and_a_deleted_image_records_nothing(store: Arc<dyn MetadataStore>) {
+    use metadata::{VariantRecorded, VariantState};
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored)]).await;
+    let recorded = store.record_variant_failure(image.id, "thumb", "v1", "cannot be decoded").await.unwrap();
+    assert_eq!(recorded, VariantRecorded::Recorded);
+    let failed = store.find_variant(image.id, "thumb").await.unwrap().unwrap();
+    assert_eq!(
+        (failed.state, failed.blob, failed.reason.as_deref()),
+        (VariantState::Failed, None, Some("cannot be decoded"))
+    );
+
+    store.delete_image(image.id).await.unwrap().unwrap();
+    let gone = store.record_variant_failure(image.id, "thumb", "v1", "x").await.unwrap();
+    assert_eq!(gone, VariantRecorded::ImageGone);
+    let thumb = blob(9);
+    let guard = store.lock_blob_for_upload(&thumb, 1234).await.unwrap();
+    let recorded =
+        guard.commit_variant(&new_variant(image.id, "thumb", &thumb), &[copy("a", ReplicaState::Stored)]).await;
+    assert_eq!(recorded.unwrap(), VariantRecorded::ImageGone);
+    assert!(store.find_blob_copies(&thumb).await.unwrap().is_none(), "rolled back: no blob row, no copy");
 }

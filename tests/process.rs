@@ -732,3 +732,19 @@ fn shards_set_from_the_environment_replace_the_default_list() {
     assert!(root.join("srv/a").is_dir() && root.join("srv/b").is_dir(), "serve creates both shards:\n{log}");
     assert!(!root.join("data/shards").exists(), "and none of the default ones:\n{log}");
 }
+
+/// `chitram variants backfill` is an operator command like the others: it refuses a database
+/// that does not exist (creating nothing), and on a migrated store reports what it made.
+#[test]
+fn variants_backfill_is_an_operator_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run_in(dir.path(), &["variants", "backfill"], &[]);
+    assert!(!ok && stderr.contains("does not exist"), "{stderr}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing created");
+
+    let (ok, _, stderr) = run_in(dir.path(), &["migrate"], &[]);
+    assert!(ok, "{stderr}");
+    let (ok, report, stderr) = run_in(dir.path(), &["variants", "backfill"], &[]);
+    assert!(ok, "{report}{stderr}");
+    assert!(report.contains("variants backfill done: 0 images"), "{report}");
+}

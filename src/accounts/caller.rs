@@ -102,6 +102,7 @@ mod tests {
             replicas: vec![],
             owner: Some(owner),
             visibility,
+            variants: Vec::new(),
         }
     }
 

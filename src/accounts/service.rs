@@ -267,7 +267,11 @@ impl Accounts {
         match caller {
             Caller::Open => Ok(None),
             Caller::Anonymous => Err(AuthError::MissingCredentials),
-            Caller::User(identity) => Ok(Some(ImageOwner { user: identity.user, default_quota: self.default_quota })),
+            Caller::User(identity) => Ok(Some(ImageOwner {
+                user: identity.user,
+                default_quota: self.default_quota,
+                unlimited: identity.role == Role::Admin,
+            })),
         }
     }
 

@@ -124,6 +124,7 @@ fn internal() -> (StatusCode, &'static str, String) {
 }
 
 fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String) {
+    use crate::images::error::Outage;
     use ImageError::*;
     let client = |status, code| (status, code, error.to_string());
     match error {
@@ -137,7 +138,15 @@ fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String) {
         NotFound => client(StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
         InvalidCursor => client(StatusCode::BAD_REQUEST, "INVALID_CURSOR"),
         InvalidLimit => client(StatusCode::BAD_REQUEST, "INVALID_LIMIT"),
-        StorageUnavailable(_) => (
+        VariantNotFound => client(StatusCode::NOT_FOUND, "VARIANT_NOT_FOUND"),
+        VariantFailed(_) => client(StatusCode::UNPROCESSABLE_ENTITY, "VARIANT_FAILED"),
+        VariantGeneration { outage: Outage::Database, .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+            "the metadata database is unavailable; retry later".to_owned(),
+        ),
+        VariantGeneration { outage: Outage::None, .. } => internal(),
+        StorageUnavailable(_) | VariantGeneration { outage: Outage::Storage, .. } => (
             StatusCode::SERVICE_UNAVAILABLE,
             "STORAGE_UNAVAILABLE",
             "no storage shard can serve this request right now; retry later".to_owned(),

@@ -28,7 +28,7 @@ use multer::{Field, Multipart};
 /// Room for multipart boundaries and part headers on top of the file itself.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 /// Images never change under an id, so clients and proxies may keep public ones for a year.
-const CACHE_FOREVER: &str = "public, max-age=31536000, immutable";
+pub(super) const CACHE_FOREVER: &str = "public, max-age=31536000, immutable";
 /// A private image is for its reader alone: no shared cache keeps it, and the reader's own
 /// revalidates (a cheap 304) so that losing access takes effect.
 const CACHE_PRIVATE: &str = "private, no-cache";
@@ -295,7 +295,7 @@ struct UploadParams {
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
-struct SignedParams {
+pub(super) struct SignedParams {
     /// Unix time the signed URL stops working.
     #[param(nullable = false, minimum = 0)]
     expires: Option<i64>,
@@ -359,7 +359,7 @@ async fn list_owner(state: &AppState, caller: &Caller, owner: Option<&str>) -> R
 
 /// How a reader came to see an image, which decides how it may be cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(super) enum Access {
     Public,
     Private,
 }
@@ -373,8 +373,18 @@ async fn readable(
     id: Result<Path<String>, PathRejection>,
     query: &[(String, String)],
 ) -> Result<(ImageRecord, Access), ApiError> {
+    readable_by_id(state, caller, &image_id(id)?, query).await
+}
+
+/// [`readable`], for a route that has the id already (the variants').
+pub(super) async fn readable_by_id(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    query: &[(String, String)],
+) -> Result<(ImageRecord, Access), ApiError> {
     let signed = signed_params(query)?;
-    let record = state.images.find(&image_id(id)?).await?;
+    let record = state.images.find(id).await?;
     if record.visibility == Visibility::Public {
         return Ok((record, Access::Public));
     }
@@ -592,7 +602,7 @@ async fn download_head(
 }
 
 /// The `{id}` of a path. One that is not even valid percent-encoded UTF-8 names no image.
-fn image_id(id: Result<Path<String>, PathRejection>) -> Result<String, ImageError> {
+pub(super) fn image_id(id: Result<Path<String>, PathRejection>) -> Result<String, ImageError> {
     id.map(|Path(id)| id).map_err(|_| ImageError::NotFound)
 }
 
@@ -602,14 +612,18 @@ fn etag(record: &ImageRecord) -> HeaderValue {
 
 /// `If-None-Match`: a list of (possibly weak) entity tags, or `*`.
 fn etag_matches(headers: &HeaderMap, record: &ImageRecord) -> bool {
-    let ours = etag(record);
+    if_none_match(headers, &etag(record))
+}
+
+/// Whether `If-None-Match` names `ours` (or is `*`).
+pub(super) fn if_none_match(headers: &HeaderMap, ours: &HeaderValue) -> bool {
     let Some(ours) = ours.to_str().ok() else { return false };
     headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|value| value.to_str().ok()).any(|value| {
         value.split(',').map(str::trim).any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == ours)
     })
 }
 
-fn cache_control(access: Access) -> HeaderValue {
+pub(super) fn cache_control(access: Access) -> HeaderValue {
     HeaderValue::from_static(match access {
         Access::Public => CACHE_FOREVER,
         Access::Private => CACHE_PRIVATE,

@@ -1,11 +1,13 @@
 //! The JSON shapes of the API.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::metadata::{ImageRecord, ReplicaState, Visibility};
+use crate::metadata::{ImageRecord, ReplicaState, VariantRecord, VariantState, Visibility};
 
 /// An image, as every endpoint returns it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -31,6 +33,35 @@ pub struct Image {
     pub owner: Option<Uuid>,
     /// `public`: anyone may fetch it; `private`: its owner, an admin, or a signed URL.
     pub visibility: Visibility,
+    /// One entry per configured variant (thumbnails, previews), by name.
+    pub variants: BTreeMap<String, VariantJson>,
+}
+
+/// A variant of an image, as the image's JSON shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VariantJson {
+    /// Where the variant is served (made on demand if it is still pending).
+    pub url: String,
+    /// Its size once ready; while pending, the size it will have.
+    pub width: u32,
+    pub height: u32,
+    pub state: VariantState,
+    /// Why the variant failed (only when `state` is `failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reason: Option<String>,
+}
+
+impl From<VariantRecord> for VariantJson {
+    fn from(variant: VariantRecord) -> Self {
+        VariantJson {
+            url: format!("/api/v1/images/{}/variants/{}", variant.image, variant.name),
+            width: variant.width,
+            height: variant.height,
+            state: variant.state,
+            reason: variant.reason,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -55,6 +86,7 @@ impl From<ImageRecord> for Image {
             replicas: record.replicas.into_iter().map(|r| ReplicaJson { shard: r.shard, state: r.state }).collect(),
             owner: record.owner,
             visibility: record.visibility,
+            variants: record.variants.into_iter().map(|v| (v.name.clone(), VariantJson::from(v))).collect(),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod multipart;
 pub mod ratelimit;
 pub mod request;
+pub mod variants;
 
 use std::sync::Arc;
 
@@ -30,11 +31,13 @@ use crate::images::spool::SpoolLimits;
 use crate::metadata::MetadataStore;
 use crate::ratelimit::RateLimiter;
 use crate::storage::router::StorageRouter;
+use crate::variants::service::VariantService;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub images: Arc<ImageService>,
+    pub variants: Arc<VariantService>,
     pub metadata: Arc<dyn MetadataStore>,
     pub router: Arc<StorageRouter>,
     pub limits: Arc<UploadLimits>,
@@ -65,6 +68,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(images::router())
         .merge(auth::router())
+        .merge(variants::router())
         .merge(health::router())
         .merge(admin::router())
         .merge(docs::router())

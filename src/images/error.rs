@@ -52,6 +52,19 @@ pub enum ImageError {
     /// 503 `DATABASE_UNAVAILABLE` when the database cannot be reached, else 500 `INTERNAL_ERROR`.
     #[error(transparent)]
     Metadata(MetadataError),
+    /// 404 `VARIANT_NOT_FOUND`: no variant of this name is configured.
+    #[error("no variant of this name is configured")]
+    VariantNotFound,
+    /// 422 `VARIANT_FAILED`: the image cannot be decoded; the reason says why.
+    #[error("this variant cannot be made from the image: {0}")]
+    VariantFailed(String),
+    /// 503 `STORAGE_UNAVAILABLE` or `DATABASE_UNAVAILABLE` by `outage`, else 500 `INTERNAL_ERROR`.
+    #[error("generating the variant failed")]
+    VariantGeneration {
+        outage: Outage,
+        #[source]
+        source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// 500 `INTERNAL_ERROR`: a fault of the server (its spool directory, a shard misbehaving).
     #[error("{context}")]
     Internal {
@@ -59,6 +72,14 @@ pub enum ImageError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// Which dependency an error says is down, for errors that carry their cause shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    Storage,
+    Database,
+    None,
 }
 
 impl From<SpoolError> for ImageError {

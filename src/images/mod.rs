@@ -8,4 +8,5 @@ pub mod filename;
 pub mod format;
 pub mod service;
 pub mod spool;
+pub mod store;
 pub mod verify;

@@ -10,20 +10,19 @@ use super::error::{ImageError, Result};
 use super::filename::Filename;
 use super::format::{self, ImageInfo};
 use super::spool::SpooledBody;
+use super::store::{BlobWriter, Commit};
 use super::verify::{self, ReadError};
+use crate::blob::BlobKey;
 use crate::maintenance::deletion;
 use crate::maintenance::suspicion::{self, Finding};
 use crate::metadata::{
     CopyRef, ImageOwner, ImageRecord, MetadataStore, NewImage, Replica, ReplicaState, Role, Visibility,
 };
 use crate::observability::names;
-use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
+use crate::storage::router::{RouterError, StorageRouter};
 use crate::storage::{BlobBody, BlobReader, ByteStream, StorageError};
+use crate::variants::Catalog;
 use tracing::Instrument;
-
-/// How often an upload retries when a concurrent deletion removed the copy it had just written
-/// (see [`ImageService::store_new_blob`]). Each retry needs another deletion racing with it.
-const STORE_ATTEMPTS: usize = 3;
 
 /// Largest and default page of the image list.
 pub const MAX_PAGE: u32 = 100;
@@ -48,19 +47,30 @@ pub struct ImageFile {
 pub struct ImageService {
     metadata: Arc<dyn MetadataStore>,
     router: Arc<StorageRouter>,
-    /// Copies stored before an upload is acknowledged (`placement.write_quorum`).
-    write_quorum: usize,
+    writer: BlobWriter,
     /// Most pixels an accepted image may claim (`server.max_pixels`).
     max_pixels: u64,
+    /// The configured variants: queued at upload, presented in every record.
+    variants: Arc<Catalog>,
 }
 
 impl ImageService {
     pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>, write_quorum: usize) -> Self {
-        Self { metadata, router, write_quorum, max_pixels: DEFAULT_MAX_PIXELS }
+        let writer = BlobWriter::new(metadata.clone(), router.clone(), write_quorum);
+        Self { metadata, router, writer, max_pixels: DEFAULT_MAX_PIXELS, variants: Arc::default() }
     }
 
     pub fn with_max_pixels(self, max_pixels: u64) -> Self {
         Self { max_pixels, ..self }
+    }
+
+    pub fn with_variants(self, variants: Arc<Catalog>) -> Self {
+        Self { variants, ..self }
+    }
+
+    /// Writes new bytes as a blob (shared with the variants use case).
+    pub fn writer(&self) -> &BlobWriter {
+        &self.writer
     }
 
     /// Validates and stores an upload, and records it for `owner` (none with accounts off).
@@ -92,153 +102,28 @@ impl ImageService {
             created_at: now_in_micros(),
             owner,
             visibility,
+            variants: self.variants.names(),
         };
         if let Some(record) =
             self.metadata.insert_image_for_live_blob(&image).instrument(query("insert_image_for_live_blob")).await?
         {
             tracing::info!(id = %record.id, blob = %record.blob, "stored as a reference to an existing blob");
             metrics::counter!(names::DEDUP_HITS).increment(1);
-            return Ok(record);
+            return Ok(self.variants.present(record));
         }
         let record = self.store_new_blob(&image, &upload.body).await?;
         metrics::counter!(names::NEW_BLOBS).increment(1);
-        Ok(record)
-    }
-
-    /// Writes the bytes, then records them under the blob's lock.
-    ///
-    /// The write happens before the lock so that a slow upload does not hold it. Meanwhile a
-    /// deletion of the same blob (its last reference going away) may remove a copy just
-    /// written; deletions hold the same lock while they remove a copy, so once the lock is ours
-    /// a check that the copies exist is final, and the commit makes the blob referenced again.
-    ///
-    /// The writes have the router's write deadline, and the check under the lock its short
-    /// control deadline (DESIGN invariant 4). A copy the check cannot confirm in time is never
-    /// recorded: the lock is released and the next attempt writes to other shards.
-    async fn store_new_blob(&self, image: &NewImage, body: &BlobBody) -> Result<ImageRecord> {
-        let mut unconfirmed: Vec<(String, StorageError)> = Vec::new();
-        // Shards where an earlier deletion of these bytes may still land (see
-        // `maintenance/deletion.rs`): a copy written there could vanish after the commit.
-        let mut in_doubt: Vec<String> = Vec::new();
-        for _ in 0..STORE_ATTEMPTS {
-            let avoid: Vec<String> =
-                unconfirmed.iter().map(|(shard, _)| shard.clone()).chain(in_doubt.clone()).collect();
-            let receipt = match self.router.write_copies(&image.blob, body, self.write_quorum, &avoid).await {
-                Ok(receipt) => receipt,
-                Err(error) => {
-                    self.remove_refused_copies(&error, image).await;
-                    return Err(ImageError::StorageUnavailable(error));
-                }
-            };
-            let locked = self
-                .metadata
-                .lock_blob_for_upload(&image.blob, image.file_size)
-                .instrument(query("lock_blob_for_upload"))
-                .await;
-            let guard = match locked {
-                Ok(guard) => guard,
-                Err(error) => {
-                    self.remove_unrecorded_copies(&receipt.stored, image).await;
-                    return Err(error.into());
-                }
-            };
-            let doubtful: Vec<String> =
-                receipt.stored.iter().filter(|shard| guard.shards_in_doubt().contains(shard)).cloned().collect();
-            if !doubtful.is_empty() {
-                drop(guard);
-                tracing::warn!(blob = %image.blob, shards = ?doubtful, "a deletion of these bytes may still land there; writing elsewhere");
-                in_doubt.extend(doubtful);
-                continue;
-            }
-            match self.copies_still_exist(&receipt, image).await {
-                Confirmation::Confirmed => {
-                    let record = match guard
-                        .commit(image, &copies_after_write(&receipt))
-                        .instrument(query("commit_upload"))
-                        .await
-                    {
-                        Ok(record) => record,
-                        // A concurrent upload of the same owner took the room left: what was
-                        // written for this one goes, and nothing was recorded.
-                        Err(crate::metadata::MetadataError::QuotaExceeded) => {
-                            self.remove_unrecorded_copies(&receipt.stored, image).await;
-                            return Err(ImageError::QuotaExceeded("checked as the image was recorded".into()));
-                        }
-                        Err(error) => return Err(error.into()),
-                    };
-                    tracing::info!(id = %record.id, blob = %record.blob, shards = ?receipt.stored, "stored a new blob");
-                    return Ok(record);
-                }
-                Confirmation::Gone => {
-                    tracing::warn!(blob = %image.blob, "a copy just written is gone (a concurrent deletion); writing again");
-                }
-                Confirmation::Unconfirmed(shard, error) => {
-                    drop(guard);
-                    tracing::warn!(%shard, blob = %image.blob, %error, "could not confirm a copy in time; writing elsewhere");
-                    unconfirmed.push((shard, error));
-                }
-            }
-        }
-        if !unconfirmed.is_empty() {
-            let error =
-                RouterError::NoShardAvailable { operation: "confirm", key: image.blob.clone(), attempts: unconfirmed };
-            return Err(ImageError::StorageUnavailable(error));
-        }
-        Err(ImageError::Internal {
-            context: "storing the blob: its copy kept disappearing",
-            source: format!("{STORE_ATTEMPTS} attempts raced with deletions").into(),
-        })
-    }
-
-    /// An upload refused for want of enough shards removes the copies it did write before it
-    /// answers, so a refused request leaves nothing behind. Best effort: a copy that cannot be
-    /// removed now (the database or its shard down) is an orphan that scrub collects.
-    async fn remove_refused_copies(&self, error: &RouterError, image: &NewImage) {
-        let RouterError::QuorumNotReached { written, .. } = error else { return };
-        self.remove_unrecorded_copies(written, image).await;
-    }
-
-    /// Removes copies written for an upload that will not be recorded. Best effort, like
-    /// [`Self::remove_refused_copies`]: what cannot be removed now is an orphan scrub collects.
-    async fn remove_unrecorded_copies(&self, written: &[String], image: &NewImage) {
-        for shard in written {
-            let removed = deletion::delete_unrecorded_object(
-                self.metadata.as_ref(),
-                &self.router,
-                shard,
-                &image.blob,
-                image.file_size,
-            )
-            .await;
-            if let Err(error) = removed {
-                tracing::warn!(%shard, blob = %image.blob, %error, "a refused upload's copy is left for scrub");
-            }
-        }
-    }
-
-    /// Checks, under the blob's lock, that every copy just written is there, each check bounded
-    /// by the router's control deadline.
-    async fn copies_still_exist(&self, receipt: &WriteReceipt, image: &NewImage) -> Confirmation {
-        for shard in &receipt.stored {
-            match self.router.fetch_len_on(shard, &image.blob).await {
-                Ok(len) if len == image.file_size => {}
-                Ok(_) => return Confirmation::Gone,
-                Err(error) if error.is_not_found() => return Confirmation::Gone,
-                Err(RouterError::Shard { source, .. }) => return Confirmation::Unconfirmed(shard.clone(), source),
-                Err(other) => {
-                    let error = StorageError::Other { reason: other.to_string(), source: None };
-                    return Confirmation::Unconfirmed(shard.clone(), error);
-                }
-            }
-        }
-        Confirmation::Confirmed
+        Ok(self.variants.present(record))
     }
 
     /// Refuses an upload that would take its owner over their quota before any byte is
     /// written. The check that counts is the one made as the image is recorded (atomic with
     /// it); this one spares the shards the writes of an upload bound to be refused.
     async fn ensure_room(&self, owner: &ImageOwner, size: u64) -> Result<()> {
-        let Some(user) = self.metadata.find_user(owner.user).await? else {
+        if owner.unlimited {
+            return Ok(());
+        }
+        let Some(user) = self.metadata.find_user(owner.user).instrument(query("find_user")).await? else {
             return Err(ImageError::QuotaExceeded("the uploader no longer exists".into()));
         };
         if user.role == Role::Admin {
@@ -263,13 +148,28 @@ impl ImageService {
 
     /// Changes who may see an image (the caller's right to is the route's to check).
     pub async fn set_visibility(&self, id: Uuid, visibility: Visibility) -> Result<ImageRecord> {
-        self.metadata.set_visibility(id, visibility).await?.ok_or(ImageError::NotFound)
+        let record = self.metadata.set_visibility(id, visibility).await?.ok_or(ImageError::NotFound)?;
+        Ok(self.variants.present(record))
+    }
+
+    /// Writes the bytes, then records them and the image under the blob's lock
+    /// ([`BlobWriter::store`]).
+    async fn store_new_blob(&self, image: &NewImage, body: &BlobBody) -> Result<ImageRecord> {
+        let to_commit = image.clone();
+        let commit: Commit<ImageRecord> = Box::new(move |guard, copies| {
+            let image = to_commit.clone();
+            Box::pin(async move { guard.commit(&image, &copies).instrument(query("commit_upload")).await })
+        });
+        let record = self.writer.store(&image.blob, image.file_size, body, commit).await?;
+        tracing::info!(id = %record.id, blob = %record.blob, "stored a new blob");
+        Ok(record)
     }
 
     pub async fn find(&self, id: &str) -> Result<ImageRecord> {
         // Any id that is not a UUID names no image: 404, like an unknown UUID.
         let id = Uuid::try_parse(id).map_err(|_| ImageError::NotFound)?;
-        self.metadata.find_image(id).instrument(query("find_image")).await?.ok_or(ImageError::NotFound)
+        let record = self.metadata.find_image(id).instrument(query("find_image")).await?.ok_or(ImageError::NotFound)?;
+        Ok(self.variants.present(record))
     }
 
     /// A page of the list, of `owner`'s images only when given.
@@ -277,7 +177,7 @@ impl ImageService {
         let limit = parse_limit(limit)?;
         let after = cursor.map(cursor::decode).transpose().map_err(|_| ImageError::InvalidCursor)?;
         // One extra row tells whether another page follows, without a count query.
-        let mut items =
+        let mut items: Vec<ImageRecord> =
             self.metadata.list_images(limit + 1, after.as_ref(), owner).instrument(query("list_images")).await?;
         let next_cursor = if items.len() > limit as usize {
             items.truncate(limit as usize);
@@ -287,6 +187,7 @@ impl ImageService {
         } else {
             None
         };
+        let items = items.into_iter().map(|record| self.variants.present(record)).collect();
         Ok(ImagePage { items, next_cursor })
     }
 
@@ -298,11 +199,18 @@ impl ImageService {
     /// second read sent to the next holder; the first checked copy wins and the other read is
     /// cancelled.
     pub async fn open_file(&self, record: ImageRecord) -> Result<ImageFile> {
+        let stream = self.open_blob(&record.blob, record.file_size, &record.replicas).await?;
+        Ok(ImageFile { reader: BlobReader { len: record.file_size, stream }, record })
+    }
+
+    /// Opens any blob's bytes (an original's, a variant's) from its stored copies, as
+    /// [`ImageService::open_file`] does.
+    pub async fn open_blob(&self, blob: &BlobKey, size: u64, replicas: &[Replica]) -> Result<ByteStream> {
         let holders: Vec<&str> =
-            record.replicas.iter().filter(|r| r.state == ReplicaState::Stored).map(|r| r.shard.as_str()).collect();
+            replicas.iter().filter(|r| r.state == ReplicaState::Stored).map(|r| r.shard.as_str()).collect();
         let mut attempts = Vec::new();
-        let order = self.router.read_order(&record.blob, &holders);
-        let mut reads = self.router.hedged_reads(order, |shard| self.open_checked(&record, shard));
+        let order = self.router.read_order(blob, &holders);
+        let mut reads = self.router.hedged_reads(order, |shard| self.open_checked(blob, size, shard));
         let mut served = None;
         while let Some((shard, result)) = reads.next().await {
             match result {
@@ -311,36 +219,36 @@ impl ImageService {
                     break;
                 }
                 Err(HolderFailure::Bad(finding, problem)) => {
-                    tracing::warn!(%shard, blob = %record.blob, %problem, "bad copy; reading the next holder");
-                    self.report_bad_copy(&record, shard, finding);
+                    tracing::warn!(%shard, %blob, %problem, "bad copy; reading the next holder");
+                    self.report_bad_copy(blob, size, shard, finding);
                     attempts.push((shard.to_owned(), StorageError::Other { reason: problem, source: None }));
                 }
                 Err(HolderFailure::Unreachable(error)) => {
-                    tracing::warn!(%shard, blob = %record.blob, %error, "holder failed; reading the next one");
+                    tracing::warn!(%shard, %blob, %error, "holder failed; reading the next one");
                     attempts.push((shard.to_owned(), error));
                 }
             }
         }
         drop(reads); // cancels a read still running
         if let Some(stream) = served {
-            return Ok(ImageFile { reader: BlobReader { len: record.file_size, stream }, record });
+            return Ok(stream);
         }
-        let error = RouterError::NoShardAvailable { operation: "read", key: record.blob.clone(), attempts };
+        let error = RouterError::NoShardAvailable { operation: "read", key: blob.clone(), attempts };
         Err(ImageError::StorageUnavailable(error))
     }
 
     /// Opens one holder's copy: small blobs are read and checked whole, large ones are checked
     /// as they stream (a bad one then ends the response with an error, and is queued for repair).
-    async fn open_checked(&self, record: &ImageRecord, shard: &str) -> Result<ByteStream, HolderFailure> {
-        let reader = self.router.open_on(shard, &record.blob).await.map_err(|error| match error {
+    async fn open_checked(&self, blob: &BlobKey, size: u64, shard: &str) -> Result<ByteStream, HolderFailure> {
+        let reader = self.router.open_on(shard, blob).await.map_err(|error| match error {
             RouterError::Shard { source, .. } if source.is_not_found() => {
                 HolderFailure::Bad(Finding::Absent, "the object is absent".into())
             }
             RouterError::Shard { source, .. } => HolderFailure::Unreachable(source),
             other => HolderFailure::Unreachable(StorageError::Other { reason: other.to_string(), source: None }),
         })?;
-        if record.file_size <= verify::CHECK_BEFORE_SENDING {
-            return match verify::read_checked(reader, &record.blob, record.file_size).await {
+        if size <= verify::CHECK_BEFORE_SENDING {
+            return match verify::read_checked(reader, blob, size).await {
                 Ok(bytes) => Ok(Box::pin(futures::stream::once(async move { Ok(bytes) }))),
                 Err(ReadError::Corrupt(problem)) => Err(HolderFailure::Bad(Finding::WrongBytes, problem)),
                 Err(ReadError::Io(error)) => {
@@ -348,8 +256,8 @@ impl ImageService {
                 }
             };
         }
-        let report = self.bad_copy_reporter(record, shard, Finding::WrongBytes);
-        Ok(verify::checked_stream(reader.stream, record.blob.clone(), record.file_size, move |problem| {
+        let report = self.bad_copy_reporter(blob, size, shard, Finding::WrongBytes);
+        Ok(verify::checked_stream(reader.stream, blob.clone(), size, move |problem| {
             tracing::warn!(%problem, "a streamed copy was bad");
             report();
         }))
@@ -357,14 +265,19 @@ impl ImageService {
 
     /// Re-checks a bad copy under its blob's lock and records it missing if it is (read
     /// repair), in the background: the read goes on with the next holder meanwhile.
-    fn report_bad_copy(&self, record: &ImageRecord, shard: &str, finding: Finding) {
-        self.bad_copy_reporter(record, shard, finding)();
+    fn report_bad_copy(&self, blob: &BlobKey, size: u64, shard: &str, finding: Finding) {
+        self.bad_copy_reporter(blob, size, shard, finding)();
     }
 
-    fn bad_copy_reporter(&self, record: &ImageRecord, shard: &str, finding: Finding) -> impl FnOnce() + Send + 'static {
+    fn bad_copy_reporter(
+        &self,
+        blob: &BlobKey,
+        size: u64,
+        shard: &str,
+        finding: Finding,
+    ) -> impl FnOnce() + Send + 'static {
         let (metadata, router) = (self.metadata.clone(), self.router.clone());
-        let copy = CopyRef { blob: record.blob.clone(), shard: shard.to_owned() };
-        let size = record.file_size;
+        let copy = CopyRef { blob: blob.clone(), shard: shard.to_owned() };
         move || {
             tokio::spawn(async move {
                 suspicion::report_bad_copy(metadata.as_ref(), &router, &copy, size, finding).await;
@@ -376,22 +289,15 @@ impl ImageService {
     /// copies on shards that are down stay `Deleting` until the background sweep removes them.
     pub async fn delete(&self, id: &str) -> Result<()> {
         let id = Uuid::try_parse(id).map_err(|_| ImageError::NotFound)?;
-        let deleted =
-            self.metadata.delete_image(id).instrument(query("delete_image")).await?.ok_or(ImageError::NotFound)?;
+        let deleted = self.metadata.delete_image(id).await?.ok_or(ImageError::NotFound)?;
         if deleted.blob_unreferenced {
             deletion::delete_copies_of(self.metadata.as_ref(), &self.router, &deleted.blob).await;
         }
+        for blob in &deleted.unreferenced_variant_blobs {
+            deletion::delete_copies_of(self.metadata.as_ref(), &self.router, blob).await;
+        }
         Ok(())
     }
-}
-
-/// What the check of freshly written copies found.
-enum Confirmation {
-    Confirmed,
-    /// A copy is absent or has the wrong size: a concurrent deletion removed it.
-    Gone,
-    /// A shard did not answer the check (in time): its copy must not be recorded.
-    Unconfirmed(String, StorageError),
 }
 
 /// Why one holder could not serve a read.
@@ -400,18 +306,6 @@ enum HolderFailure {
     Bad(Finding, String),
     /// The shard did not answer.
     Unreachable(StorageError),
-}
-
-/// The copies to record after a write: those written are stored, the rest of the write set
-/// is pending for replication.
-fn copies_after_write(receipt: &WriteReceipt) -> Vec<Replica> {
-    let stored = receipt.stored.iter().map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Stored });
-    let pending = receipt
-        .write_set
-        .iter()
-        .filter(|shard| !receipt.stored.contains(shard))
-        .map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Pending });
-    stored.chain(pending).collect()
 }
 
 /// Reads the format and dimensions and walks the file to its end, off the async threads when
@@ -459,19 +353,5 @@ mod tests {
         for bad in ["0", "101", "-1", "ten", ""] {
             assert!(matches!(parse_limit(Some(bad)), Err(ImageError::InvalidLimit)), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn the_written_copy_is_stored_and_the_rest_of_the_write_set_pending() {
-        let receipt = WriteReceipt { stored: vec!["c".into()], write_set: vec!["a".into(), "b".into()] };
-        let copies = copies_after_write(&receipt);
-        assert_eq!(copies[0], Replica { shard: "c".into(), state: ReplicaState::Stored });
-        assert_eq!(
-            copies[1..],
-            [
-                Replica { shard: "a".into(), state: ReplicaState::Pending },
-                Replica { shard: "b".into(), state: ReplicaState::Pending }
-            ]
-        );
     }
 }

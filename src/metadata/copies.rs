@@ -8,7 +8,8 @@
 
 use async_trait::async_trait;
 
-use super::{BlobCopies, CopyRef, ImageRecord, MetaResult, NewImage, Replica, ReplicaCounts, ShardUsage};
+use super::variants::VariantRecorded;
+use super::{BlobCopies, CopyRef, ImageRecord, MetaResult, NewImage, NewVariant, Replica, ReplicaCounts, ShardUsage};
 use crate::blob::BlobKey;
 
 #[async_trait]
@@ -98,6 +99,11 @@ pub trait UploadGuard: Send {
     /// `Deleting` by an earlier deletion and not listed are forgotten: their objects, if any
     /// remain, become orphans for scrub.
     async fn commit(self: Box<Self>, image: &NewImage, copies: &[Replica]) -> MetaResult<ImageRecord>;
+
+    /// Like [`UploadGuard::commit`], for a generated variant instead of an image: records the
+    /// copies, adds a reference, and records the variant (replacing, and releasing, an older
+    /// one of the same name). Rolls back, returning `ImageGone`, if the image was deleted.
+    async fn commit_variant(self: Box<Self>, variant: &NewVariant, copies: &[Replica]) -> MetaResult<VariantRecorded>;
 }
 
 /// Holds the lock on a blob's row while a suspect copy is checked again; see

@@ -38,11 +38,17 @@ impl MetadataError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => true,
-            // Class 08 is "connection exception"; 57P0x are shutdowns; SQLITE_BUSY (5) and
-            // SQLITE_LOCKED (6) mean another writer held the database past our busy timeout.
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P") || code == "5" || code == "6"),
+            // Class 08 is "connection exception"; 57P0x are shutdowns; class 40 is "transaction
+            // rollback" (a deadlock or serialization failure: Postgres undid this transaction,
+            // and the same request succeeds when retried); SQLITE_BUSY (5) and SQLITE_LOCKED (6)
+            // mean another writer held the database past our busy timeout.
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("40")
+                    || code == "5"
+                    || code == "6"
+            }),
             _ => false,
         };
         if unavailable {

@@ -10,6 +10,7 @@
 //! - [`JobCursors`] (`jobs.rs`): where resumable maintenance jobs stopped;
 //! - [`AccountStore`] (`accounts.rs`): users, API keys, usage and the token secret.
 //! - [`SingletonLocks`] (`singleton.rs`): which instance runs the jobs only one may run.
+//! - [`VariantStore`] (`variants.rs`): variants of images and the queue that generates them.
 //!
 //! [`MetadataStore`] is all of them at once, over one connection pool; [`connect`] opens it.
 //! Postgres serves production and several instances; SQLite is the embedded default for one
@@ -27,6 +28,7 @@ mod queue;
 mod rows;
 mod singleton;
 mod sql;
+mod variants;
 
 use std::sync::Arc;
 
@@ -40,11 +42,13 @@ pub use error::{MetaResult, MetadataError};
 pub use images::ImageStore;
 pub use jobs::JobCursors;
 pub use model::{
-    BlobCopies, CopyRef, DeletedImage, ImageOwner, ImageRecord, ListPosition, NewImage, QueueStats, Replica,
-    ReplicaCounts, ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind, Visibility,
+    BlobCopies, CopyRef, DeletedImage, ImageOwner, ImageRecord, ListPosition, NewImage, NewVariant, QueueStats,
+    Replica, ReplicaCounts, ReplicaState, ReplicationTask, ShardFailures, ShardUsage, TaskKind, VariantRecord,
+    VariantState, VariantTask, Visibility,
 };
 pub use queue::TaskQueue;
 pub use singleton::{SingletonLock, SingletonLocks};
+pub use variants::{VariantRecorded, VariantStore};
 
 use sql::SqlStore;
 use sql::dialect::{Postgres, Sqlite};
@@ -53,7 +57,9 @@ use sql::dialect::{Postgres, Sqlite};
 /// unless it returns a guard, which holds its transaction until it commits or is dropped (a
 /// drop rolls back).
 #[async_trait]
-pub trait MetadataStore: ImageStore + CopyStore + TaskQueue + JobCursors + AccountStore + SingletonLocks {
+pub trait MetadataStore:
+    ImageStore + CopyStore + TaskQueue + JobCursors + AccountStore + SingletonLocks + VariantStore
+{
     /// `"postgres"` or `"sqlite"`, for health output.
     fn backend_name(&self) -> &'static str;
 

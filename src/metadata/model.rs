@@ -78,6 +78,9 @@ pub struct NewImage {
     /// Who uploads it, and the quota the upload must fit in; `None` with accounts off.
     pub owner: Option<ImageOwner>,
     pub visibility: Visibility,
+    /// The variants to generate for it: one generation task each, queued in the same
+    /// transaction as the image (`metadata/variants.rs`).
+    pub variants: Vec<String>,
 }
 
 /// The owner of an image being recorded. Their usage grows in the transaction that records
@@ -87,6 +90,8 @@ pub struct NewImage {
 pub struct ImageOwner {
     pub user: Uuid,
     pub default_quota: super::Quota,
+    /// An admin: no quota, so no early check (their usage is still counted).
+    pub unlimited: bool,
 }
 
 /// Who may see an image besides its owner and admins.
@@ -132,6 +137,10 @@ pub struct ImageRecord {
     /// `None` for an image recorded with accounts off and not yet adopted.
     pub owner: Option<Uuid>,
     pub visibility: Visibility,
+    /// Its variants: as recorded when read from the store (ready or failed, in name order);
+    /// one per configured variant once the image service has presented it (see
+    /// `variants::Catalog::present`).
+    pub variants: Vec<VariantRecord>,
 }
 
 /// Where a page of the image list ends: the list is ordered by `(created_at, id)` descending,
@@ -148,6 +157,9 @@ pub struct DeletedImage {
     pub blob: BlobKey,
     /// True when this was the blob's last reference: every copy is now `Deleting`.
     pub blob_unreferenced: bool,
+    /// Blobs of its variants that lost their last reference with it (their copies are now
+    /// `Deleting`, like the original's).
+    pub unreferenced_variant_blobs: Vec<BlobKey>,
 }
 
 /// What a replication task does to its copy.
@@ -237,4 +249,76 @@ pub struct ReplicaCounts {
     pub stored: u64,
     pub missing: u64,
     pub deleting: u64,
+}
+
+/// The state of one variant of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VariantState {
+    /// Not generated yet (or made under another config): a task will make it, or the first
+    /// request for it.
+    Pending,
+    /// Generated and stored.
+    Ready,
+    /// The original cannot be decoded; the reason says why. The original is still served.
+    Failed,
+}
+
+impl VariantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VariantState::Pending => "pending",
+            VariantState::Ready => "ready",
+            VariantState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, MetadataError> {
+        match text {
+            "pending" => Ok(VariantState::Pending),
+            "ready" => Ok(VariantState::Ready),
+            "failed" => Ok(VariantState::Failed),
+            other => Err(MetadataError::Corrupt(format!("unknown variant state {other:?}"))),
+        }
+    }
+}
+
+/// One variant of one image. Recorded ones are `Ready` (with their blob) or `Failed` (with the
+/// reason); `Pending` ones are not recorded, only presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariantRecord {
+    pub image: Uuid,
+    pub name: String,
+    /// The spec and encoding it was made with (`VariantSpec::fingerprint`).
+    pub fingerprint: String,
+    pub state: VariantState,
+    pub blob: Option<BlobKey>,
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub file_size: u64,
+    pub reason: Option<String>,
+}
+
+/// A generated variant about to be recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewVariant {
+    pub image: Uuid,
+    pub name: String,
+    pub fingerprint: String,
+    pub blob: BlobKey,
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub file_size: u64,
+}
+
+/// One variant to generate, as claimed by a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariantTask {
+    pub id: i64,
+    pub image: Uuid,
+    pub name: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
 }

@@ -22,6 +22,7 @@ use chitram::metadata::MetadataStore;
 use chitram::replication::backoff::RetryPolicy;
 use chitram::replication::worker::{Replicator, StepOutcome, WorkerSettings};
 use chitram::storage::router::StorageRouter;
+use chitram::variants::service::VariantService;
 use database::{DbKind, TestDatabase};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Response, StatusCode};
@@ -100,6 +101,7 @@ pub struct TestApp {
     pub admin_key: Option<String>,
     pub metadata: Arc<dyn MetadataStore>,
     pub router: Arc<StorageRouter>,
+    pub variants: Arc<VariantService>,
     pub settings: Settings,
     /// Indexed like `settings.shards`.
     pub shards: Vec<TestShard>,
@@ -132,6 +134,9 @@ pub struct TestOptions {
     pub rate_limits: bool,
     /// `redis.url` (a private `redis-server` the test started).
     pub redis_url: Option<String>,
+    /// Variant generation workers in the background (`variants.workers`). None by default,
+    /// so the other suites see no variant blobs unless they ask for a variant.
+    pub variant_workers: usize,
 }
 
 impl Default for TestOptions {
@@ -147,6 +152,7 @@ impl Default for TestOptions {
             auth: true,
             rate_limits: false,
             redis_url: None,
+            variant_workers: 0,
         }
     }
 }
@@ -174,6 +180,7 @@ pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp
     settings.auth.admin_token_file = dir.path().join("admin-token");
     settings.rate_limits.enabled = options.rate_limits;
     settings.redis.url = options.redis_url.clone();
+    settings.variants.workers = options.variant_workers;
     let mut shards = Vec::new();
     settings.shards.clear();
     for i in 0..options.shards {
@@ -202,6 +209,7 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
     let metrics_address = app.metrics_addr().map(|addr| format!("http://{addr}"));
     let metadata = app.metadata();
     let router = app.router();
+    let variants = app.variants();
     let (shutdown, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -214,6 +222,7 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
         admin_key,
         metadata,
         router,
+        variants,
         settings,
         shards,
         dir,

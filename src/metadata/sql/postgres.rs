@@ -12,5 +12,7 @@ mod images;
 mod jobs;
 #[path = "store/queue.rs"]
 mod queue;
+#[path = "store/variants.rs"]
+mod variants;
 #[path = "store/whole.rs"]
 mod whole;

@@ -18,6 +18,7 @@ use super::queue::{
     forget_copy_task, forget_tasks, forget_tasks_of_copy, queue_copy_if_pending, queue_delete_for_every_copy,
     queue_task,
 };
+use super::variants::record_variant;
 use crate::blob::BlobKey;
 use crate::metadata::rows::{
     BlobCopyRow, ShardUsageRow, blob_copies_from_rows, duration_micros, from_column, shard_usage_from_rows, sql_error,
@@ -27,7 +28,7 @@ use crate::metadata::sql::dialect::Dialect;
 use crate::metadata::sql::{SqlStore, Statement};
 use crate::metadata::{
     BlobCopies, CopyDeletionGuard, CopyRef, CopyStore, ImageRecord, MetaResult, MetadataError, MissingCopyGuard,
-    NewImage, Replica, ReplicaCounts, ReplicaState, ShardUsage, TaskKind, UploadGuard,
+    NewImage, NewVariant, Replica, ReplicaCounts, ReplicaState, ShardUsage, TaskKind, UploadGuard, VariantRecorded,
 };
 
 type Db = <D as Dialect>::Db;
@@ -339,23 +340,42 @@ impl UploadGuard for SqlUploadGuard {
         let Self { mut tx, blob, .. } = *self;
         // A reference to another blob would leave this blob's count wrong: a caller bug.
         assert_eq!(image.blob, blob, "an upload guard commits an image of the blob it locked");
-        run(&mut tx, &FORGET_DELETING_COPIES, &blob, "forgetting copies left by a deletion").await?;
-        forget_tasks(&mut tx, &blob, TaskKind::Delete).await?;
-        for copy in copies {
-            record_copy(&mut tx, &blob, copy).await?;
-            if copy.state == ReplicaState::Pending {
-                queue_copy_if_pending(&mut tx, &blob, &copy.shard).await?;
-            }
-        }
-        let added = run(&mut tx, &ADD_REFERENCE, &blob, "adding a reference to a blob").await?;
-        if added != 1 {
-            return Err(MetadataError::Corrupt(format!("locked blob {blob} has no row")));
-        }
+        record_copies_and_reference(&mut tx, &blob, copies).await?;
         insert_image(&mut tx, image).await?;
         let record = fetch_recorded(&mut tx, image.id).await?;
         tx.commit().await.map_err(sql_error("recording an upload"))?;
         Ok(record)
     }
+
+    async fn commit_variant(self: Box<Self>, variant: &NewVariant, copies: &[Replica]) -> MetaResult<VariantRecorded> {
+        let Self { mut tx, blob, .. } = *self;
+        assert_eq!(variant.blob, blob, "an upload guard commits a variant of the blob it locked");
+        record_copies_and_reference(&mut tx, &blob, copies).await?;
+        let recorded = record_variant(&mut tx, variant).await?;
+        if recorded == VariantRecorded::Recorded {
+            tx.commit().await.map_err(sql_error("recording a variant"))?;
+        } else {
+            tx.rollback().await.map_err(sql_error("recording a variant"))?;
+        }
+        Ok(recorded)
+    }
+}
+
+/// The part of an upload's commit that concerns the blob: copies, their tasks, a reference.
+async fn record_copies_and_reference(conn: &mut Connection, blob: &BlobKey, copies: &[Replica]) -> MetaResult<()> {
+    run(conn, &FORGET_DELETING_COPIES, blob, "forgetting copies left by a deletion").await?;
+    forget_tasks(conn, blob, TaskKind::Delete).await?;
+    for copy in copies {
+        record_copy(conn, blob, copy).await?;
+        if copy.state == ReplicaState::Pending {
+            queue_copy_if_pending(conn, blob, &copy.shard).await?;
+        }
+    }
+    let added = run(conn, &ADD_REFERENCE, blob, "adding a reference to a blob").await?;
+    if added != 1 {
+        return Err(MetadataError::Corrupt(format!("locked blob {blob} has no row")));
+    }
+    Ok(())
 }
 
 /// Holds the lock `lock_stored_copy` took; dropping it rolls back.

@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::D;
 use super::copies::drop_reference;
+use super::variants::{fetch_variants, queue_variant_tasks, release_variants};
 use crate::metadata::rows::{from_column, parse_blob_key, sql_error, to_column};
 use crate::metadata::sql::dialect::Dialect;
 use crate::metadata::sql::{SqlStore, Statement};
@@ -114,7 +115,9 @@ impl ImageStore for SqlStore<D> {
     }
 
     async fn find_image(&self, id: Uuid) -> MetaResult<Option<ImageRecord>> {
-        fetch_image(&self.pool, id).await
+        let Some(mut record) = fetch_image(&self.pool, id).await? else { return Ok(None) };
+        record.variants = fetch_variants(&self.pool, id).await?;
+        Ok(Some(record))
     }
 
     async fn list_images(
@@ -137,7 +140,12 @@ impl ImageStore for SqlStore<D> {
                 .bind(D::id(owner)),
         };
         let rows = query.fetch_all(&self.pool).await.map_err(sql_error("listing images"))?;
-        records_from_rows(rows)
+        let mut records = records_from_rows(rows)?;
+        // One indexed lookup per image of the page (at most 100).
+        for record in &mut records {
+            record.variants = fetch_variants(&self.pool, record.id).await?;
+        }
+        Ok(records)
     }
 
     async fn set_visibility(&self, id: Uuid, visibility: Visibility) -> MetaResult<Option<ImageRecord>> {
@@ -162,6 +170,8 @@ impl ImageStore for SqlStore<D> {
     async fn delete_image(&self, id: Uuid) -> MetaResult<Option<DeletedImage>> {
         const CONTEXT: &str = "deleting an image";
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        // Variant rows first: they refer to the image row.
+        let unreferenced_variant_blobs = release_variants(&mut tx, id).await?;
         let deleted: Option<(String, Option<<D as Dialect>::Id>, i64)> = sqlx::query_as(DELETE_IMAGE.sql::<D>())
             .bind(D::id(id))
             .fetch_optional(&mut *tx)
@@ -182,12 +192,12 @@ impl ImageStore for SqlStore<D> {
         let blob = parse_blob_key(&checksum)?;
         let blob_unreferenced = drop_reference(&mut tx, &blob).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
-        Ok(Some(DeletedImage { blob, blob_unreferenced }))
+        Ok(Some(DeletedImage { blob, blob_unreferenced, unreferenced_variant_blobs }))
     }
 }
 
-/// Records an image row and charges it to its owner (failing with `QuotaExceeded` when it does
-/// not fit); its blob's reference is the caller's to add.
+/// Records an image row, charges it to its owner (failing with `QuotaExceeded` when it does
+/// not fit) and queues its variants' generation; its blob's reference is the caller's to add.
 pub(super) async fn insert_image(conn: &mut Connection, image: &NewImage) -> MetaResult<()> {
     const CONTEXT: &str = "recording an image";
     if let Some(owner) = &image.owner {
@@ -205,10 +215,10 @@ pub(super) async fn insert_image(conn: &mut Connection, image: &NewImage) -> Met
         .bind(D::time(image.created_at))
         .bind(image.owner.map(|owner| D::id(owner.user)))
         .bind(image.visibility.as_str())
-        .execute(conn)
+        .execute(&mut *conn)
         .await
         .map_err(sql_error(CONTEXT))?;
-    Ok(())
+    queue_variant_tasks(conn, image.id, &image.variants).await
 }
 
 async fn charge_owner(conn: &mut Connection, owner: &ImageOwner, file_size: u64) -> MetaResult<()> {
@@ -287,6 +297,7 @@ fn records_from_rows(rows: Vec<ImageRow>) -> MetaResult<Vec<ImageRecord>> {
                 owner: row.owner_id.map(D::parse_id).transpose()?,
                 visibility: Visibility::parse(&row.visibility)
                     .ok_or_else(|| MetadataError::Corrupt(format!("unknown visibility {:?}", row.visibility)))?,
+                variants: Vec::new(),
             });
         }
         if let Some(record) = records.last_mut() {

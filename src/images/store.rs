@@ -1,0 +1,193 @@
+//! Storing new bytes as a blob: write the copies, then record them under the blob's lock.
+//! Shared by uploads (which record an image) and variants (which record a variant): each
+//! passes the commit that records what refers to the blob.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tracing::Instrument;
+
+use super::error::{ImageError, Result};
+use crate::blob::BlobKey;
+use crate::maintenance::deletion;
+use crate::metadata::{MetaResult, MetadataError, MetadataStore, Replica, ReplicaState, UploadGuard};
+use crate::storage::BlobBody;
+use crate::storage::StorageError;
+use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
+
+/// How often a write retries when a concurrent deletion removed the copy it had just written
+/// (see [`BlobWriter::store`]). Each retry needs another deletion racing with it.
+const STORE_ATTEMPTS: usize = 3;
+
+/// The commit of a blob's new bytes: given the held lock and the copies to record, records
+/// them with whatever refers to the blob, and commits.
+pub type Commit<T> = Box<dyn FnMut(Box<dyn UploadGuard>, Vec<Replica>) -> BoxFuture<'static, MetaResult<T>> + Send>;
+
+#[derive(Clone)]
+pub struct BlobWriter {
+    metadata: Arc<dyn MetadataStore>,
+    router: Arc<StorageRouter>,
+    /// Copies stored before a write is acknowledged (`placement.write_quorum`).
+    write_quorum: usize,
+}
+
+impl BlobWriter {
+    pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>, write_quorum: usize) -> Self {
+        Self { metadata, router, write_quorum }
+    }
+
+    /// Writes the bytes, then records them under the blob's lock through `commit`.
+    ///
+    /// The write happens before the lock so that a slow upload does not hold it. Meanwhile a
+    /// deletion of the same blob (its last reference going away) may remove a copy just
+    /// written; deletions hold the same lock while they remove a copy, so once the lock is ours
+    /// a check that the copies exist is final, and the commit makes the blob referenced again.
+    ///
+    /// The writes have the router's write deadline, and the check under the lock its short
+    /// control deadline (DESIGN invariant 4). A copy the check cannot confirm in time is never
+    /// recorded: the lock is released and the next attempt writes to other shards.
+    pub async fn store<T>(&self, blob: &BlobKey, size: u64, body: &BlobBody, mut commit: Commit<T>) -> Result<T> {
+        let mut unconfirmed: Vec<(String, StorageError)> = Vec::new();
+        // Shards where an earlier deletion of these bytes may still land (see
+        // `maintenance/deletion.rs`): a copy written there could vanish after the commit.
+        let mut in_doubt: Vec<String> = Vec::new();
+        for _ in 0..STORE_ATTEMPTS {
+            let avoid: Vec<String> =
+                unconfirmed.iter().map(|(shard, _)| shard.clone()).chain(in_doubt.clone()).collect();
+            let receipt = match self.router.write_copies(blob, body, self.write_quorum, &avoid).await {
+                Ok(receipt) => receipt,
+                Err(error) => {
+                    self.remove_refused_copies(&error, blob, size).await;
+                    return Err(ImageError::StorageUnavailable(error));
+                }
+            };
+            let span = tracing::info_span!("metadata_query", operation = "lock_blob_for_upload");
+            let guard = match self.metadata.lock_blob_for_upload(blob, size).instrument(span).await {
+                Ok(guard) => guard,
+                Err(error) => {
+                    self.remove_unrecorded_copies(&receipt.stored, blob, size).await;
+                    return Err(error.into());
+                }
+            };
+            let doubtful: Vec<String> =
+                receipt.stored.iter().filter(|shard| guard.shards_in_doubt().contains(shard)).cloned().collect();
+            if !doubtful.is_empty() {
+                drop(guard);
+                tracing::warn!(%blob, shards = ?doubtful, "a deletion of these bytes may still land there; writing elsewhere");
+                in_doubt.extend(doubtful);
+                continue;
+            }
+            match self.copies_still_exist(&receipt, blob, size).await {
+                Confirmation::Confirmed => {
+                    let committed = match commit(guard, copies_after_write(&receipt)).await {
+                        Ok(committed) => committed,
+                        // A concurrent upload of the same owner took the room left: what was
+                        // written for this one goes, and nothing was recorded.
+                        Err(MetadataError::QuotaExceeded) => {
+                            self.remove_unrecorded_copies(&receipt.stored, blob, size).await;
+                            return Err(ImageError::QuotaExceeded("checked as the image was recorded".into()));
+                        }
+                        Err(error) => return Err(error.into()),
+                    };
+                    tracing::info!(%blob, shards = ?receipt.stored, "stored a new blob");
+                    return Ok(committed);
+                }
+                Confirmation::Gone => {
+                    tracing::warn!(%blob, "a copy just written is gone (a concurrent deletion); writing again");
+                }
+                Confirmation::Unconfirmed(shard, error) => {
+                    drop(guard);
+                    tracing::warn!(%shard, %blob, %error, "could not confirm a copy in time; writing elsewhere");
+                    unconfirmed.push((shard, error));
+                }
+            }
+        }
+        if !unconfirmed.is_empty() {
+            let error =
+                RouterError::NoShardAvailable { operation: "confirm", key: blob.clone(), attempts: unconfirmed };
+            return Err(ImageError::StorageUnavailable(error));
+        }
+        Err(ImageError::Internal {
+            context: "storing the blob: its copy kept disappearing",
+            source: format!("{STORE_ATTEMPTS} attempts raced with deletions").into(),
+        })
+    }
+
+    /// A write refused for want of enough shards removes the copies it did write before it
+    /// answers, so a refused request leaves nothing behind. Best effort: a copy that cannot be
+    /// removed now (the database or its shard down) is an orphan that scrub collects.
+    async fn remove_refused_copies(&self, error: &RouterError, blob: &BlobKey, size: u64) {
+        let RouterError::QuorumNotReached { written, .. } = error else { return };
+        self.remove_unrecorded_copies(written, blob, size).await;
+    }
+
+    /// Removes copies written for bytes that will not be recorded. Best effort, like
+    /// [`Self::remove_refused_copies`]: what cannot be removed now is an orphan scrub collects.
+    async fn remove_unrecorded_copies(&self, written: &[String], blob: &BlobKey, size: u64) {
+        for shard in written {
+            let removed =
+                deletion::delete_unrecorded_object(self.metadata.as_ref(), &self.router, shard, blob, size).await;
+            if let Err(error) = removed {
+                tracing::warn!(%shard, %blob, %error, "a refused write's copy is left for scrub");
+            }
+        }
+    }
+
+    /// Checks, under the blob's lock, that every copy just written is there, each check bounded
+    /// by the router's control deadline.
+    async fn copies_still_exist(&self, receipt: &WriteReceipt, blob: &BlobKey, size: u64) -> Confirmation {
+        for shard in &receipt.stored {
+            match self.router.fetch_len_on(shard, blob).await {
+                Ok(len) if len == size => {}
+                Ok(_) => return Confirmation::Gone,
+                Err(error) if error.is_not_found() => return Confirmation::Gone,
+                Err(RouterError::Shard { source, .. }) => return Confirmation::Unconfirmed(shard.clone(), source),
+                Err(other) => {
+                    let error = StorageError::Other { reason: other.to_string(), source: None };
+                    return Confirmation::Unconfirmed(shard.clone(), error);
+                }
+            }
+        }
+        Confirmation::Confirmed
+    }
+}
+
+/// What the check of freshly written copies found.
+enum Confirmation {
+    Confirmed,
+    /// A copy is absent or has the wrong size: a concurrent deletion removed it.
+    Gone,
+    /// A shard did not answer the check (in time): its copy must not be recorded.
+    Unconfirmed(String, StorageError),
+}
+
+/// The copies to record after a write: those written are stored, the rest of the write set
+/// is pending for replication.
+fn copies_after_write(receipt: &WriteReceipt) -> Vec<Replica> {
+    let stored = receipt.stored.iter().map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Stored });
+    let pending = receipt
+        .write_set
+        .iter()
+        .filter(|shard| !receipt.stored.contains(shard))
+        .map(|shard| Replica { shard: shard.clone(), state: ReplicaState::Pending });
+    stored.chain(pending).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_written_copy_is_stored_and_the_rest_of_the_write_set_pending() {
+        let receipt = WriteReceipt { stored: vec!["c".into()], write_set: vec!["a".into(), "b".into()] };
+        let copies = copies_after_write(&receipt);
+        assert_eq!(copies[0], Replica { shard: "c".into(), state: ReplicaState::Stored });
+        assert_eq!(
+            copies[1..],
+            [
+                Replica { shard: "a".into(), state: ReplicaState::Pending },
+                Replica { shard: "b".into(), state: ReplicaState::Pending }
+            ]
+        );
+    }
+}
