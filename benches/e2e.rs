@@ -29,6 +29,7 @@
 #[path = "../tests/common/images.rs"]
 mod images;
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,12 +58,14 @@ use s3s::service::S3ServiceBuilder;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
-const SIZES: [usize; 3] = [64 * KIB, MIB, 8 * MIB];
-const CONCURRENCY: [usize; 3] = [1, 4, 16];
+const SIZES: [usize; 3] = [64 * KIB, MIB, 16 * MIB];
+const CONCURRENCY: [usize; 3] = [1, 8, 16];
 const SHARDS: usize = 4;
 const SLICES: usize = 3;
 /// Most bytes one path uploads in one cell (bounds disk use and run time).
@@ -81,21 +84,29 @@ struct Options {
     /// when unset).
     workers: Option<usize>,
     /// Which parts run (`CHITRAM_BENCH_PHASES`, a comma-separated subset of
-    /// `matrix,replication,memory`; all by default).
+    /// `matrix,replication,lag,window,memory`; all by default).
     matrix: bool,
     replication: bool,
+    lag: bool,
+    window: bool,
     memory: bool,
+    profile: bool,
 }
+
+const PHASES: [&str; 5] = ["matrix", "replication", "lag", "window", "memory"];
+/// Not run unless named: requests for a profiler (scripts/profile-requests.sh).
+const PROFILE: &str = "profile";
 
 impl Options {
     fn from_env() -> Options {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let phases = var("CHITRAM_BENCH_PHASES").unwrap_or_else(|| "matrix,replication,memory".to_owned());
+        let phases = var("CHITRAM_BENCH_PHASES").unwrap_or_else(|| PHASES.join(","));
         let phases: Vec<&str> = phases.split(',').map(str::trim).collect();
         for phase in &phases {
             assert!(
-                ["matrix", "replication", "memory"].contains(phase),
-                "CHITRAM_BENCH_PHASES: unknown phase {phase:?} (matrix, replication, memory)"
+                PHASES.contains(phase) || *phase == PROFILE,
+                "CHITRAM_BENCH_PHASES: unknown phase {phase:?} ({}, {PROFILE})",
+                PHASES.join(", ")
             );
         }
         Options {
@@ -103,7 +114,10 @@ impl Options {
             workers: var("CHITRAM_BENCH_WORKERS").map(|v| v.parse().expect("CHITRAM_BENCH_WORKERS: a count")),
             matrix: phases.contains(&"matrix"),
             replication: phases.contains(&"replication"),
+            lag: phases.contains(&"lag"),
+            window: phases.contains(&"window"),
             memory: phases.contains(&"memory"),
+            profile: phases.contains(&PROFILE),
         }
     }
 }
@@ -169,6 +183,8 @@ struct Replication {
 struct Results {
     cells: Vec<Cell>,
     replication: Vec<Replication>,
+    lag: Vec<Lag>,
+    window: Vec<Window>,
     memory: Option<MemoryResult>,
     /// VmHWM of the RF=1 and RF=2 processes after the matrix and the replication runs.
     matrix_hwm: Vec<(&'static str, u64)>,
@@ -184,15 +200,34 @@ async fn run(options: &Options, databases: &Databases) {
 
     let mut servers = Vec::new();
     for i in 0..SHARDS {
-        servers.push(start_s3_server(&dir.path().join(format!("s3-{i}"))).await);
+        servers.push(S3Server::start(dir.path().join(format!("s3-{i}")), None).await);
     }
-    let direct: Vec<S3Client> = servers.iter().map(|addr| s3_client(&format!("http://{addr}"))).collect();
+    let direct: Vec<S3Client> = servers.iter().map(|server| s3_client(&format!("http://{}", server.addr))).collect();
     for client in &direct {
         client.create_bucket().bucket(DIRECT_BUCKET).send().await.expect("creating the direct bucket");
     }
     let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().expect("an HTTP client");
-    let rf1 = Chitram::start(dir.path(), "rf1", 1, options, &databases.create("rf1").await, &servers, &http).await;
-    let rf2 = Chitram::start(dir.path(), "rf2", 2, options, &databases.create("rf2").await, &servers, &http).await;
+    let addrs: Vec<SocketAddr> = servers.iter().map(|server| server.addr).collect();
+    let rf1 = Chitram::start(
+        dir.path(),
+        "rf1",
+        1,
+        ReplicationSetup::new(options, true),
+        &databases.create("rf1").await,
+        &addrs,
+        &http,
+    )
+    .await;
+    let rf2 = Chitram::start(
+        dir.path(),
+        "rf2",
+        2,
+        ReplicationSetup::new(options, true),
+        &databases.create("rf2").await,
+        &addrs,
+        &http,
+    )
+    .await;
     let targets =
         Targets { direct: Arc::new(direct), rf1: rf1.base.clone(), rf2: rf2.base.clone(), http: http.clone() };
 
@@ -253,18 +288,63 @@ async fn run(options: &Options, databases: &Databases) {
     if options.replication {
         results.replication = replication_throughput(&targets).await;
     }
+    if options.profile {
+        profile_requests(&targets, rf1.child.id()).await;
+    }
+    if options.lag {
+        results.lag = replication_lag(dir.path(), options, databases, &addrs, &http).await;
+    }
+    if options.window {
+        results.window = failure_window(dir.path(), options, databases, &mut servers, &http).await;
+    }
     results.matrix_hwm = vec![("RF=1", rf1.memory("VmHWM")), ("RF=2", rf2.memory("VmHWM"))];
     drop(rf1);
     drop(rf2);
 
     if options.memory {
         eprintln!("e2e: memory during {RSS_UPLOADS} concurrent {} uploads", human(RSS_SIZE));
-        results.memory = Some(memory_under_large_uploads(dir.path(), options, databases, &servers, &http).await);
+        results.memory = Some(memory_under_large_uploads(dir.path(), options, databases, &addrs, &http).await);
     }
     results.load_after = loadavg();
 
     report(&results, options, databases);
     println!("\n(finished in {:.0} s)", started.elapsed().as_secs_f64());
+}
+
+/// Uploads unique copies of `base` to the Chitram at `chitram`; each answer's id goes to
+/// `uploaded`, and with `acked` its checksum and the moment the 201 arrived.
+fn chitram_upload(
+    http: &reqwest::Client,
+    chitram: &str,
+    base: Arc<Bytes>,
+    uploaded: Arc<Mutex<Vec<String>>>,
+    acked: Option<mpsc::UnboundedSender<(String, Instant)>>,
+) -> Op {
+    let (http, url) = (http.clone(), format!("{chitram}/api/v1/images/upload"));
+    Arc::new(move |_| {
+        let (http, url, base, uploaded, acked) =
+            (http.clone(), url.clone(), base.clone(), uploaded.clone(), acked.clone());
+        Box::pin(async move {
+            let body = stamped(&base, UNIQUE.fetch_add(1, Ordering::Relaxed));
+            let len = body.len() as u64;
+            let started = Instant::now();
+            let part = Part::stream_with_length(body, len).file_name("bench.png").mime_str("image/png")?;
+            let response = http.post(&url).multipart(Form::new().part("file", part)).send().await?;
+            let status = response.status();
+            if status != reqwest::StatusCode::CREATED {
+                bail!("upload answered {status}: {}", response.text().await.unwrap_or_default());
+            }
+            let image: Value = response.json().await?;
+            let latency = started.elapsed();
+            let id = image["id"].as_str().context("an id in the upload's answer")?.to_owned();
+            if let Some(acked) = acked {
+                let checksum = image["checksum"].as_str().context("a checksum in the upload's answer")?;
+                let _ = acked.send((checksum.to_owned(), started + latency));
+            }
+            uploaded.lock().unwrap().push(id);
+            Ok((len, latency))
+        })
+    })
 }
 
 /// Where each path sends its requests.
@@ -314,28 +394,7 @@ impl Targets {
                     })
                 })
             }
-            _ => {
-                let (http, url) = (self.http.clone(), format!("{}/api/v1/images/upload", self.chitram(path)));
-                Arc::new(move |_| {
-                    let (http, url, base, uploaded) = (http.clone(), url.clone(), base.clone(), uploaded.clone());
-                    Box::pin(async move {
-                        let body = stamped(&base, UNIQUE.fetch_add(1, Ordering::Relaxed));
-                        let len = body.len() as u64;
-                        let started = Instant::now();
-                        let part = Part::stream_with_length(body, len).file_name("bench.png").mime_str("image/png")?;
-                        let response = http.post(&url).multipart(Form::new().part("file", part)).send().await?;
-                        let status = response.status();
-                        if status != reqwest::StatusCode::CREATED {
-                            bail!("upload answered {status}: {}", response.text().await.unwrap_or_default());
-                        }
-                        let image: Value = response.json().await?;
-                        let latency = started.elapsed();
-                        let id = image["id"].as_str().context("an id in the upload's answer")?.to_owned();
-                        uploaded.lock().unwrap().push(id);
-                        Ok((len, latency))
-                    })
-                })
-            }
+            _ => chitram_upload(&self.http, self.chitram(path), base, uploaded, None),
         }
     }
 
@@ -692,6 +751,265 @@ async fn replication_throughput(targets: &Targets) -> Vec<Replication> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Requests for a profiler
+
+/// 1 MiB uploads, then downloads, one at a time to the RF=1 process, with callgrind told to
+/// write its counts before and between them (`callgrind_control --dump`), so each file holds
+/// one kind of request. `CHITRAM_BENCH_PROFILE_OPS` requests of each (default 50).
+async fn profile_requests(targets: &Targets, pid: u32) {
+    let ops: u64 = std::env::var("CHITRAM_BENCH_PROFILE_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    // callgrind takes a command only while the process runs code, so a dump asked of an idle
+    // server lands later, among the next requests: wait for each dump's file, waking the
+    // server with probes meanwhile, before going on.
+    let out_file = std::env::var("CHITRAM_BENCH_WRAPPER")
+        .ok()
+        .and_then(|w| w.split_whitespace().find_map(|a| a.strip_prefix("--callgrind-out-file=").map(str::to_owned)))
+        .expect("the profile phase runs under callgrind with --callgrind-out-file")
+        .replace("%p", &pid.to_string());
+    let mut dumps = 0;
+    let mut dump = async |label: &str| {
+        let status = Command::new("callgrind_control").arg(format!("--dump={label}")).arg(pid.to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "callgrind_control --dump={label} {pid} failed");
+        dumps += 1;
+        let written = PathBuf::from(format!("{out_file}.{dumps}"));
+        let started = Instant::now();
+        while !written.exists() {
+            assert!(started.elapsed() < Duration::from_secs(120), "callgrind did not write {}", written.display());
+            let _ = targets.http.get(format!("{}/health/live", targets.rf1)).send().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    dump("before").await;
+    let uploaded = Arc::new(Mutex::new(Vec::new()));
+    let op = targets.upload(Route::Rf1, Arc::new(payload_base(MIB)), uploaded.clone());
+    let uploads = run_slice(op, 1, Duration::ZERO, ops, ops).await;
+    dump("uploads").await;
+    let objects = Arc::new(std::mem::take(&mut *uploaded.lock().unwrap()));
+    let downloads = run_slice(targets.download(Route::Rf1, objects.clone(), MIB), 1, Duration::ZERO, ops, ops).await;
+    dump("downloads").await;
+    println!(
+        "profile: {} uploads and {} downloads of 1 MiB; callgrind dumped after each kind",
+        uploads.latencies.len(),
+        downloads.latencies.len()
+    );
+    targets.cleanup(Route::Rf1, &objects).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The window of one copy: from the 201 to the second copy stored, and reads while a shard is down
+
+/// RF=2 uploads and how long each waited, after its 201, for its second copy.
+struct Lag {
+    label: &'static str,
+    uploads: Stats,
+    /// From each 201 until the metadata recorded two stored copies.
+    lags: Vec<Duration>,
+    /// Uploads whose second copy was not stored within a minute of the last 201.
+    unfinished: usize,
+}
+
+/// 1 MiB uploads at concurrency 8 to an RF=2 Chitram, with eager copies off (the queue alone)
+/// and on (the default), each watched in its metadata database until its second copy is stored.
+async fn replication_lag(
+    dir: &Path,
+    options: &Options,
+    databases: &Databases,
+    servers: &[SocketAddr],
+    http: &reqwest::Client,
+) -> Vec<Lag> {
+    if !matches!(databases.kind, DatabaseKind::Postgres(_)) {
+        eprintln!("e2e: the lag phase reads the metadata on Postgres; skipped on SQLite");
+        return Vec::new();
+    }
+    let mut runs = Vec::new();
+    for (label, eager) in [("queue only (eager_copies = 0)", false), ("eager copies (the default)", true)] {
+        eprintln!("e2e: time to the second copy, {label}");
+        let name = if eager { "lag-eager" } else { "lag-queue" };
+        let url = databases.create(name).await;
+        let chitram = Chitram::start(dir, name, 2, ReplicationSetup::new(options, eager), &url, servers, http).await;
+        let (acked_tx, acked) = mpsc::unbounded_channel();
+        let watcher = tokio::spawn(watch_second_copies(url, acked));
+        let uploaded = Arc::new(Mutex::new(Vec::new()));
+        let op = chitram_upload(http, &chitram.base, Arc::new(payload_base(MIB)), uploaded, Some(acked_tx));
+        let uploads = run_slice(op, 8, Duration::from_secs_f64(options.secs * 3.0), 8, u64::MAX).await;
+        let (lags, unfinished) = watcher.await.expect("the watcher finishes");
+        runs.push(Lag { label, uploads, lags, unfinished });
+    }
+    runs
+}
+
+/// Records, for each acknowledged blob, when its metadata first shows two stored copies.
+/// Polls every 5 ms with one query for every blob still waiting.
+async fn watch_second_copies(
+    database_url: String,
+    mut acked: mpsc::UnboundedReceiver<(String, Instant)>,
+) -> (Vec<Duration>, usize) {
+    let mut db = PgConnection::connect(&database_url).await.expect("the bench reads the metadata");
+    let mut waiting: HashMap<String, Instant> = HashMap::new();
+    let mut lags = Vec::new();
+    let mut uploads_done_at: Option<Instant> = None;
+    loop {
+        loop {
+            match acked.try_recv() {
+                Ok((checksum, at)) => {
+                    waiting.insert(checksum, at);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    uploads_done_at.get_or_insert_with(Instant::now);
+                    break;
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            let keys: Vec<String> = waiting.keys().cloned().collect();
+            let stored: Vec<(String,)> = sqlx::query_as(
+                "SELECT blob_checksum FROM replicas WHERE blob_checksum = ANY($1)
+                 GROUP BY blob_checksum HAVING COUNT(*) FILTER (WHERE state = 'stored') >= 2",
+            )
+            .bind(&keys)
+            .fetch_all(&mut db)
+            .await
+            .expect("reading the replicas");
+            let now = Instant::now();
+            for (checksum,) in stored {
+                if let Some(at) = waiting.remove(&checksum) {
+                    lags.push(now.saturating_duration_since(at));
+                }
+            }
+        }
+        match uploads_done_at {
+            Some(_) if waiting.is_empty() => break,
+            Some(done) if done.elapsed() > Duration::from_secs(60) => break,
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let _ = db.close().await;
+    (lags, waiting.len())
+}
+
+/// Mixed traffic while one of the four shards is down.
+struct Window {
+    label: &'static str,
+    reads: u64,
+    /// Reads of acknowledged, undeleted images that did not answer 200 with every byte, by
+    /// status and error code.
+    failed_reads: BTreeMap<String, u64>,
+    uploads: u64,
+    failed_uploads: u64,
+}
+
+/// 16 clients, a quarter of their requests 200 KiB uploads and the rest reads of images
+/// uploaded earlier, for three equal periods: all shards up, one S3 server killed, back up.
+/// With eager copies off and on (write quorum 1, RF=2).
+async fn failure_window(
+    dir: &Path,
+    options: &Options,
+    databases: &Databases,
+    servers: &mut [S3Server],
+    http: &reqwest::Client,
+) -> Vec<Window> {
+    let addrs: Vec<SocketAddr> = servers.iter().map(|server| server.addr).collect();
+    let third = Duration::from_secs_f64(options.secs * 5.0);
+    let mut runs = Vec::new();
+    for (label, eager) in [("queue only (eager_copies = 0)", false), ("eager copies (the default)", true)] {
+        eprintln!("e2e: reads while a shard is down for {} s, {label}", third.as_secs());
+        let name = if eager { "window-eager" } else { "window-queue" };
+        let chitram = Chitram::start(
+            dir,
+            name,
+            2,
+            ReplicationSetup::new(options, eager),
+            &databases.create(name).await,
+            &addrs,
+            http,
+        )
+        .await;
+        let base = Arc::new(payload_base(200 * KIB));
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let seed = chitram_upload(http, &chitram.base, base.clone(), live.clone(), None);
+        run_slice(seed, 8, Duration::ZERO, 64, 64).await;
+        let traffic = MixedTraffic { http: http.clone(), base_url: chitram.base.clone(), base, live };
+        let until = Instant::now() + third * 3;
+        let clients: Vec<_> = (0..16).map(|client| tokio::spawn(traffic.clone().run(client, until))).collect();
+        tokio::time::sleep(third).await;
+        servers[1].kill();
+        tokio::time::sleep(third).await;
+        servers[1].restart().await;
+        let mut run = Window { label, reads: 0, failed_reads: BTreeMap::new(), uploads: 0, failed_uploads: 0 };
+        for client in clients {
+            let counts = client.await.expect("a traffic client");
+            run.reads += counts.reads;
+            run.uploads += counts.uploads;
+            run.failed_uploads += counts.failed_uploads;
+            for (cause, n) in counts.failed_reads {
+                *run.failed_reads.entry(cause).or_default() += n;
+            }
+        }
+        drop(chitram);
+        runs.push(run);
+    }
+    runs
+}
+
+#[derive(Clone)]
+struct MixedTraffic {
+    http: reqwest::Client,
+    base_url: String,
+    base: Arc<Bytes>,
+    live: Arc<Mutex<Vec<String>>>,
+}
+
+#[derive(Default)]
+struct TrafficCounts {
+    reads: u64,
+    failed_reads: BTreeMap<String, u64>,
+    uploads: u64,
+    failed_uploads: u64,
+}
+
+impl MixedTraffic {
+    async fn run(self, client: u64, until: Instant) -> TrafficCounts {
+        let upload = chitram_upload(&self.http, &self.base_url, self.base.clone(), self.live.clone(), None);
+        let mut counts = TrafficCounts::default();
+        let mut n = client;
+        while Instant::now() < until {
+            n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            if n >> 62 == 0 {
+                counts.uploads += 1;
+                counts.failed_uploads += u64::from(upload(n).await.is_err());
+                continue;
+            }
+            let id = {
+                let live = self.live.lock().unwrap();
+                live[(n >> 16) as usize % live.len()].clone()
+            };
+            counts.reads += 1;
+            if let Err(cause) = self.read(&id).await {
+                *counts.failed_reads.entry(cause).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Reads one image whole; the cause of a failure is its status and error code.
+    async fn read(&self, id: &str) -> Result<(), String> {
+        let url = format!("{}/api/v1/images/{id}/file", self.base_url);
+        let response = self.http.get(url).send().await.map_err(|_| "no answer".to_owned())?;
+        let status = response.status();
+        if status != reqwest::StatusCode::OK {
+            let body: Value = response.json().await.unwrap_or_default();
+            return Err(format!("{} {}", status.as_u16(), body["detail"]["code"].as_str().unwrap_or("?")));
+        }
+        let expected = self.base.len();
+        match response.bytes().await {
+            Ok(bytes) if bytes.len() == expected => Ok(()),
+            _ => Err("200, cut short".to_owned()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Peak memory of the server under large concurrent uploads
 
 struct MemoryResult {
@@ -711,7 +1029,16 @@ async fn memory_under_large_uploads(
     servers: &[SocketAddr],
     http: &reqwest::Client,
 ) -> MemoryResult {
-    let chitram = Chitram::start(dir, "rss", 2, options, &databases.create("rss").await, servers, http).await;
+    let chitram = Chitram::start(
+        dir,
+        "rss",
+        2,
+        ReplicationSetup::new(options, true),
+        &databases.create("rss").await,
+        servers,
+        http,
+    )
+    .await;
     let targets =
         Targets { direct: Arc::new(Vec::new()), rf1: String::new(), rf2: chitram.base.clone(), http: http.clone() };
     // One small upload and download first, so the idle figure includes warm pools.
@@ -763,6 +1090,21 @@ fn proc_status(pid: u32, field: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Chitram as a separate process
 
+/// The `[replication]` settings a Chitram process starts with.
+#[derive(Clone, Copy)]
+struct ReplicationSetup {
+    /// `workers` (Chitram's default when `None`).
+    workers: Option<usize>,
+    /// Eager copies on (the default) or off (`eager_copies = 0`).
+    eager: bool,
+}
+
+impl ReplicationSetup {
+    fn new(options: &Options, eager: bool) -> Self {
+        Self { workers: options.workers, eager }
+    }
+}
+
 struct Chitram {
     child: Child,
     base: String,
@@ -774,7 +1116,7 @@ impl Chitram {
         dir: &Path,
         label: &str,
         replication_factor: usize,
-        options: &Options,
+        setup: ReplicationSetup,
         database_url: &str,
         servers: &[SocketAddr],
         http: &reqwest::Client,
@@ -783,16 +1125,21 @@ impl Chitram {
         let spool = dir.join(format!("spool-{label}"));
         std::fs::create_dir_all(&spool).expect("a spool directory");
         // The router's own cost against the S3 servers': accounts and rate limits are off here
-        // (benches/auth.rs measures what they add).
+        // (benches/auth.rs measures what they add), and so are the variant workers, which
+        // would read every upload back to make its thumbnails (benches/variants.rs).
         let mut config = format!(
             "[server]\nbind = \"127.0.0.1:{port}\"\nspool_dir = \"{}\"\n\
              [database]\nurl = \"{database_url}\"\n\
              [placement]\nreplication_factor = {replication_factor}\n\
-             [auth]\nenabled = false\n[rate_limits]\nenabled = false\n",
+             [auth]\nenabled = false\n[rate_limits]\nenabled = false\n[variants]\nworkers = 0\n",
             spool.display()
         );
-        if let Some(workers) = options.workers {
-            config.push_str(&format!("[replication]\nworkers = {workers}\n"));
+        config.push_str("[replication]\n");
+        if let Some(workers) = setup.workers {
+            config.push_str(&format!("workers = {workers}\n"));
+        }
+        if !setup.eager {
+            config.push_str("eager_copies = 0\n");
         }
         for (i, addr) in servers.iter().enumerate() {
             config.push_str(&format!(
@@ -803,7 +1150,21 @@ impl Chitram {
         let config_path = dir.join(format!("chitram-{label}.toml"));
         std::fs::write(&config_path, config).expect("writing the config");
         let log = dir.join(format!("chitram-{label}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_chitram"))
+        // `CHITRAM_BENCH_WRAPPER` runs the server under another program, such as callgrind
+        // (scripts/profile-requests.sh); it is slow to start there.
+        let wrapper: Vec<String> = std::env::var("CHITRAM_BENCH_WRAPPER")
+            .map(|w| w.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_chitram"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_chitram")),
+        };
+        let start_limit = Duration::from_secs(if wrapper.is_empty() { 60 } else { 600 });
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .arg("serve")
@@ -821,7 +1182,7 @@ impl Chitram {
             }
             let exited = server.child.try_wait().ok().flatten();
             assert!(
-                exited.is_none() && started.elapsed() < Duration::from_secs(60),
+                exited.is_none() && started.elapsed() < start_limit,
                 "Chitram ({label}) did not start:\n{}",
                 std::fs::read_to_string(&server.log).unwrap_or_default()
             );
@@ -853,25 +1214,58 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------------
 // S3 servers and the direct client
 
-async fn start_s3_server(root: &Path) -> SocketAddr {
-    std::fs::create_dir_all(root).expect("the server's root");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port for an S3 server");
-    let addr = listener.local_addr().expect("an address");
-    let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).expect("s3s-fs opens its root"));
-    builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-    let service = builder.build();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else { continue };
-            // As real S3 servers do: without it, small responses wait on delayed ACKs.
-            let _ = socket.set_nodelay(true);
-            let service = service.clone();
-            tokio::spawn(async move {
-                let _ = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service).await;
-            });
-        }
-    });
-    addr
+/// An s3s-fs server on 127.0.0.1 that can be stopped (its listener and every connection
+/// closed, as when a node dies) and started again on the same port and files.
+struct S3Server {
+    addr: SocketAddr,
+    root: PathBuf,
+    stop: CancellationToken,
+}
+
+impl S3Server {
+    async fn start(root: PathBuf, addr: Option<SocketAddr>) -> S3Server {
+        std::fs::create_dir_all(&root).expect("the server's root");
+        let listener = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
+            .await
+            .expect("a port for an S3 server");
+        let addr = listener.local_addr().expect("an address");
+        let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(&root).expect("s3s-fs opens its root"));
+        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = builder.build();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stopped.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((socket, _)) = accepted else { continue };
+                // As real S3 servers do: without it, small responses wait on delayed ACKs.
+                let _ = socket.set_nodelay(true);
+                let (service, stopped) = (service.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    let builder = ConnBuilder::new(TokioExecutor::new());
+                    let connection = builder.serve_connection(TokioIo::new(socket), service);
+                    tokio::select! {
+                        () = stopped.cancelled() => {}
+                        _ = connection => {}
+                    }
+                });
+            }
+        });
+        S3Server { addr, root, stop }
+    }
+
+    /// Closes the listener and every connection.
+    fn kill(&self) {
+        self.stop.cancel();
+    }
+
+    /// Starts it again on the same port and files.
+    async fn restart(&mut self) {
+        *self = S3Server::start(self.root.clone(), Some(self.addr)).await;
+    }
 }
 
 /// The client as `src/storage/s3.rs` builds it for a shard (default timeouts, no SDK retries,
@@ -1045,8 +1439,9 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
         CELL_CAP / MIB as u64
     );
     println!(
-        "- RF=2 uploads are acknowledged after the first copy (write quorum 1); the second copy is made by the \
-         background workers, and the bench waits for their queue to empty before the next slice (not counted)"
+        "- RF=2 uploads are acknowledged after the first copy (write quorum 1); the upload then writes the second \
+         copy from its own bytes (eager copies), the workers make any it could not, and the bench waits for the \
+         queue to empty before the next slice (not counted)"
     );
     println!(
         "- CPU: busy is all CPU time used during the cell over its wall time (the machine has {} CPUs in all); \
@@ -1091,7 +1486,7 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
     }
 
     if !cells.is_empty() {
-        println!("## 1 MiB: Chitram throughput as a share of direct (target ≥ 90%)\n");
+        println!("## 1 MiB: Chitram throughput as a share of direct (targets: ≥ 90% at concurrency 1, ≥ 75% at 8)\n");
         println!("| operation | concurrency | RF=1 | RF=2 |");
         println!("|---|---:|---:|---:|");
     }
@@ -1131,6 +1526,61 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
         );
     }
     println!();
+
+    if !results.lag.is_empty() {
+        println!("## From the 201 to the second copy stored (1 MiB, RF=2, write quorum 1, concurrency 8)\n");
+        println!(
+            "Each acknowledged blob is watched in the metadata (one query every 5 ms for all that wait) until it \
+             has two stored copies. Target: p99 ≤ 1 s.\n"
+        );
+        println!("| path | uploads | upload MiB/s | p50 | p90 | p99 | max | not stored within a minute |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    }
+    for run in &results.lag {
+        let lags = Stats { latencies: run.lags.clone(), ..Stats::default() };
+        let max = run.lags.iter().max().copied().unwrap_or_default();
+        println!(
+            "| {} | {} | {:.1} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {} |",
+            run.label,
+            run.uploads.latencies.len(),
+            run.uploads.mib_per_sec(),
+            lags.percentile_ms(0.5),
+            lags.percentile_ms(0.9),
+            lags.percentile_ms(0.99),
+            max.as_secs_f64() * 1000.0,
+            run.unfinished
+        );
+    }
+    if !results.lag.is_empty() {
+        println!();
+    }
+
+    if !results.window.is_empty() {
+        println!("## Reads while one of four shards is down (RF=2, write quorum 1, 16 clients)\n");
+        println!(
+            "Three equal periods: every shard up, one S3 server killed (listener and connections closed), back up. \
+             A quarter of the requests upload 200 KiB; the rest read an image acknowledged earlier. Target: < 0.1% \
+             of reads fail.\n"
+        );
+        println!("| path | reads | failed reads | share | causes | uploads (failed) |");
+        println!("|---|---:|---:|---:|---|---:|");
+    }
+    for run in &results.window {
+        let failed: u64 = run.failed_reads.values().sum();
+        let causes: Vec<String> = run.failed_reads.iter().map(|(cause, n)| format!("{n}× {cause}")).collect();
+        println!(
+            "| {} | {} | {failed} | {:.3}% | {} | {} ({}) |",
+            run.label,
+            run.reads,
+            failed as f64 / run.reads.max(1) as f64 * 100.0,
+            if causes.is_empty() { "—".to_owned() } else { causes.join(", ") },
+            run.uploads,
+            run.failed_uploads
+        );
+    }
+    if !results.window.is_empty() {
+        println!();
+    }
 
     if let Some(memory) = &results.memory {
         println!("## Server memory during {RSS_UPLOADS} concurrent {} uploads (RF=2)\n", human(RSS_SIZE));

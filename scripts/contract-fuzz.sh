@@ -5,17 +5,24 @@
 #
 #   scripts/contract-fuzz.sh            # builds the binary if needed
 #   FUZZ_MAX_EXAMPLES=50 FUZZ_TIME_LIMIT=300 scripts/contract-fuzz.sh
+#   FUZZ_SEED=random scripts/contract-fuzz.sh   # explore: a new seed each run (printed at the end)
+#
+# CI runs one fixed seed, so that a failure there can be replayed here with the same requests;
+# run it with FUZZ_SEED=random now and then to explore further.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SCHEMATHESIS_VERSION=4.32.5
 MAX_EXAMPLES="${FUZZ_MAX_EXAMPLES:-30}"
 TIME_LIMIT="${FUZZ_TIME_LIMIT:-240}"
+SEED="${FUZZ_SEED:-20261123}"
+seed_args=()
+[ "$SEED" = random ] || seed_args=(--seed "$SEED")
 VENV="$PWD/target/contract-fuzz/venv"
 
 if [ ! -x "$VENV/bin/schemathesis" ] || ! "$VENV/bin/schemathesis" --version | grep -q "$SCHEMATHESIS_VERSION"; then
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+    "$VENV/bin/pip" install --quiet -c scripts/contract-fuzz-constraints.txt "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
 # The binary the integration tests use: after `cargo test` this builds nothing, where
@@ -100,10 +107,15 @@ TOML
     --phases examples,coverage,fuzzing,stateful \
     --request-timeout 10 \
     --max-failures 10 \
-    --no-color) || status=$?
+    "${seed_args[@]}" \
+    --no-color 2>&1 | tee "$data/schemathesis.out") || status=$?
 echo "contract fuzzing took $(( $(date +%s) - started )) s"
 if [ "$status" -ne 0 ] || grep -q "panicked" "$data/server.log"; then
-    echo "--- server log (last 50 lines)"; tail -n 50 "$data/server.log"
+    # CI keeps only the end of what a run prints: the server's warnings first, then the
+    # fuzzer's own verdict, so the cause is the last thing on the screen.
+    echo "--- server log: warnings, errors and panics (last 40)"
+    grep -E " (WARN|ERROR) |panicked" "$data/server.log" | tail -n 40 || true
+    echo "--- schemathesis (last 60 lines)"; tail -n 60 "$data/schemathesis.out"
     [ "$status" -ne 0 ] || status=1
 fi
 exit "$status"

@@ -16,11 +16,13 @@ use crate::accounts::bootstrap::{self, BootstrapError};
 use crate::accounts::service::AccountsStartError;
 use crate::api::{self, AppState, UploadLimits};
 use crate::config::{BackendSettings, MaintenanceSettings, Settings, sqlite_path};
+use crate::images::eager::{EagerReplicator, EagerSettings};
 use crate::images::service::ImageService;
-use crate::images::spool::SpoolLimits;
+use crate::images::spool::{MemoryBudget, SpoolLimits};
 use crate::instance_lock::{InstanceLock, InstanceLockError, lock_sqlite_database};
 use crate::maintenance::leader;
 use crate::maintenance::scrub::{self, ScrubOptions};
+use crate::metadata::cache::{CacheConfigError, CachedMetadata};
 use crate::metadata::{self, MetadataError, MetadataStore};
 use crate::observability::recorder::{self, RecorderError};
 use crate::observability::{names, refresher};
@@ -29,7 +31,7 @@ use crate::ratelimit::RateLimiter;
 use crate::ratelimit::shared::RedisConfigError;
 use crate::redact::redact_url;
 use crate::replication::backoff::RetryPolicy;
-use crate::replication::worker::{Replicator, WorkerSettings, run_workers};
+use crate::replication::worker::{Replicator, Scaling, WorkerPool, WorkerSettings, run_workers};
 use crate::storage::breaker::BreakerSettings;
 use crate::storage::fs::FsStore;
 use crate::storage::identity::LabelledStore;
@@ -85,6 +87,8 @@ pub enum StartError {
     #[error(transparent)]
     Redis(#[from] RedisConfigError),
     #[error(transparent)]
+    MetadataCache(#[from] CacheConfigError),
+    #[error(transparent)]
     InstanceLock(#[from] InstanceLockError),
     #[error(transparent)]
     Metrics(#[from] RecorderError),
@@ -100,7 +104,7 @@ pub enum StartError {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
-    workers: Vec<Replicator>,
+    workers: WorkerPool,
     variant_workers: Vec<VariantWorker>,
     shutdown_grace: Duration,
     shutdown_drain: Duration,
@@ -121,10 +125,15 @@ impl Application {
         let metrics = settings.metrics.enabled.then(recorder::install).transpose()?;
         let metadata = open_metadata(&settings.database.url).await?;
         refuse_stranded_blobs(metadata.as_ref(), settings).await?;
+        let metadata = with_metadata_cache(settings, metadata).await?;
         let router = Arc::new(open_storage(settings, metadata.as_ref()).await?);
         let (images, variants) = image_services(settings, &metadata, &router)?;
         let limits = Arc::new(UploadLimits {
-            spool: SpoolLimits { max_bytes: settings.server.max_upload_bytes, dir: settings.server.spool_dir.clone() },
+            spool: SpoolLimits {
+                max_bytes: settings.server.max_upload_bytes,
+                dir: settings.server.spool_dir.clone(),
+                memory: MemoryBudget::new(settings.server.upload_memory_bytes),
+            },
             max_batch_files: settings.server.max_batch_files,
         });
         let workers = replicators(settings, &metadata, &router);
@@ -148,7 +157,7 @@ impl Application {
             metadata,
             router,
             limits,
-            replication_workers: workers.len(),
+            replication_workers: workers.scaling.always,
             replica_counts: Arc::default(),
             accounts,
             limiter,
@@ -194,7 +203,8 @@ impl Application {
 
     /// Starts the replication workers and serves until `shutdown` resolves. Then it stops
     /// accepting, lets requests in flight finish (for up to `server.shutdown_grace_secs`), and
-    /// stops the workers, whose unfinished tasks stay in the queue.
+    /// stops the workers and the uploads' eager copies (within the same grace), whose
+    /// unfinished tasks stay in the queue.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let stopping = CancellationToken::new();
         let scrubber = self.periodic_scrub(stopping.clone());
@@ -228,6 +238,7 @@ impl Application {
                 tracing::debug!(%error, "could not set TCP_NODELAY");
             }
         });
+        let eager = self.state.images.eager_replication().cloned();
         // The peer's address keys anonymous rate limits.
         let service = api::app(self.state).into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(listener, service).with_graceful_shutdown(shutdown);
@@ -240,6 +251,9 @@ impl Application {
             }
         };
         stopping.cancel();
+        if let Some(eager) = eager {
+            eager.stop(grace).await;
+        }
         let _ = workers.await;
         let _ = variant_workers.await;
         for task in [scrubber, refresher, internal].into_iter().flatten() {
@@ -327,11 +341,19 @@ pub fn image_services(
     router: &Arc<StorageRouter>,
 ) -> Result<(Arc<ImageService>, Arc<VariantService>), StartError> {
     let catalog = Arc::new(settings.variants.catalog()?);
-    let images = Arc::new(
-        ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum)
-            .with_max_pixels(settings.server.max_pixels)
-            .with_variants(catalog.clone()),
-    );
+    let mut images = ImageService::new(metadata.clone(), router.clone(), settings.placement.write_quorum)
+        .with_max_pixels(settings.server.max_pixels)
+        .with_variants(catalog.clone());
+    if settings.replication.eager_copies > 0 && settings.placement.replication_factor > settings.placement.write_quorum
+    {
+        let eager = EagerSettings {
+            max_in_flight: settings.replication.eager_copies,
+            lease: Duration::from_secs(settings.replication.lease_secs),
+            retry_after: Duration::from_millis(settings.replication.retry_min_ms),
+        };
+        images = images.with_eager_replication(Arc::new(EagerReplicator::new(metadata.clone(), router.clone(), eager)));
+    }
+    let images = Arc::new(images);
     let pool = DecodePool::start(settings.variants.decode_threads);
     let variants =
         Arc::new(VariantService::new(metadata.clone(), images.clone(), catalog, settings.variants.max_pixels, pool));
@@ -357,7 +379,9 @@ fn variant_workers(settings: &Settings, variants: &Arc<VariantService>) -> Vec<V
         .collect()
 }
 
-fn replicators(settings: &Settings, metadata: &Arc<dyn MetadataStore>, router: &Arc<StorageRouter>) -> Vec<Replicator> {
+/// The replication workers: `workers` always, up to `max_workers` while the queue is deep; none
+/// at all when `workers` is 0 (another instance does the work).
+fn replicators(settings: &Settings, metadata: &Arc<dyn MetadataStore>, router: &Arc<StorageRouter>) -> WorkerPool {
     let replication = &settings.replication;
     let worker_settings = WorkerSettings {
         lease: Duration::from_secs(replication.lease_secs),
@@ -369,12 +393,20 @@ fn replicators(settings: &Settings, metadata: &Arc<dyn MetadataStore>, router: &
         spool_dir: settings.server.spool_dir.clone(),
     };
     let instance = uuid::Uuid::new_v4().simple().to_string();
-    (0..replication.workers)
+    let most = if replication.workers == 0 { 0 } else { replication.max_workers.max(replication.workers) };
+    let replicators = (0..most)
         .map(|n| {
             let id = format!("{}-{}-{n}", std::process::id(), &instance[..8]);
             Replicator::new(metadata.clone(), router.clone(), worker_settings.clone(), id)
         })
-        .collect()
+        .collect();
+    let scaling = Scaling {
+        always: replication.workers,
+        most,
+        tasks_per_worker: replication.tasks_per_worker,
+        sample_every: Duration::from_secs(1),
+    };
+    WorkerPool { replicators, scaling }
 }
 
 impl StartError {
@@ -391,6 +423,22 @@ pub async fn open_metadata(url: &str) -> Result<Arc<dyn MetadataStore>, StartErr
     let metadata = metadata::connect(url).await.map_err(error)?;
     metadata.migrate().await.map_err(error)?;
     Ok(metadata)
+}
+
+/// The store wrapped in the Redis cache of image records when `[redis] metadata_cache` is on
+/// (`metadata/cache.rs`); every writer must go through the wrapper, so that it invalidates.
+pub async fn with_metadata_cache(
+    settings: &Settings,
+    metadata: Arc<dyn MetadataStore>,
+) -> Result<Arc<dyn MetadataStore>, StartError> {
+    match &settings.redis.url {
+        Some(url) if settings.redis.metadata_cache => {
+            let ttl = Duration::from_secs(settings.redis.metadata_cache_ttl_secs);
+            let store_id = metadata.store_id().await?;
+            Ok(Arc::new(CachedMetadata::new(metadata, url, &store_id, ttl)?))
+        }
+        _ => Ok(metadata),
+    }
 }
 
 /// Connects to a metadata database that must already exist and hold Chitram's tables, for

@@ -145,6 +145,8 @@ async fn open_for_job(
 ) -> Result<(Arc<dyn MetadataStore>, Arc<StorageRouter>), CommandError> {
     let metadata = app::open_existing_metadata(&settings.database.url).await?;
     metadata.ping().await?;
+    // Jobs change copies: through the cache, so serving instances see the changes at once.
+    let metadata = app::with_metadata_cache(settings, metadata).await?;
     let router = Arc::new(app::open_existing_storage(settings, metadata.as_ref()).await?);
     for shard in router.check_health(Duration::from_secs(5)).await {
         if let Err(error) = shard.result {

@@ -50,6 +50,9 @@ pub struct ServerSettings {
     /// Where uploads larger than a few hundred KiB spool while they are checked (the system
     /// temporary directory when unset).
     pub spool_dir: Option<PathBuf>,
+    /// Memory, shared by all requests, in which uploads of up to 8 MiB with a declared length
+    /// stay instead of a spool file (0: every upload over 256 KiB spools).
+    pub upload_memory_bytes: u64,
     /// On shutdown, how long requests in flight may take to finish.
     pub shutdown_grace_secs: u64,
     /// On shutdown, how long the instance keeps serving while `/health/ready` answers 503, so
@@ -65,6 +68,7 @@ impl Default for ServerSettings {
             max_batch_files: 20,
             max_pixels: 100_000_000,
             spool_dir: None,
+            upload_memory_bytes: 32 * 1024 * 1024,
             shutdown_grace_secs: 30,
             shutdown_drain_secs: 0,
         }
@@ -108,9 +112,17 @@ impl Default for PlacementSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicationSettings {
-    /// Concurrent replication workers in this instance (0 runs none: another instance on the
-    /// same Postgres does the work).
+    /// Replication workers that always run in this instance (0 runs none: another instance on
+    /// the same Postgres does the work).
     pub workers: usize,
+    /// Most workers while the queue is deep: one more per `tasks_per_worker` due tasks, up to
+    /// this many (never fewer than `workers`).
+    pub max_workers: usize,
+    /// Due tasks that justify one more worker.
+    pub tasks_per_worker: u64,
+    /// Uploads that may copy their bytes to the rest of their write set at once, right after
+    /// their commit (0: leave every copy to the workers).
+    pub eager_copies: usize,
     /// How long a claimed task stays reserved for its worker; a worker renews it while it
     /// works, so this bounds how long a crashed worker's task waits.
     pub lease_secs: u64,
@@ -129,6 +141,9 @@ impl Default for ReplicationSettings {
     fn default() -> Self {
         Self {
             workers: 2,
+            max_workers: 8,
+            tasks_per_worker: 16,
+            eager_copies: 64,
             lease_secs: 60,
             retry_min_ms: 500,
             retry_max_secs: 300,
@@ -408,12 +423,38 @@ impl RateLimitSettings {
 }
 
 /// `[redis]`: optional. With a URL, rate limits are shared by every instance through it; when
-/// it is down, each instance falls back to its own limits.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// it is down, each instance falls back to its own limits. With `metadata_cache` as well,
+/// image records are cached there too (`metadata/cache.rs`); when it is down, the database
+/// answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Cache image records (the metadata GET and file GET path) in Redis. Off by default:
+    /// BENCHMARKS.md, "Redis metadata cache", shows what it saves and what it costs.
+    pub metadata_cache: bool,
+    /// How long a cached record may live: the bound on staleness when an invalidation could
+    /// not reach Redis.
+    pub metadata_cache_ttl_secs: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self { url: None, metadata_cache: false, metadata_cache_ttl_secs: 30 }
+    }
+}
+
+impl RedisSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.metadata_cache && self.url.is_none() {
+            return Err(invalid("redis.metadata_cache", "needs redis.url (the Redis that holds the cache)"));
+        }
+        if self.metadata_cache_ttl_secs == 0 {
+            return Err(invalid("redis.metadata_cache_ttl_secs", "must be above 0"));
+        }
+        Ok(())
+    }
 }
 
 /// One `[[shards]]` entry, as written. [`ShardSettings::backend`] checks that the fields its
@@ -892,6 +933,9 @@ impl Settings {
                 format!("{quorum} must be between 1 and replication_factor ({rf})"),
             ));
         }
+        if self.replication.tasks_per_worker == 0 {
+            return Err(invalid("replication.tasks_per_worker", "must be above 0"));
+        }
         if self.replication.lease_secs == 0 {
             return Err(invalid("replication.lease_secs", "must be above 0"));
         }
@@ -924,6 +968,7 @@ impl Settings {
         }
         self.auth.validate(self.server.bind)?;
         self.rate_limits.validate()?;
+        self.redis.validate()?;
         self.variants.validate()?;
         Ok(())
     }
@@ -1341,6 +1386,19 @@ mod tests {
         assert!(off("[::1]:8000", false).is_ok());
         let short = Settings::from_toml("[auth]\ntoken_secret = \"too short\"\n").unwrap_err();
         assert!(short.to_string().contains("auth.token_secret"), "{short}");
+    }
+
+    #[test]
+    fn the_metadata_cache_is_off_by_default_and_needs_a_redis_url() {
+        let default = Settings::from_toml("").unwrap();
+        assert!(!default.redis.metadata_cache);
+        assert_eq!(default.redis.metadata_cache_ttl_secs, 30);
+        let on = Settings::from_toml("[redis]\nurl = \"redis://r:6379\"\nmetadata_cache = true\n").unwrap();
+        assert!(on.redis.metadata_cache);
+        let error = Settings::from_toml("[redis]\nmetadata_cache = true\n").unwrap_err().to_string();
+        assert!(error.contains("redis.metadata_cache"), "{error}");
+        let error = Settings::from_toml("[redis]\nmetadata_cache_ttl_secs = 0\n").unwrap_err().to_string();
+        assert!(error.contains("redis.metadata_cache_ttl_secs"), "{error}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ behaviours!(
     a_missing_file_field_is_rejected,
     a_body_that_is_not_multipart_is_rejected,
     a_file_over_the_limit_is_rejected_while_streaming,
+    a_client_that_hangs_up_mid_upload_leaves_nothing,
     a_batch_file_over_the_limit_fails_alone,
     a_declared_two_gigabyte_body_is_refused_unread,
     an_endless_part_header_is_refused_early,
@@ -107,6 +108,34 @@ async fn a_file_over_the_limit_is_rejected_while_streaming(b: Backends) {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("FILE_TOO_LARGE"), "{response}");
     app.assert_nothing_stored().await;
+}
+
+/// A client that sends half of a large body and closes the connection: nothing is recorded,
+/// no copy is written, and the spooled half is removed.
+async fn a_client_that_hangs_up_mid_upload_leaves_nothing(b: Backends) {
+    let app = small_limit_app(b).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let file = common::images::large_png(LIMIT as usize / 2, 8);
+    let head = format!(
+        "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\n{}Content-Type: multipart/form-data; boundary=B\r\n\
+         Content-Length: {}\r\n\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.png\"\r\n\r\n",
+        app.authorization_line(),
+        file.len() + 200
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // Past the memory threshold, so the server has started a spool file.
+    stream.write_all(&file[..file.len() / 2]).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+    common::eventually(Duration::from_secs(5), "the half-received upload is cleaned up", || async {
+        app.spool_files() == 0
+    })
+    .await;
+    app.assert_nothing_stored().await;
+    // The server goes on serving.
+    app.upload_ok("after.png", png(2, 2, 9)).await;
 }
 
 /// A batch's body may hold several files of up to the limit; one over it is that item's 413.

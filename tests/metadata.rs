@@ -73,6 +73,8 @@ on_both_databases!(with_store:
     an_upload_queues_a_copy_task_for_each_pending_copy,
     a_claim_takes_the_oldest_due_task_and_skips_claimed_ones,
     an_expired_claim_passes_to_another_worker,
+    the_copy_task_of_one_copy_is_claimed_by_one_worker,
+    due_tasks_are_counted_up_to_a_cap,
     a_failed_task_waits_before_its_next_attempt,
     completing_a_copy_task_records_the_copy_stored,
     a_copy_task_made_moot_by_a_deletion_cannot_complete,
@@ -118,10 +120,15 @@ where
     behaviour(open_store(&db).await, db.url.clone()).await;
 }
 
+/// `CHITRAM_TEST_METADATA_CACHE=redis://…` runs the suite through the Redis cache of image
+/// records (`metadata/cache.rs`), which must behave exactly as the store it wraps.
 async fn open_store(db: &TestDatabase) -> Arc<dyn MetadataStore> {
     let store = metadata::connect(&db.url).await.expect("opening the metadata store");
     store.migrate().await.expect("migrating the metadata store");
-    store
+    let Ok(redis) = std::env::var("CHITRAM_TEST_METADATA_CACHE") else { return store };
+    let store_id = store.store_id().await.expect("the store's id");
+    let ttl = Duration::from_secs(30);
+    Arc::new(metadata::cache::CachedMetadata::new(store, &redis, &store_id, ttl).expect("a Redis URL"))
 }
 
 // ---- behaviours ----
@@ -483,6 +490,52 @@ async fn a_claim_takes_the_oldest_due_task_and_skips_claimed_ones(store: Arc<dyn
     let second = claim(&*store, "w2").await.expect("another task is due");
     assert_eq!((second.kind, second.copy), copy_task(&blob(2), "b"));
     assert_eq!(claim(&*store, "w3").await, None, "both tasks are claimed");
+}
+
+async fn the_copy_task_of_one_copy_is_claimed_by_one_worker(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    let pending = CopyRef { blob: blob(1), shard: "b".into() };
+    assert_eq!(store.claim_copy_task(&pending, "eager", LEASE).await.unwrap(), None, "nothing is queued yet");
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending)]).await;
+
+    // The stored copy has no task; the pending one has, and only one claimer gets it.
+    let stored = CopyRef { blob: blob(1), shard: "a".into() };
+    assert_eq!(store.claim_copy_task(&stored, "eager", LEASE).await.unwrap(), None);
+    let task = store.claim_copy_task(&pending, "eager", LEASE).await.unwrap().expect("the pending copy's task");
+    assert_eq!((task.kind, task.copy.clone()), copy_task(&blob(1), "b"));
+    assert_eq!(store.claim_copy_task(&pending, "eager-2", LEASE).await.unwrap(), None, "held by the first");
+    assert_eq!(claim(&*store, "w1").await, None, "a worker passes it over too");
+
+    // A claimer that gives it up leaves it to the workers; one that completes it records it.
+    assert_eq!(store.release_claims("eager").await.unwrap(), 1);
+    let taken = claim(&*store, "w1").await.expect("released for a worker");
+    assert_eq!(taken.id, task.id);
+    assert_eq!(store.claim_copy_task(&pending, "eager", LEASE).await.unwrap(), None, "the worker holds it");
+    assert!(store.complete_copy_task(&taken, "w1").await.unwrap());
+    assert_eq!(replicas_of(&*store, image.id).await[1], copy("b", ReplicaState::Stored));
+    assert_eq!(store.claim_copy_task(&pending, "eager", LEASE).await.unwrap(), None, "done: no task left");
+}
+
+async fn due_tasks_are_counted_up_to_a_cap(store: Arc<dyn MetadataStore>) {
+    assert_eq!(store.count_due_tasks(10).await.unwrap(), 0);
+    for n in 1..=4 {
+        upload(
+            &*store,
+            &new_image(&blob(n), now()),
+            &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending), copy("c", ReplicaState::Pending)],
+        )
+        .await;
+    }
+    assert_eq!(store.count_due_tasks(100).await.unwrap(), 8);
+    assert_eq!(store.count_due_tasks(5).await.unwrap(), 5, "counting stops at the cap");
+    // A claimed task still counts (it keeps a worker busy); one waiting for a retry does not.
+    let claimed = claim(&*store, "w1").await.unwrap();
+    assert_eq!(store.count_due_tasks(100).await.unwrap(), 8);
+    let failed = claim(&*store, "w1").await.unwrap();
+    assert!(store.fail_task(failed.id, "w1", "down", LEASE).await.unwrap());
+    assert_eq!(store.count_due_tasks(100).await.unwrap(), 7);
+    assert!(store.complete_copy_task(&claimed, "w1").await.unwrap());
+    assert_eq!(store.count_due_tasks(100).await.unwrap(), 6);
 }
 
 async fn an_expired_claim_passes_to_another_worker(store: Arc<dyn MetadataStore>) {

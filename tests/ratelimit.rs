@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use chitram::config::Settings;
 use common::images::png;
+use common::private_redis::PrivateRedis;
 use common::{Backends, TestApp, TestOptions, assert_error, client_with_key, spawn_app_with};
 use reqwest::StatusCode;
 use reqwest::multipart::{Form, Part};
@@ -97,41 +95,6 @@ async fn logins_are_limited_per_username_and_address() {
     assert_limited(login("admin").await.unwrap()).await;
     // Another username from the same address has its own attempts.
     assert_error(login("root").await.unwrap(), StatusCode::UNAUTHORIZED, "INVALID_CREDENTIALS").await;
-}
-
-/// A private Redis on a free port, stopped when dropped.
-struct PrivateRedis {
-    child: Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (.ci/run installs it when missing)");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PrivateRedis { child, url: format!("redis://127.0.0.1:{port}") }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use common::database::claimed_tasks;
 use common::images::{large_png, png, sha256_hex};
+use common::s3::Faults;
 use common::{Backends, TestApp, TestOptions, assert_error, eventually, replica_states, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -35,6 +37,18 @@ async fn assert_fully_replicated(app: &TestApp, ids: &[String], rf: usize) {
 async fn queue_depth(app: &TestApp) -> u64 {
     let status: Value = app.get("/api/v1/admin/replication").await.json().await.unwrap();
     status["queue_depth"].as_u64().unwrap()
+}
+
+/// Drives the workers (the test's own, one step at a time) until every image has two intact
+/// stored copies, giving failed tasks their retry delay between rounds.
+async fn retry_until_replicated(app: &TestApp, ids: &[String], what: &str) {
+    eventually(CONVERGE, what, || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        app.replicate_until_idle().await;
+        converged(app, ids, 2).await
+    })
+    .await;
+    assert_fully_replicated(app, ids, 2).await;
 }
 
 async fn converged(app: &TestApp, ids: &[String], rf: usize) -> bool {
@@ -101,13 +115,7 @@ async fn failures_are_recorded_per_shard_and_retried() {
     assert!(status["oldest_task_age_secs"].as_f64().is_some(), "{status}");
 
     app.bring_shard_online("s2").await;
-    eventually(CONVERGE, "the failed tasks are retried and succeed", || async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        app.replicate_until_idle().await;
-        converged(&app, &ids, 2).await
-    })
-    .await;
-    assert_fully_replicated(&app, &ids, 2).await;
+    retry_until_replicated(&app, &ids, "the failed tasks are retried and succeed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -255,4 +263,125 @@ async fn a_write_quorum_stores_copies_before_the_answer() {
     assert!(!app.object_path("s2", &key).exists(), "the refused upload's copy on s2 is gone");
     let blob = chitram::blob::BlobKey::parse(&key).unwrap();
     assert!(app.metadata.find_blob_copies(&blob).await.unwrap().is_none(), "and no blob row");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Eager copies: an upload writes its other copies from its own bytes after its commit.
+
+fn eager_without_workers() -> TestOptions {
+    TestOptions { workers: 0, eager_copies: 8, ..TestOptions::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_makes_its_other_copies_itself_with_no_worker_running() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, eager_without_workers()).await;
+    let mut ids = Vec::new();
+    // Small bodies stay in memory, large ones are spooled: both are copied from the upload.
+    for (seed, bytes) in [png(8, 8, 30_001), large_png(600 * 1024, 30_002), png(9, 9, 30_003)].into_iter().enumerate() {
+        let image = app.upload_ok(&format!("e{seed}.png"), bytes).await;
+        ids.push(image["id"].as_str().unwrap().to_owned());
+    }
+    eventually(Duration::from_secs(10), "every image has both copies, with no worker", || converged(&app, &ids, 2))
+        .await;
+    assert_fully_replicated(&app, &ids, 2).await;
+    // The spooled body is kept until its copy is written, and not a moment longer.
+    eventually(Duration::from_secs(5), "the spool is empty", || async { app.spool_files() == 0 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eager_copy_to_a_down_shard_is_recorded_as_failed_and_left_to_the_queue() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, eager_without_workers()).await;
+    app.take_shard_offline("s2").await;
+    let mut ids = Vec::new();
+    for seed in 0..8 {
+        ids.push(app.upload_ok("d.png", png(5, 5, 31_000 + seed)).await["id"].as_str().unwrap().to_owned());
+    }
+    // Every image is readable and has a stored copy; those meant for s2 wait in the queue with
+    // the eager attempt's failure on record.
+    eventually(Duration::from_secs(10), "the eager attempts on s2 are recorded as failures", || async {
+        let status: Value = app.get("/api/v1/admin/replication").await.json().await.unwrap();
+        let s2 = status["shards"].as_array().unwrap().iter().find(|s| s["name"] == "s2").unwrap().clone();
+        s2["failing_tasks"].as_u64().unwrap() > 0 && s2["last_error"].as_str().is_some_and(|e| !e.is_empty())
+    })
+    .await;
+    assert!(queue_depth(&app).await > 0, "the copies for s2 stay queued");
+    for id in &ids {
+        assert_eq!(app.download(id).await.status(), StatusCode::OK);
+    }
+
+    app.bring_shard_online("s2").await;
+    retry_until_replicated(&app, &ids, "a worker finishes what the upload could not").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_deleted_while_its_eager_copy_is_written_leaves_no_copy_behind() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, eager_without_workers()).await;
+    for seed in 0..6u64 {
+        // Spooled, so the eager copy takes a moment: the deletion races it.
+        let image = app.upload_ok("gone.png", large_png(700 * 1024, 32_000 + seed)).await;
+        assert_eq!(app.delete(image["id"].as_str().unwrap()).await.status(), StatusCode::NO_CONTENT);
+    }
+    // Whatever order they ran in, the copies end deleted: by the deletion itself, or as
+    // `deleting` copies the queue removes.
+    eventually(CONVERGE, "every copy of the deleted images is gone", || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        app.replicate_until_idle().await;
+        app.all_objects().is_empty() && queue_depth(&app).await == 0
+    })
+    .await;
+    assert_eq!(app.image_count().await, 0);
+    let copies = app.metadata.count_replicas_by_state().await.unwrap();
+    assert_eq!(copies, Default::default(), "no copy is left recorded");
+    eventually(Duration::from_secs(5), "the spool is empty", || async { app.spool_files() == 0 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graceful_stop_frees_the_tasks_of_eager_copies_still_running() {
+    let mut app = spawn_app_with(
+        Backends::POSTGRES_S3,
+        TestOptions { adjust: Some(|settings| settings.server.shutdown_grace_secs = 1), ..eager_without_workers() },
+    )
+    .await;
+    // Every PUT takes 3 s: the first copy's delays the 201, the eager copy's outlasts the grace.
+    for name in ["s0", "s1", "s2"] {
+        let late = Faults { late: Some(Duration::from_secs(3)), late_method: Some("PUT"), ..Faults::default() };
+        app.shard_s3(name).misbehave(late).await;
+    }
+    let bytes = png(6, 6, 33_001);
+    let image = app.upload_ok("slow.png", bytes.clone()).await;
+    let pending: Vec<String> =
+        replica_states(&image).into_iter().filter(|(_, state)| state == "pending").map(|(shard, _)| shard).collect();
+    assert_eq!(pending.len(), 1, "one copy is left to make: {image}");
+    let (metadata, blob) = (app.metadata.clone(), chitram::blob::BlobKey::parse(&sha256_hex(&bytes)).unwrap());
+    let copy = chitram::metadata::CopyRef { blob, shard: pending[0].clone() };
+    let url = app.database.url.clone();
+    eventually(Duration::from_secs(2), "the upload has claimed its eager copy", || async {
+        claimed_tasks(&url).await == 1
+    })
+    .await;
+
+    app.shut_down_gracefully().await;
+    assert_eq!(claimed_tasks(&url).await, 0, "no claim outlives the instance");
+    // The copy was not made (the stop did not wait 3 s for it), its lease has 30 s to run, yet
+    // the next instance's worker takes the task now.
+    let task = metadata.claim_copy_task(&copy, "next-instance", Duration::from_secs(30)).await.unwrap();
+    assert!(task.is_some(), "the unfinished eager copy's task is free at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eager_copies_and_workers_racing_for_the_same_tasks_converge() {
+    // Workers polling every 50 ms and eager copies claim the same tasks: whoever claims a task
+    // first makes its copy, and the other leaves it.
+    let app =
+        spawn_app_with(Backends::POSTGRES_S3, TestOptions { workers: 2, eager_copies: 8, ..TestOptions::default() })
+            .await;
+    let uploads = (0..12u64).map(|seed| {
+        let app = &app;
+        async move { app.upload_ok("both.png", png(6, 6, 33_000 + seed)).await["id"].as_str().unwrap().to_owned() }
+    });
+    let ids: Vec<String> = futures::future::join_all(uploads).await;
+    eventually(CONVERGE, "every image has both copies", || converged(&app, &ids, 2)).await;
+    assert_fully_replicated(&app, &ids, 2).await;
+    let copies = app.metadata.count_replicas_by_state().await.unwrap();
+    assert_eq!(copies, chitram::metadata::ReplicaCounts { stored: 24, ..Default::default() });
 }

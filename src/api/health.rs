@@ -20,7 +20,7 @@ use crate::storage::breaker::CircuitState;
 use crate::telemetry::error_chain;
 
 /// How long one component may take to answer before it counts as down.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How old the copy counts in a health answer may be: counting is a query over every copy,
 /// and `/health` is called often, by anyone. The status itself is decided fresh each time.
@@ -125,6 +125,17 @@ pub struct Health {
     /// Copies per state (absent when the database is down), counted at most 10 s ago.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<ReplicaSummary>,
+    /// Whether credentials are needed and whether anyone may register: what a sign-in page
+    /// needs to know, shown to everyone.
+    pub accounts: AccountsInfo,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountsInfo {
+    /// `auth.enabled`: off, every route is open to anonymous callers.
+    pub enabled: bool,
+    /// `POST /api/v1/auth/register` is open (`auth.open_registration`, with accounts on).
+    pub open_registration: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -188,10 +199,12 @@ async fn health(State(state): State<AppState>, caller: Caller) -> (StatusCode, J
         missing: c.missing,
         deleting: c.deleting,
     });
+    let enabled = state.accounts.enabled();
+    let accounts = AccountsInfo { enabled, open_registration: enabled && state.accounts.open_registration() };
     if !caller.is_admin() {
-        return (code, Json(Health { status, database: None, shards: None, replicas: None }));
+        return (code, Json(Health { status, database: None, shards: None, replicas: None, accounts }));
     }
-    (code, Json(Health { status, database: Some(database), shards: Some(shards), replicas }))
+    (code, Json(Health { status, database: Some(database), shards: Some(shards), replicas, accounts }))
 }
 
 async fn check_database(state: &AppState) -> ComponentHealth {

@@ -86,7 +86,9 @@ async fn upload(
             Some("visibility") => visibility = read_visibility(field).await?,
             Some("file") if file.is_none() => {
                 let filename = field.file_name().map(str::to_owned);
-                file = Some((filename, spool_field(field, &state.limits.spool).await?));
+                // The form's declared length bounds the file's: a form of a few MiB may stay
+                // in memory, on the budget's account.
+                file = Some((filename, spool_field(field, &state.limits.spool, declared_length(&headers)).await?));
             }
             _ => {} // Dropping a field skips the rest of it.
         }
@@ -178,7 +180,8 @@ async fn store_one(
     owner: Option<ImageOwner>,
     visibility: Visibility,
 ) -> Result<ImageRecord, ApiError> {
-    let body = spool_field(field, &state.limits.spool).await?;
+    // A batch's declared length is the whole form's, not a file's: its files spool.
+    let body = spool_field(field, &state.limits.spool, None).await?;
     Ok(state.images.upload(Some(filename), body, owner, visibility).await?)
 }
 
@@ -217,11 +220,14 @@ fn batch_item(filename: String, outcome: Result<ImageRecord, ApiError>) -> Batch
     }
 }
 
+/// The request's `Content-Length`, when it has a valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Refuses a body whose declared length is over the limit before reading any of it.
 fn refuse_declared_oversize(headers: &HeaderMap, limit: u64, spool: &SpoolLimits) -> Result<(), ApiError> {
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    match declared {
+    match declared_length(headers) {
         Some(length) if length > limit => Err(ImageError::FileTooLarge { limit: spool.max_bytes }.into()),
         _ => Ok(()),
     }
@@ -240,8 +246,12 @@ async fn next_field(
     })
 }
 
-async fn spool_field(field: Field<'static>, limits: &SpoolLimits) -> Result<SpooledBody, ImageError> {
-    spool_body(field, limits).await.map_err(|error| match error {
+async fn spool_field(
+    field: Field<'static>,
+    limits: &SpoolLimits,
+    expected_len: Option<u64>,
+) -> Result<SpooledBody, ImageError> {
+    spool_body(field, limits, expected_len).await.map_err(|error| match error {
         SpoolError::Body(source) => match source.downcast_ref::<multer::Error>() {
             Some(multipart) => multipart_error(multipart, limits),
             None => ImageError::InvalidMultipart(source.to_string()),

@@ -73,6 +73,7 @@ pub fn app(state: AppState) -> Router {
         .merge(admin::router())
         .merge(docs::router())
         .merge(metrics::router())
+        .merge(crate::web::router())
         .fallback(unknown_route)
         // Set once every route is in: it applies to the routes present. axum keeps `Allow`.
         .method_not_allowed_fallback(method_not_allowed)

@@ -6,6 +6,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use uuid::Uuid;
 
 use super::cursor;
+use super::eager::EagerReplicator;
 use super::error::{ImageError, Result};
 use super::filename::Filename;
 use super::format::{self, ImageInfo};
@@ -52,12 +53,24 @@ pub struct ImageService {
     max_pixels: u64,
     /// The configured variants: queued at upload, presented in every record.
     variants: Arc<Catalog>,
+    /// Makes an upload's other copies from its own bytes right after the commit; `None` leaves
+    /// them to the replication workers alone.
+    eager: Option<Arc<EagerReplicator>>,
 }
 
 impl ImageService {
     pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>, write_quorum: usize) -> Self {
         let writer = BlobWriter::new(metadata.clone(), router.clone(), write_quorum);
-        Self { metadata, router, writer, max_pixels: DEFAULT_MAX_PIXELS, variants: Arc::default() }
+        Self { metadata, router, writer, max_pixels: DEFAULT_MAX_PIXELS, variants: Arc::default(), eager: None }
+    }
+
+    pub fn with_eager_replication(self, eager: Arc<EagerReplicator>) -> Self {
+        Self { eager: Some(eager), ..self }
+    }
+
+    /// The eager replicator, when uploads make their own copies (stopped with the server).
+    pub fn eager_replication(&self) -> Option<&Arc<EagerReplicator>> {
+        self.eager.as_ref()
     }
 
     pub fn with_max_pixels(self, max_pixels: u64) -> Self {
@@ -113,6 +126,9 @@ impl ImageService {
         }
         let record = self.store_new_blob(&image, &upload.body).await?;
         metrics::counter!(names::NEW_BLOBS).increment(1);
+        if let Some(eager) = &self.eager {
+            eager.start(upload, pending_copies(&record));
+        }
         Ok(self.variants.present(record))
     }
 
@@ -321,6 +337,11 @@ async fn inspect(upload: &SpooledBody, max_pixels: u64) -> Result<ImageInfo> {
             Ok(inspected?)
         }
     }
+}
+
+/// The shards of a just-recorded blob that still wait for their copy.
+fn pending_copies(record: &ImageRecord) -> Vec<String> {
+    record.replicas.iter().filter(|r| r.state == ReplicaState::Pending).map(|r| r.shard.clone()).collect()
 }
 
 fn parse_limit(limit: Option<&str>) -> Result<u32> {

@@ -14,7 +14,7 @@ use crate::storage::{BlobReader, ByteStream};
 /// Blobs up to this size are read whole and checked before the first byte is sent, so a bad
 /// copy is replaced by the next holder without the client noticing. Larger blobs are checked
 /// as they stream; a bad one ends the response with an error.
-pub const CHECK_BEFORE_SENDING: u64 = 1024 * 1024;
+pub const CHECK_BEFORE_SENDING: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

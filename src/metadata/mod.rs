@@ -13,12 +13,16 @@
 //! - [`VariantStore`] (`variants.rs`): variants of images and the queue that generates them.
 //!
 //! [`MetadataStore`] is all of them at once, over one connection pool; [`connect`] opens it.
+//! [`cache::CachedMetadata`] wraps any of them with a Redis cache of image records
+//! (`[redis] metadata_cache`); it implements every trait by delegation, so a method added to
+//! a trait here must be added there too, with what it invalidates.
 //! Postgres serves production and several instances; SQLite is the embedded default for one
 //! instance. Both are one implementation, `sql/`, whose statements are written once; the few
 //! places where the two databases differ are named in `sql/dialect.rs`. Both pass the same
 //! behavioural suite (`tests/metadata.rs`). `docs/architecture.md` shows how to add a table.
 
 mod accounts;
+pub mod cache;
 mod copies;
 mod error;
 mod images;

@@ -16,13 +16,29 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{MetaResult, QueueStats, ReplicationTask};
+use super::{CopyRef, MetaResult, QueueStats, ReplicationTask};
 
 #[async_trait]
 pub trait TaskQueue: Send + Sync {
     /// Claims the due task that has waited longest (`next_attempt_at <= now`, unclaimed or
     /// with an expired claim), for `lease`, on behalf of `worker`.
     async fn claim_task(&self, worker: &str, lease: Duration) -> MetaResult<Option<ReplicationTask>>;
+
+    /// Claims the `Copy` task of one copy, if it is queued and nobody holds it: how an upload
+    /// that still has its bytes makes the copy itself right after its commit
+    /// (`images/eager.rs`), instead of leaving it to a worker that would read it back from
+    /// the first copy. `None` when there is no such task or another worker holds it.
+    async fn claim_copy_task(
+        &self,
+        copy: &CopyRef,
+        worker: &str,
+        lease: Duration,
+    ) -> MetaResult<Option<ReplicationTask>>;
+
+    /// Tasks due now, claimed or not, counted up to `cap`: how many workers the queue could
+    /// keep busy (claimed ones count, or a pool busy on a deep queue would shrink mid-burst).
+    /// Bounded so that sampling a deep queue every second stays cheap.
+    async fn count_due_tasks(&self, cap: u64) -> MetaResult<u64>;
 
     /// Extends the caller's claim (a heartbeat during long copies). `false` if it was lost.
     async fn extend_claim(&self, task: i64, worker: &str, lease: Duration) -> MetaResult<bool>;

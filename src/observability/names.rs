@@ -38,16 +38,42 @@ pub const QUEUE_OLDEST_AGE: &str = "chitram_replication_queue_oldest_age_seconds
 pub const REPLICAS: &str = "chitram_replicas";
 /// Replication tasks this instance ran. Labels: `kind`, `outcome` (`done`, `failed`, `lost_claim`).
 pub const REPLICATION_TASKS: &str = "chitram_replication_tasks_total";
+/// Copies an upload made from its own bytes right after its commit. Label: `outcome`
+/// (`stored`, `taken_by_worker`, `left_to_queue`, `lost_claim`, `failed`).
+pub const EAGER_COPIES: &str = "chitram_eager_copies_total";
+/// Replication workers running in this instance (they follow the queue's depth).
+pub const REPLICATION_WORKERS: &str = "chitram_replication_workers";
+/// From an upload's acknowledgement to its last eager copy stored.
+pub const EAGER_COPY_LAG: &str = "chitram_eager_copy_seconds";
 
 /// Uploads whose bytes were already stored (a reference added, nothing written).
 pub const DEDUP_HITS: &str = "chitram_dedup_hits_total";
 /// Uploads that stored new bytes.
 pub const NEW_BLOBS: &str = "chitram_new_blobs_total";
 
+/// Bytes of upload bodies held in memory instead of a spool file (at most
+/// `server.upload_memory_bytes`).
+pub const UPLOAD_MEMORY: &str = "chitram_upload_memory_bytes";
+/// Uploads that could have been held in memory but spooled because the budget was full.
+pub const UPLOAD_MEMORY_FULL: &str = "chitram_upload_memory_full_total";
+
 /// Requests refused for an empty rate-limit bucket. Label: `class` (`upload`, `request`, `login`).
 pub const RATE_LIMITED: &str = "chitram_rate_limited_total";
 /// Rate-limit checks that fell back to this instance's own buckets because Redis did not answer.
 pub const RATE_LIMIT_FALLBACKS: &str = "chitram_rate_limit_redis_fallbacks_total";
+
+/// Image lookups the Redis metadata cache answered (`[redis] metadata_cache`). The hit ratio
+/// is `hits / (hits + misses)`.
+pub const METADATA_CACHE_HITS: &str = "chitram_metadata_cache_hits_total";
+/// Image lookups the cache could not answer (absent, expired or just invalidated): the
+/// database answered, and the record was cached.
+pub const METADATA_CACHE_MISSES: &str = "chitram_metadata_cache_misses_total";
+/// Image lookups that went to the database because Redis did not answer (or this instance
+/// still had invalidations to deliver).
+pub const METADATA_CACHE_FALLBACKS: &str = "chitram_metadata_cache_fallbacks_total";
+/// Cache keys whose invalidation could not reach Redis when the change was made (retried
+/// when it answers again; until then the TTL bounds their staleness on other instances).
+pub const METADATA_CACHE_INVALIDATION_FAILURES: &str = "chitram_metadata_cache_invalidation_failures_total";
 
 /// 1 while this instance runs the singleton maintenance jobs (scrub), else 0.
 pub const MAINTENANCE_LEADER: &str = "chitram_maintenance_leader";
@@ -72,10 +98,19 @@ pub const ALL: &[&str] = &[
     QUEUE_OLDEST_AGE,
     REPLICAS,
     REPLICATION_TASKS,
+    EAGER_COPIES,
+    REPLICATION_WORKERS,
+    EAGER_COPY_LAG,
     DEDUP_HITS,
     NEW_BLOBS,
+    UPLOAD_MEMORY,
+    UPLOAD_MEMORY_FULL,
     RATE_LIMITED,
     RATE_LIMIT_FALLBACKS,
+    METADATA_CACHE_HITS,
+    METADATA_CACHE_MISSES,
+    METADATA_CACHE_FALLBACKS,
+    METADATA_CACHE_INVALIDATION_FAILURES,
     MAINTENANCE_LEADER,
     SCRUB_RUNS,
     METADATA_REFRESHED,
@@ -102,10 +137,22 @@ pub fn describe() {
     describe_gauge!(QUEUE_OLDEST_AGE, Unit::Seconds, "Age of the oldest replication task");
     describe_gauge!(REPLICAS, "Copies by state (from the metadata)");
     describe_counter!(REPLICATION_TASKS, "Replication tasks run by this instance, by kind and outcome");
+    describe_counter!(EAGER_COPIES, "Copies uploads made from their own bytes after the commit, by outcome");
+    describe_gauge!(REPLICATION_WORKERS, "Replication workers running (they follow the queue's depth)");
+    describe_histogram!(EAGER_COPY_LAG, Unit::Seconds, "From an upload's commit to its eager copies stored");
     describe_counter!(DEDUP_HITS, "Uploads stored as a reference to bytes already stored");
     describe_counter!(NEW_BLOBS, "Uploads that stored new bytes");
+    describe_gauge!(UPLOAD_MEMORY, Unit::Bytes, "Upload bodies held in memory instead of a spool file");
+    describe_counter!(UPLOAD_MEMORY_FULL, "Uploads spooled because the upload memory budget was full");
     describe_counter!(RATE_LIMITED, "Requests refused with 429, by bucket class");
     describe_counter!(RATE_LIMIT_FALLBACKS, "Rate-limit checks made in process because Redis did not answer");
+    describe_counter!(METADATA_CACHE_HITS, "Image lookups answered by the Redis metadata cache");
+    describe_counter!(METADATA_CACHE_MISSES, "Image lookups the Redis metadata cache sent to the database");
+    describe_counter!(METADATA_CACHE_FALLBACKS, "Image lookups sent to the database because Redis did not answer");
+    describe_counter!(
+        METADATA_CACHE_INVALIDATION_FAILURES,
+        "Metadata cache invalidations that could not reach Redis (retried later)"
+    );
     describe_gauge!(MAINTENANCE_LEADER, "1 while this instance runs the singleton maintenance jobs");
     describe_counter!(SCRUB_RUNS, "Background scrubs finished by this instance");
     describe_gauge!(METADATA_REFRESHED, Unit::Seconds, "When the metadata figures were last read");

@@ -2,20 +2,15 @@
 //! take are one atomic step whatever the number of instances. Redis's own clock is used, so
 //! instances with skewed clocks still agree.
 //!
-//! When Redis does not answer within [`CALL_TIMEOUT`], the check returns `None` (the caller
-//! falls back to its own buckets) and Redis is left alone for [`RETRY_AFTER`], so an outage
+//! When Redis does not answer within [`CALL_TIMEOUT`](crate::redis_link::CALL_TIMEOUT), the
+//! check returns `None` (the caller falls back to its own buckets) and Redis is left alone for
+//! [`RETRY_AFTER`](crate::redis_link::RETRY_AFTER), so an outage
 //! costs one slow request per period rather than every request.
-
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-use redis::aio::ConnectionManager;
 
 use super::bucket::{Decision, Rate, decision};
 use crate::redact::redact_url;
+use crate::redis_link::RedisLink;
 
-const CALL_TIMEOUT: Duration = Duration::from_millis(250);
-const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Keys are namespaced, so a Redis shared with other programs is safe to use.
 const KEY_PREFIX: &str = "chitram:ratelimit:";
 
@@ -48,74 +43,33 @@ pub struct RedisConfigError {
 }
 
 pub struct RedisBuckets {
-    client: redis::Client,
+    link: RedisLink,
     script: redis::Script,
-    state: Mutex<Connection>,
-}
-
-enum Connection {
-    Unopened,
-    Open(ConnectionManager),
-    Down { since: Instant },
 }
 
 impl RedisBuckets {
     pub fn new(url: &str) -> Result<Self, RedisConfigError> {
         let client =
             redis::Client::open(url).map_err(|e| RedisConfigError { url: redact_url(url), reason: e.to_string() })?;
-        Ok(Self { client, script: redis::Script::new(TAKE), state: Mutex::new(Connection::Unopened) })
+        let link = RedisLink::new(
+            client,
+            "rate limits are shared through Redis",
+            "Redis is unavailable: rate limits fall back to this instance's own until it answers",
+        );
+        Ok(Self { link, script: redis::Script::new(TAKE) })
     }
 
     /// Takes a token in Redis; `None` when Redis does not answer (the caller uses its own).
     pub async fn take(&self, key: &str, rate: Rate) -> Option<Decision> {
-        let mut connection = self.connection().await?;
+        let mut connection = self.link.connection().await?;
         let mut invocation = self.script.prepare_invoke();
         invocation.key(format!("{KEY_PREFIX}{key}")).arg(rate.per_second).arg(rate.burst);
-        let call = invocation.invoke_async::<(i64, String)>(&mut connection);
-        match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok((allowed, tokens))) => {
-                let tokens: f64 = tokens.parse().unwrap_or(0.0);
-                Some(decision(rate, tokens, allowed == 1))
-            }
-            Ok(Err(error)) => self.down(&error.to_string()),
-            Err(_) => self.down("no answer in time"),
-        }
+        let (allowed, tokens) = self.link.call(invocation.invoke_async::<(i64, String)>(&mut connection)).await.ok()?;
+        let tokens: f64 = tokens.parse().unwrap_or(0.0);
+        Some(decision(rate, tokens, allowed == 1))
     }
 
     pub fn is_up(&self) -> bool {
-        matches!(*self.state.lock().expect("never poisoned"), Connection::Open(_))
-    }
-
-    async fn connection(&self) -> Option<ConnectionManager> {
-        {
-            let state = self.state.lock().expect("never poisoned");
-            match &*state {
-                Connection::Open(connection) => return Some(connection.clone()),
-                Connection::Down { since } if since.elapsed() < RETRY_AFTER => return None,
-                _ => {}
-            }
-        }
-        match tokio::time::timeout(CALL_TIMEOUT, ConnectionManager::new(self.client.clone())).await {
-            Ok(Ok(connection)) => {
-                tracing::info!("rate limits are shared through Redis");
-                *self.state.lock().expect("never poisoned") = Connection::Open(connection.clone());
-                Some(connection)
-            }
-            Ok(Err(error)) => self.down(&error.to_string()),
-            Err(_) => self.down("no answer in time"),
-        }
-    }
-
-    /// Records an outage; `None` for the caller to return (it falls back to its own buckets).
-    fn down<T>(&self, reason: &str) -> Option<T> {
-        let mut state = self.state.lock().expect("never poisoned");
-        if !matches!(*state, Connection::Down { .. }) {
-            tracing::warn!(
-                reason,
-                "Redis is unavailable: rate limits fall back to this instance's own until it answers"
-            );
-        }
-        *state = Connection::Down { since: Instant::now() };
-        None
+        self.link.is_up()
     }
 }

@@ -37,7 +37,7 @@ pub async fn check_copy(
             Err(error) => CopyCheck::Unreachable(error_chain(&error)),
         };
     }
-    let limits = SpoolLimits { max_bytes: blob.size, dir: spool_dir };
+    let limits = SpoolLimits::spooling(blob.size, spool_dir);
     match fetch_from(router, shard, &blob.blob, &limits).await {
         Ok(spooled) if spooled.key == blob.blob && spooled.len == blob.size => CopyCheck::Good,
         Ok(spooled) => {
@@ -80,7 +80,7 @@ async fn fetch_checked_copy(
     target: &str,
     spool_dir: Option<PathBuf>,
 ) -> Result<SpooledBody, String> {
-    let limits = SpoolLimits { max_bytes: blob.size, dir: spool_dir };
+    let limits = SpoolLimits::spooling(blob.size, spool_dir);
     let mut problems = Vec::new();
     for state in [ReplicaState::Stored, ReplicaState::Missing] {
         let holders: Vec<&str> =
@@ -144,7 +144,7 @@ async fn fetch_from(
     let reader = router.open_on(source, key).await.map_err(|error| {
         if error.is_not_found() { FetchError::Absent } else { FetchError::Failed(error_chain(&error)) }
     })?;
-    match spool_body(reader.stream, limits).await {
+    match spool_body(reader.stream, limits, None).await {
         Ok(spooled) => Ok(spooled),
         Err(SpoolError::TooLarge { .. }) => Err(FetchError::TooLong),
         Err(error) => Err(FetchError::Failed(error_chain(&error))),

@@ -1,12 +1,13 @@
 //! The replication worker: one task at a time, claimed from the durable queue.
 //!
 //! [`Replicator::try_run_next`] does one unit of work and says how it went; [`run_workers`]
-//! owns the loop, the idle sleep and shutdown (after Zero To Production's issue-delivery
-//! worker). Tests drive the single step.
+//! owns the loop, the idle sleep, shutdown (after Zero To Production's issue-delivery worker)
+//! and how many workers run ([`Scaling`]). Tests drive the single step.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -183,21 +184,106 @@ enum Completion {
     Finished,
 }
 
-/// Runs each replicator in its own task until `shutdown` is cancelled; then releases their
-/// claims so that unfinished tasks stay in the queue, free for the next instance.
-pub async fn run_workers(replicators: Vec<Replicator>, shutdown: CancellationToken) {
-    let handles: Vec<_> = replicators
+/// How many workers run: `always` of them whatever the queue holds, and up to `most` while it
+/// is deep, one more per `tasks_per_worker` due tasks. A burst that outruns the eager copies
+/// (`images/eager.rs`), or a shard that comes back to hundreds of repairs, gets more hands;
+/// an idle queue costs the database only the polls of the few that always run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scaling {
+    pub always: usize,
+    pub most: usize,
+    pub tasks_per_worker: u64,
+    /// How often the queue's depth is sampled.
+    pub sample_every: Duration,
+}
+
+impl Scaling {
+    /// Workers for `due` due tasks.
+    pub fn workers_for(&self, due: u64) -> usize {
+        let wanted = usize::try_from(due.div_ceil(self.tasks_per_worker.max(1))).unwrap_or(usize::MAX);
+        wanted.clamp(self.always, self.most.max(self.always))
+    }
+
+    /// Due tasks worth counting: more would not add a worker.
+    fn count_cap(&self) -> u64 {
+        (self.most.max(self.always) as u64).saturating_mul(self.tasks_per_worker)
+    }
+}
+
+/// The replicators of one instance (one per worker it may run, `Scaling::most`) and how many
+/// of them run.
+pub struct WorkerPool {
+    pub replicators: Vec<Replicator>,
+    pub scaling: Scaling,
+}
+
+/// Runs the pool until `shutdown` is cancelled; then releases the workers' claims so that
+/// unfinished tasks stay in the queue, free for the next instance.
+pub async fn run_workers(pool: WorkerPool, shutdown: CancellationToken) {
+    let Some(first) = pool.replicators.first() else { return };
+    let metadata = first.metadata.clone();
+    let (wanted_tx, wanted) = watch::channel(pool.scaling.always);
+    metrics::gauge!(names::REPLICATION_WORKERS).set(pool.scaling.always as f64);
+    let scaler = (pool.replicators.len() > pool.scaling.always)
+        .then(|| tokio::spawn(follow_queue_depth(metadata, pool.scaling, wanted_tx, shutdown.clone())));
+    let handles: Vec<_> = pool
+        .replicators
         .into_iter()
-        .map(|replicator| {
+        .enumerate()
+        .map(|(index, replicator)| {
+            // Workers past `always` run only while the queue wants them.
+            let gate = (index >= pool.scaling.always).then(|| (index, wanted.clone()));
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { run_worker(replicator, shutdown).await })
+            tokio::spawn(async move { run_worker(replicator, gate, shutdown).await })
         })
         .collect();
     futures::future::join_all(handles).await;
+    if let Some(scaler) = scaler {
+        scaler.abort();
+    }
 }
 
-async fn run_worker(replicator: Replicator, shutdown: CancellationToken) {
+/// Samples the queue's depth and publishes how many workers it wants.
+async fn follow_queue_depth(
+    metadata: Arc<dyn MetadataStore>,
+    scaling: Scaling,
+    wanted: watch::Sender<usize>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(scaling.sample_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        // A database that does not answer keeps the current number; the workers report it.
+        let Ok(due) = metadata.count_due_tasks(scaling.count_cap()).await else { continue };
+        let workers = scaling.workers_for(due);
+        wanted.send_if_modified(|current| std::mem::replace(current, workers) != workers);
+        metrics::gauge!(names::REPLICATION_WORKERS).set(workers as f64);
+    }
+}
+
+/// Waits, while the worker at `index` is not wanted; false when the pool is stopping.
+async fn wait_until_wanted(gate: &mut Option<(usize, watch::Receiver<usize>)>, shutdown: &CancellationToken) -> bool {
+    let Some((index, wanted)) = gate else { return true };
+    let index = *index;
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        wanted = wanted.wait_for(|wanted| *wanted > index) => wanted.is_ok(),
+    }
+}
+
+async fn run_worker(
+    replicator: Replicator,
+    mut gate: Option<(usize, watch::Receiver<usize>)>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if !wait_until_wanted(&mut gate, &shutdown).await {
+            break;
+        }
         let step = tokio::select! {
             () = shutdown.cancelled() => break,
             step = replicator.try_run_next() => step,
@@ -223,5 +309,31 @@ async fn run_worker(replicator: Replicator, shutdown: CancellationToken) {
         Err(error) => {
             tracing::warn!(worker = %replicator.id, %error, "could not release claims; they expire with their lease")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scaling(always: usize, most: usize) -> Scaling {
+        Scaling { always, most, tasks_per_worker: 16, sample_every: Duration::from_secs(1) }
+    }
+
+    #[test]
+    fn workers_follow_the_due_tasks_between_the_bounds() {
+        let scaling = scaling(2, 8);
+        assert_eq!(scaling.workers_for(0), 2);
+        assert_eq!(scaling.workers_for(32), 2);
+        assert_eq!(scaling.workers_for(33), 3);
+        assert_eq!(scaling.workers_for(16 * 8), 8);
+        assert_eq!(scaling.workers_for(u64::MAX), 8);
+    }
+
+    #[test]
+    fn a_maximum_below_the_minimum_keeps_the_minimum() {
+        assert_eq!(scaling(4, 1).workers_for(1000), 4);
+        assert_eq!(scaling(0, 0).workers_for(1000), 0);
+        assert_eq!(scaling(2, 8).count_cap(), 128);
     }
 }

@@ -12,12 +12,14 @@
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use aws_runtime::auth::PayloadSigningOverride;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-    StalledStreamProtectionConfig,
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    RuntimeComponents, StalledStreamProtectionConfig,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
@@ -161,6 +163,29 @@ impl S3Store {
     }
 }
 
+/// Signs a PUT with the body's SHA-256, which is the blob's key: the SDK need not hash a body
+/// held in memory a second time (it would), and the server checks every byte it receives
+/// against the hash (a spooled body would otherwise go as `UNSIGNED-PAYLOAD`, unchecked).
+/// An interceptor, because it is the SDK's public way to reach the signer's settings.
+#[derive(Debug)]
+struct PayloadHash(String);
+
+impl Intercept for PayloadHash {
+    fn name(&self) -> &'static str {
+        "ChitramPayloadHash"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _request: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        settings: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        settings.interceptor_state().store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl BlobStore for S3Store {
     fn describe(&self) -> String {
@@ -184,6 +209,8 @@ impl BlobStore for S3Store {
             .key(key.as_str())
             .content_length(length)
             .body(stream)
+            .customize()
+            .interceptor(PayloadHash(key.as_str().to_owned()))
             .send()
             .await
             .map_err(|error| self.classify(error, Some(key), "writing an object"))?;

@@ -151,3 +151,12 @@ pub async fn set_replica_state(url: &str, blob: &str, shard: &str, state: &str) 
     };
     assert_eq!(updated, 1, "the copy of {blob} on {shard} is recorded");
 }
+
+/// Replication tasks some worker or upload holds a claim on (Postgres).
+pub async fn claimed_tasks(url: &str) -> i64 {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    sqlx::query_scalar("SELECT count(*) FROM replication_tasks WHERE claimed_by IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}

@@ -8,6 +8,7 @@
 pub mod database;
 pub mod exposition;
 pub mod images;
+pub mod private_redis;
 pub mod proxy;
 pub mod s3;
 
@@ -137,6 +138,9 @@ pub struct TestOptions {
     /// Variant generation workers in the background (`variants.workers`). None by default,
     /// so the other suites see no variant blobs unless they ask for a variant.
     pub variant_workers: usize,
+    /// `replication.eager_copies`: off by default, like the workers, so the foundation suites
+    /// see the copies the request path left pending; the eager-replication tests turn it on.
+    pub eager_copies: usize,
 }
 
 impl Default for TestOptions {
@@ -153,6 +157,7 @@ impl Default for TestOptions {
             rate_limits: false,
             redis_url: None,
             variant_workers: 0,
+            eager_copies: 0,
         }
     }
 }
@@ -176,6 +181,7 @@ pub async fn spawn_app_with(backends: Backends, options: TestOptions) -> TestApp
     settings.database.url = options.database_url.clone().unwrap_or_else(|| database.url.clone());
     settings.placement.replication_factor = options.replication_factor;
     settings.replication = fast_replication(options.workers);
+    settings.replication.eager_copies = options.eager_copies;
     settings.auth.enabled = options.auth;
     settings.auth.admin_token_file = dir.path().join("admin-token");
     settings.rate_limits.enabled = options.rate_limits;
@@ -237,6 +243,9 @@ async fn start(settings: Settings, shards: Vec<TestShard>, dir: tempfile::TempDi
 pub fn fast_replication(workers: usize) -> ReplicationSettings {
     ReplicationSettings {
         workers,
+        max_workers: workers.max(4),
+        tasks_per_worker: 4,
+        eager_copies: 0,
         lease_secs: 30,
         retry_min_ms: 50,
         retry_max_secs: 1,
@@ -319,6 +328,17 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             server.abort();
             let _ = server.await;
+        }
+    }
+
+    /// Stops serving as SIGTERM does (no new connections, requests and eager copies in flight
+    /// given `server.shutdown_grace_secs`), and waits until the server has returned.
+    pub async fn shut_down_gracefully(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("the server task ends").expect("the server stops cleanly");
         }
     }
 

@@ -78,6 +78,21 @@ static CLAIM_TASK: Statement = Statement::new(
      RETURNING id, kind, blob_checksum, shard, CAST(attempts AS BIGINT) AS attempts, last_error, request_id",
 );
 
+/// Claims one copy's `copy` task unless another worker holds it. On Postgres a concurrent
+/// claimer of the same row waits for this one and then re-checks the claim on the row's newest
+/// version, so only one of them gets it.
+static CLAIM_COPY_TASK: Statement = Statement::new(
+    "UPDATE replication_tasks SET claimed_by = $1, claimed_until = {after_micros:$2}
+     WHERE blob_checksum = $3 AND shard = $4 AND kind = 'copy'
+       AND (claimed_until IS NULL OR claimed_until < {now})
+     RETURNING id, kind, blob_checksum, shard, CAST(attempts AS BIGINT) AS attempts, last_error, request_id",
+);
+
+static COUNT_DUE_TASKS: Statement = Statement::new(
+    "SELECT COUNT(*) FROM (
+         SELECT 1 FROM replication_tasks WHERE next_attempt_at <= {now} LIMIT $1) AS due",
+);
+
 static EXTEND_CLAIM: Statement =
     Statement::new("UPDATE replication_tasks SET claimed_until = {after_micros:$3} WHERE id = $1 AND claimed_by = $2");
 
@@ -131,6 +146,37 @@ impl TaskQueue for SqlStore<D> {
             .map_err(sql_error(CONTEXT))?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
         row.map(TaskRow::into_task).transpose()
+    }
+
+    async fn claim_copy_task(
+        &self,
+        copy: &CopyRef,
+        worker: &str,
+        lease: Duration,
+    ) -> MetaResult<Option<ReplicationTask>> {
+        const CONTEXT: &str = "claiming the copy task of one copy";
+        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let row = sqlx::query_as::<_, TaskRow>(CLAIM_COPY_TASK.sql::<D>())
+            .bind(worker)
+            .bind(duration_micros(lease, CONTEXT)?)
+            .bind(copy.blob.as_str())
+            .bind(&copy.shard)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        row.map(TaskRow::into_task).transpose()
+    }
+
+    async fn count_due_tasks(&self, cap: u64) -> MetaResult<u64> {
+        const CONTEXT: &str = "counting the due replication tasks";
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        let (due,): (i64,) = sqlx::query_as(COUNT_DUE_TASKS.sql::<D>())
+            .bind(cap)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        from_column(due, "due task count")
     }
 
     async fn extend_claim(&self, task: i64, worker: &str, lease: Duration) -> MetaResult<bool> {

@@ -1,0 +1,261 @@
+//! Eager replication: an upload copies its blob to the rest of its write set from its own
+//! bytes, as soon as its first copy is committed (issue 11, "shrink the window of one copy").
+//!
+//! With `write_quorum = 1` an acknowledged image lives on one shard until its other copies are
+//! made. The durable queue already holds a `Copy` task for each of them (committed with the
+//! image); a worker would claim it, read the blob back from the first copy and write it. The
+//! upload still has the bytes, in memory or in its spool file, so it claims those tasks itself
+//! right after the commit and writes them at once: the window of one copy becomes the time of
+//! one PUT instead of the queue's lag, and the first copy's shard is spared a read.
+//!
+//! The queue stays the record of truth and the fallback. A task is claimed like a worker
+//! claims it (so no copy is made twice), and completed through the same
+//! [`TaskQueue::complete_copy_task`](crate::metadata::TaskQueue::complete_copy_task), which
+//! records the copy `Deleting` instead if the image was deleted meanwhile. A copy that cannot
+//! be made now, or not within half the lease, is recorded as a failed attempt and left to the
+//! workers. An instance that stops waits for its eager copies within the shutdown grace, then
+//! releases the claims of those still running (see [`EagerReplicator::stop`]); one that is
+//! killed leaves them to the workers when their lease runs out.
+//! Eager copies in flight are bounded: beyond the bound an upload leaves its copies to the
+//! queue, so neither memory nor spool files grow with the load.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use super::spool::SpooledBody;
+use crate::maintenance::deletion;
+use crate::metadata::{CopyRef, MetadataStore, ReplicationTask};
+use crate::observability::names;
+use crate::storage::router::StorageRouter;
+use crate::telemetry::error_chain;
+
+/// How eager copies behave (`[replication]` settings).
+#[derive(Debug, Clone)]
+pub struct EagerSettings {
+    /// Uploads whose copies may be in flight at once; 0 turns eager replication off.
+    pub max_in_flight: usize,
+    /// The claim's lease, as the workers take it.
+    pub lease: Duration,
+    /// When a failed eager copy is due again (for a worker).
+    pub retry_after: Duration,
+}
+
+pub struct EagerReplicator {
+    metadata: Arc<dyn MetadataStore>,
+    router: Arc<StorageRouter>,
+    settings: EagerSettings,
+    in_flight: Arc<Semaphore>,
+    /// Claims are made as `eager-<process>-<instance>-<upload>`: unique per upload, so an
+    /// upload whose claim ran out can never complete or fail a claim another one took.
+    worker_id: String,
+    uploads: AtomicU64,
+    /// The claim names of the uploads whose copies are in flight, released if they are still
+    /// running when the instance stops.
+    running: Arc<Mutex<HashSet<String>>>,
+}
+
+impl EagerReplicator {
+    pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>, settings: EagerSettings) -> Self {
+        let instance = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            metadata,
+            router,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            settings,
+            worker_id: format!("eager-{}-{}", std::process::id(), &instance[..8]),
+            uploads: AtomicU64::new(0),
+            running: Arc::default(),
+        }
+    }
+
+    /// Starts copying `body` to each of `targets` in the background, keeping the body (and its
+    /// spool file) until the last copy is written. Returns at once; leaves the copies to the
+    /// queue when too many are in flight.
+    pub fn start(&self, body: SpooledBody, targets: Vec<String>) {
+        if targets.is_empty() {
+            return;
+        }
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            metrics::counter!(names::EAGER_COPIES, "outcome" => "left_to_queue").increment(targets.len() as u64);
+            return;
+        };
+        let job = EagerCopies {
+            metadata: self.metadata.clone(),
+            router: self.router.clone(),
+            settings: self.settings.clone(),
+            worker_id: format!("{}-{}", self.worker_id, self.uploads.fetch_add(1, Ordering::Relaxed)),
+            body: Arc::new(body),
+        };
+        let running = self.running.clone();
+        lock(&running).insert(job.worker_id.clone());
+        let span = tracing::info_span!("eager_replication", blob = %job.body.key);
+        tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let copies = targets.into_iter().map(|shard| job.copy_to(shard));
+                let stored = futures::future::join_all(copies).await;
+                if stored.iter().all(|stored| *stored) {
+                    metrics::histogram!(names::EAGER_COPY_LAG).record(started.elapsed());
+                }
+                lock(&running).remove(&job.worker_id);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Graceful shutdown, once no upload is in flight: waits up to `within` for the eager
+    /// copies still running, then releases the claims of those that are not done, so the
+    /// tasks are free for the next instance at once instead of when their lease runs out.
+    /// Uploads that start after this leave their copies to the queue.
+    pub async fn stop(&self, within: Duration) {
+        let all = u32::try_from(self.settings.max_in_flight).unwrap_or(u32::MAX);
+        if let Ok(Ok(permits)) = tokio::time::timeout(within, self.in_flight.acquire_many(all)).await {
+            permits.forget();
+        }
+        self.in_flight.close();
+        let unfinished: Vec<String> = lock(&self.running).iter().cloned().collect();
+        for worker in unfinished {
+            match self.metadata.release_claims(&worker).await {
+                Ok(released) if released > 0 => {
+                    tracing::info!(released, "eager copies unfinished at shutdown are left to the queue")
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "could not release eager claims; they expire with their lease")
+                }
+            }
+        }
+    }
+}
+
+/// The set of running uploads; a panic elsewhere cannot leave it unusable.
+fn lock(running: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One upload's eager copies.
+struct EagerCopies {
+    metadata: Arc<dyn MetadataStore>,
+    router: Arc<StorageRouter>,
+    settings: EagerSettings,
+    worker_id: String,
+    body: Arc<SpooledBody>,
+}
+
+impl EagerCopies {
+    /// Makes one copy; true when it is recorded `Stored`.
+    async fn copy_to(&self, shard: String) -> bool {
+        let copy = CopyRef { blob: self.body.key.clone(), shard };
+        let task = match self.metadata.claim_copy_task(&copy, &self.worker_id, self.settings.lease).await {
+            Ok(Some(task)) => task,
+            // A worker was quicker, or the copy is no longer wanted.
+            Ok(None) => {
+                count("taken_by_worker");
+                return false;
+            }
+            Err(error) => {
+                tracing::warn!(shard = %copy.shard, error = %error_chain(&error), "could not claim an eager copy; the queue has it");
+                count("failed");
+                return false;
+            }
+        };
+        match self.write(&copy).await {
+            Ok(()) => self.complete(&task).await,
+            Err(reason) => {
+                self.fail(&task, &reason).await;
+                false
+            }
+        }
+    }
+
+    /// Writes the copy and checks its length, within half the claim's lease (the claim is not
+    /// renewed: a copy slower than that is left to a worker, before the claim can run out).
+    async fn write(&self, copy: &CopyRef) -> Result<(), String> {
+        let limit = self.settings.lease / 2;
+        tokio::time::timeout(limit, self.write_unbounded(copy))
+            .await
+            .unwrap_or_else(|_| Err(format!("the eager copy took longer than {} s", limit.as_secs())))
+    }
+
+    /// As a worker's copy does (`replication/copy.rs`). The bytes need no check: their
+    /// SHA-256 is the blob's key.
+    async fn write_unbounded(&self, copy: &CopyRef) -> Result<(), String> {
+        // A deletion of these bytes on that shard whose outcome is unknown could still remove
+        // the new copy: the worker retries once it has settled.
+        if self.metadata.deletion_in_doubt(copy).await.map_err(|e| error_chain(&e))? {
+            return Err("an earlier DELETE of this copy may still land".to_owned());
+        }
+        self.router.write_on(&copy.shard, &copy.blob, &self.body.body).await.map_err(|e| error_chain(&e))?;
+        let written = self.router.fetch_len_on(&copy.shard, &copy.blob).await.map_err(|e| error_chain(&e))?;
+        if written != self.body.len {
+            return Err(format!("the new copy holds {written} bytes, expected {}", self.body.len));
+        }
+        Ok(())
+    }
+
+    async fn complete(&self, task: &ReplicationTask) -> bool {
+        match self.metadata.complete_copy_task(task, &self.worker_id).await {
+            Ok(true) => {
+                count("stored");
+                true
+            }
+            Ok(false) => {
+                count("lost_claim");
+                self.remove_if_unwanted(&task.copy).await;
+                false
+            }
+            Err(error) => {
+                // The copy exists but is not recorded: the task's claim runs out and a worker
+                // finds the copy there (or writes it again).
+                tracing::warn!(shard = %task.copy.shard, error = %error_chain(&error), "could not record an eager copy; the queue finishes it");
+                count("failed");
+                false
+            }
+        }
+    }
+
+    /// The task was gone when the copy was written: most often the image was deleted
+    /// meanwhile, and the deletion found no object to remove yet. If the blob has no reference
+    /// left, the copy just written is removed under the blob's lock (unless a row records it by
+    /// then), so a deleted image leaves no orphan waiting for scrub. A blob that is referenced
+    /// again keeps the object: the upload or worker that wants it records it.
+    async fn remove_if_unwanted(&self, copy: &CopyRef) {
+        let unwanted = match self.metadata.find_blob_copies(&copy.blob).await {
+            Ok(blob) => blob.is_none_or(|blob| blob.ref_count == 0),
+            Err(_) => false, // Scrub collects it if it is an orphan.
+        };
+        if !unwanted {
+            return;
+        }
+        let removed = deletion::delete_unrecorded_object(
+            self.metadata.as_ref(),
+            &self.router,
+            &copy.shard,
+            &copy.blob,
+            self.body.len,
+        )
+        .await;
+        if let Err(error) = removed {
+            tracing::warn!(shard = %copy.shard, blob = %copy.blob, error = %error_chain(&error), "an unwanted eager copy is left for scrub");
+        }
+    }
+
+    async fn fail(&self, task: &ReplicationTask, reason: &str) {
+        tracing::warn!(shard = %task.copy.shard, blob = %task.copy.blob, %reason, "eager copy failed; the replication queue retries it");
+        count("failed");
+        let recorded = self.metadata.fail_task(task.id, &self.worker_id, reason, self.settings.retry_after).await;
+        if let Err(error) = recorded {
+            tracing::warn!(task = task.id, error = %error_chain(&error), "could not record the failure; the claim runs out instead");
+        }
+    }
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!(names::EAGER_COPIES, "outcome" => outcome).increment(1);
+}
