@@ -436,7 +436,9 @@ async function remove() {
 
 wireUploads();
 wireDetail();
+// An entry describes the layout of the frame it was computed in; a page appended since may
+// have pushed the sentinel away, so ask the layout of now before fetching another page.
 new IntersectionObserver((entries) => {
-  if (entries.some((entry) => entry.isIntersecting)) loadMore();
+  if (entries.some((entry) => entry.isIntersecting) && sentinelInView()) loadMore();
 }, { rootMargin: `${PREFETCH_PX}px` }).observe($("sentinel"));
 start();
