@@ -22,7 +22,9 @@
 //!   slice the bench waits, unmeasured, for the replication queue to empty. CPU time of this
 //!   process, of Chitram and of Postgres is read from /proc around every slice.
 //! - `CHITRAM_BENCH_WORKERS=N` sets `replication.workers`; `CHITRAM_BENCH_PHASES` runs a subset of
-//!   `matrix,replication,memory`.
+//!   `matrix,replication,lag,window,memory` (and `profile`, for scripts/profile-requests.sh).
+//! - `CHITRAM_BENCH_WRAPPER="heaptrack -o FILE"` (or callgrind) runs each server under a
+//!   profiler; such a server is stopped with SIGTERM so that the profiler writes its data.
 
 // The test fixtures' PNG chunk writer (length, type, data, CRC): one copy for tests and benches.
 #[allow(dead_code)]
@@ -1109,6 +1111,9 @@ struct Chitram {
     child: Child,
     base: String,
     log: PathBuf,
+    /// Set when the server runs under `CHITRAM_BENCH_WRAPPER`: with its config path, the real
+    /// server process can be told from the wrapper, whose pid `child` holds.
+    wrapped_config: Option<PathBuf>,
 }
 
 impl Chitram {
@@ -1172,7 +1177,8 @@ impl Chitram {
             .stderr(std::fs::File::create(&log).expect("a log file"))
             .spawn()
             .expect("the chitram binary starts");
-        let mut server = Chitram { child, base: format!("http://127.0.0.1:{port}"), log };
+        let wrapped_config = (!wrapper.is_empty()).then(|| config_path.clone());
+        let mut server = Chitram { child, base: format!("http://127.0.0.1:{port}"), log, wrapped_config };
         let started = Instant::now();
         loop {
             if let Ok(response) = http.get(format!("{}/health", server.base)).send().await
@@ -1202,6 +1208,16 @@ impl Drop for Chitram {
     fn drop(&mut self) {
         let pid = self.child.id();
         CHITRAM_PIDS.lock().unwrap().retain(|p| *p != pid);
+        // A profiler (heaptrack, callgrind) writes its data when the server exits, not when it
+        // is killed: a wrapped server gets SIGTERM and a minute to stop gracefully.
+        if let Some(config) = &self.wrapped_config {
+            let server = format!("^{} --config {}", env!("CARGO_BIN_EXE_chitram"), config.display());
+            let _ = Command::new("pkill").arg("-TERM").arg("-f").arg(server).status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -24,6 +24,13 @@ pub const MEMORY_THRESHOLD: usize = 256 * 1024;
 pub const MEMORY_BODY_MAX: u64 = 8 * 1024 * 1024;
 /// How much of the start of a spooled body is kept in memory for format sniffing.
 const HEAD_LEN: usize = 4096;
+/// Small chunks gather in a buffer of this size before they go to the spool file.
+const SPOOL_WRITE_BUFFER: usize = 64 * 1024;
+/// The most of one large chunk that tokio's `File` copies for each write to the spool. Its
+/// default, 2 MiB, made each concurrent large upload hold up to 2 MiB more (heaptrack: a third
+/// of the server's heap under 32 concurrent 20 MiB uploads); at 256 KiB a MiB costs four
+/// trips to the blocking pool instead of one, a few tens of microseconds.
+const SPOOL_WRITE_MAX: usize = 256 * 1024;
 /// The budget counts in KiB, so that a semaphore's permit count covers any sensible budget.
 const BUDGET_UNIT: u64 = 1024;
 
@@ -190,7 +197,9 @@ async fn create_spool_file(limits: &SpoolLimits) -> std::io::Result<(tokio::io::
             .await
             .map_err(std::io::Error::other)??;
     let (file, path) = named.into_parts();
-    Ok((tokio::io::BufWriter::with_capacity(64 * 1024, tokio::fs::File::from_std(file)), path))
+    let mut file = tokio::fs::File::from_std(file);
+    file.set_max_buf_size(SPOOL_WRITE_MAX);
+    Ok((tokio::io::BufWriter::with_capacity(SPOOL_WRITE_BUFFER, file), path))
 }
 
 #[cfg(test)]
