@@ -56,6 +56,7 @@ on_both_databases!(with_store:
     an_upload_round_trips,
     an_unknown_image_is_not_found,
     dedup_ignores_an_absent_blob,
+    a_dedup_miss_does_not_wait_for_another_uploads_commit,
     dedup_ignores_an_unreferenced_blob,
     dedup_ignores_a_blob_without_a_stored_copy,
     dedup_adds_a_reference_to_a_live_blob,
@@ -217,6 +218,17 @@ async fn an_unknown_image_is_not_found(store: Arc<dyn MetadataStore>) {
 async fn dedup_ignores_an_absent_blob(store: Arc<dyn MetadataStore>) {
     let image = new_image(&blob(1), now());
     assert_eq!(store.insert_image_for_live_blob(&image).await.unwrap(), None);
+    assert_eq!(store.find_image(image.id).await.unwrap(), None);
+}
+
+/// Most uploads are new bytes: learning that must not queue behind another upload's commit
+/// (on SQLite, a dedup check that opened a write transaction waited for the write lock).
+async fn a_dedup_miss_does_not_wait_for_another_uploads_commit(store: Arc<dyn MetadataStore>) {
+    let other_upload = store.lock_blob_for_upload(&blob(9), 10).await.unwrap();
+    let image = new_image(&blob(1), now());
+    let answer = tokio::time::timeout(Duration::from_secs(2), store.insert_image_for_live_blob(&image)).await;
+    assert_eq!(answer.expect("answered while another upload holds its lock").unwrap(), None);
+    drop(other_upload);
     assert_eq!(store.find_image(image.id).await.unwrap(), None);
 }
 

@@ -93,10 +93,29 @@ static ADD_REFERENCE_TO_LIVE_BLOB: Statement = Statement::new(
 static DELETE_IMAGE: Statement =
     Statement::new("DELETE FROM images WHERE id = $1 RETURNING blob_checksum, owner_id, file_size");
 
+/// Whether [`ADD_REFERENCE_TO_LIVE_BLOB`] would find the blob, read without a transaction.
+/// Most uploads are new bytes: on a miss this one round trip spares a BEGIN, the UPDATE and a
+/// ROLLBACK (and on SQLite, taking the write lock). The answer may be stale either way, which
+/// is safe: a hit is confirmed by the UPDATE, and a miss sends the upload down the path that
+/// stores its bytes and records them under the blob's lock, as when the blob turns live just
+/// after the UPDATE found nothing.
+static BLOB_IS_LIVE: Statement = Statement::new(
+    "SELECT EXISTS (SELECT 1 FROM blobs WHERE checksum = $1 AND ref_count > 0
+       AND EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND state = 'stored'))",
+);
+
 #[async_trait]
 impl ImageStore for SqlStore<D> {
     async fn insert_image_for_live_blob(&self, image: &NewImage) -> MetaResult<Option<ImageRecord>> {
         const CONTEXT: &str = "adding a reference to a live blob";
+        let live: bool = sqlx::query_scalar(BLOB_IS_LIVE.sql::<D>())
+            .bind(image.blob.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        if !live {
+            return Ok(None);
+        }
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
         let added = sqlx::query(ADD_REFERENCE_TO_LIVE_BLOB.sql::<D>())
             .bind(image.blob.as_str())
