@@ -7,10 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::exposition::{self, Sample, has, sum};
+use common::half_sent::HalfSentUpload;
 use common::images::png;
 use common::{Backends, TestApp, TestOptions, eventually, spawn_app_with};
 use reqwest::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 static METRICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -178,21 +178,8 @@ async fn the_upload_memory_budget_is_visible_while_bodies_hold_it() {
 
     // An upload of 1.5 MiB whose body is half sent holds its share of the 2 MiB budget.
     let image = common::images::large_png(1536 * 1024, 92_000);
-    let body = [
-        b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"held.png\"\r\n\r\n".as_slice(),
-        &image,
-        b"\r\n--B--\r\n",
-    ]
-    .concat();
     let address = app.address.trim_start_matches("http://").to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let head = format!(
-        "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary=B\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+    let held = HalfSentUpload::start(&address, "held.png", &image).await;
     eventually(Duration::from_secs(5), "the held body shows in the gauge", || async {
         sum(&scrape(&app).await, memory, &[]) - sum(&before, memory, &[]) >= 1536.0 * 1024.0
     })
@@ -203,9 +190,7 @@ async fn the_upload_memory_budget_is_visible_while_bodies_hold_it() {
     let during = scrape(&app).await;
     assert_eq!(sum(&during, full, &[]) - sum(&before, full, &[]), 1.0, "one upload found the budget full");
 
-    stream.write_all(&body[body.len() / 2..]).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    let response = held.finish().await;
     assert!(response.starts_with("HTTP/1.1 201"), "the held upload completes: {response}");
     eventually(Duration::from_secs(5), "the share is given back", || async {
         sum(&scrape(&app).await, memory, &[]) == sum(&before, memory, &[])

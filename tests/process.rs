@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::database::{DbKind, TestDatabase};
+use common::half_sent::HalfSentUpload;
 use common::images::{jpeg, large_png, png, sha256_hex};
 use common::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
 use common::{BUCKET, eventually, replica_states};
 use reqwest::StatusCode;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Postgres, three S3 servers, and a config file for the binary.
 struct Deployment {
@@ -210,30 +210,15 @@ async fn sigterm_finishes_requests_in_flight_and_leaves_tasks_queued() {
 
     // An upload in flight: headers and half the body sent.
     let image = png(32, 32, 80_100);
-    let body = [
-        b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"late.png\"\r\n\r\n".as_slice(),
-        &image,
-        b"\r\n--B--\r\n",
-    ]
-    .concat();
     let address = server.address.trim_start_matches("http://").to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let head = format!(
-        "POST /api/v1/images/upload HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary=B\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+    let in_flight = HalfSentUpload::start(&address, "late.png", &image).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     server.signal("-TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(tokio::net::TcpStream::connect(&address).await.is_err(), "no new connections after SIGTERM");
 
-    stream.write_all(&body[body.len() / 2..]).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    let response = in_flight.finish().await;
     assert!(response.starts_with("HTTP/1.1 201"), "the request in flight completes: {response}");
 
     let status = server.wait_for_exit(Duration::from_secs(15)).await;

@@ -7,6 +7,7 @@
 
 pub mod database;
 pub mod exposition;
+pub mod half_sent;
 pub mod images;
 pub mod private_redis;
 pub mod proxy;
