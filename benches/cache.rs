@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 // The tests' private Redis (a `redis-server` on a free port, killed when dropped).
+#[path = "support/postgres.rs"]
+mod postgres;
 #[allow(dead_code)]
 #[path = "../tests/common/private_redis.rs"]
 mod private_redis;
@@ -26,9 +28,10 @@ mod private_redis;
 use chitram::app::Application;
 use chitram::config::{Settings, ShardSettings};
 use criterion::Criterion;
+use postgres::{admin_url, create_database, drop_database};
 use private_redis::PrivateRedis;
 use reqwest::multipart::{Form, Part};
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use sqlx::{Connection, PgConnection};
 use tokio::runtime::Runtime;
 
 const IMAGES: usize = 64;
@@ -39,26 +42,6 @@ const COUNTED_REQUESTS: usize = 1_000;
 /// Postgres folds a backend's statistics into `pg_stat_database` when it has been idle this
 /// long at most (PGSTAT_IDLE_INTERVAL, 10 s in Postgres 15).
 const STATS_SETTLE: Duration = Duration::from_secs(11);
-
-fn admin_url() -> String {
-    std::env::var("CHITRAM_BENCH_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-async fn create_database() -> (String, String) {
-    let admin = admin_url();
-    let name = format!("chitram_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut connection = PgConnection::connect(&admin).await.expect("the bench's Postgres answers");
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut connection).await.unwrap();
-    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-    (name, url)
-}
-
-async fn drop_database(name: &str) {
-    let mut connection = PgConnection::connect(&admin_url()).await.unwrap();
-    let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut connection)
-        .await;
-}
 
 /// Transactions the database has counted so far.
 async fn transactions(database: &str) -> i64 {

@@ -16,6 +16,8 @@
 #[allow(dead_code)]
 #[path = "../tests/common/images.rs"]
 mod images;
+#[path = "support/postgres.rs"]
+mod postgres;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -23,8 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use postgres::{create_database, drop_database};
 use reqwest::multipart::{Form, Part};
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use sqlx::{Connection, PgConnection};
 
 const CONCURRENCY: usize = 8;
 const SLICES: usize = 3;
@@ -39,26 +42,6 @@ impl Drop for Instance {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn admin_url() -> String {
-    std::env::var("CHITRAM_BENCH_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-async fn create_database() -> (String, String) {
-    let admin = admin_url();
-    let name = format!("chitram_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut connection = PgConnection::connect(&admin).await.expect("the bench's Postgres answers");
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut connection).await.unwrap();
-    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-    (name, url)
-}
-
-async fn drop_database(name: &str) {
-    let mut connection = PgConnection::connect(&admin_url()).await.unwrap();
-    let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut connection)
-        .await;
 }
 
 fn free_port() -> u16 {
