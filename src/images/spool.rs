@@ -69,8 +69,10 @@ impl MemoryBudget {
         Self { units: Arc::new(Semaphore::new(units)), bytes }
     }
 
-    /// Bytes held by bodies in memory right now.
-    pub fn in_use(&self) -> u64 {
+    /// Bytes held by bodies in memory right now (the gauge `chitram_upload_memory_bytes`
+    /// reports it to operators).
+    #[cfg(test)]
+    fn in_use(&self) -> u64 {
         (self.bytes / BUDGET_UNIT).saturating_sub(self.units.available_permits() as u64) * BUDGET_UNIT
     }
 

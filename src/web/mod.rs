@@ -64,6 +64,9 @@ static VERSION: LazyLock<String> = LazyLock::new(|| {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&all))
 });
 
+/// Each asset's ETag, in the order of [`ASSETS`]: hashed once, not on every request.
+static ASSET_TAGS: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| ASSETS.iter().map(|a| entity_tag(a.body)).collect());
+
 /// The pages, with `{{assets}}` replaced by the versioned prefix.
 static GALLERY: LazyLock<Page> = LazyLock::new(|| Page::new(GALLERY_HTML));
 static DASHBOARD: LazyLock<Page> = LazyLock::new(|| Page::new(DASHBOARD_HTML));
@@ -98,22 +101,27 @@ async fn dashboard(headers: HeaderMap) -> Response {
     page(&DASHBOARD, &headers)
 }
 
-fn page(page: &Page, headers: &HeaderMap) -> Response {
-    respond(headers, &page.etag, "text/html; charset=utf-8", CACHE_REVALIDATE, page.html.clone())
+fn page(page: &'static Page, headers: &HeaderMap) -> Response {
+    respond(headers, &page.etag, "text/html; charset=utf-8", CACHE_REVALIDATE, &page.html)
 }
 
 async fn asset(Path((version, name)): Path<(String, String)>, headers: HeaderMap) -> Response {
-    let Some(asset) = ASSETS.iter().find(|asset| asset.name == name) else {
+    let Some(index) = ASSETS.iter().position(|asset| asset.name == name) else {
         return error_body(StatusCode::NOT_FOUND, "NOT_FOUND", "no such asset");
     };
     let cache = if version == *VERSION { CACHE_VERSIONED } else { CACHE_REVALIDATE };
-    respond(&headers, &entity_tag(asset.body), asset.content_type, cache, asset.body.to_owned())
+    serve_asset(index, cache, &headers)
 }
 
 /// Browsers ask for `/favicon.ico` whatever the page says: the icon.
 async fn favicon(headers: HeaderMap) -> Response {
-    let icon = ASSETS.iter().find(|asset| asset.name == "icon.svg").expect("the icon is an asset");
-    respond(&headers, &entity_tag(icon.body), icon.content_type, CACHE_REVALIDATE, icon.body.to_owned())
+    let icon = ASSETS.iter().position(|asset| asset.name == "icon.svg").expect("the icon is an asset");
+    serve_asset(icon, CACHE_REVALIDATE, &headers)
+}
+
+fn serve_asset(index: usize, cache: &'static str, headers: &HeaderMap) -> Response {
+    let asset = &ASSETS[index];
+    respond(headers, &ASSET_TAGS[index], asset.content_type, cache, asset.body)
 }
 
 fn entity_tag(body: &str) -> HeaderValue {
@@ -126,7 +134,7 @@ fn respond(
     etag: &HeaderValue,
     content_type: &'static str,
     cache: &'static str,
-    body: String,
+    body: &'static str,
 ) -> Response {
     let not_modified = headers
         .get_all(header::IF_NONE_MATCH)
