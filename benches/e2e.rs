@@ -25,6 +25,8 @@
 //!   `matrix,replication,lag,window,memory` (and `profile`, for scripts/profile-requests.sh).
 //! - `CHITRAM_BENCH_WRAPPER="heaptrack -o FILE"` (or callgrind) runs each server under a
 //!   profiler; such a server is stopped with SIGTERM so that the profiler writes its data.
+//! - `CHITRAM_BENCH_BINARY=PATH` runs another build of the server (a copy of an earlier
+//!   `target/release/chitram`), to compare two versions against the same direct baseline.
 
 // The test fixtures' PNG chunk writer (length, type, data, CRC): one copy for tests and benches.
 #[allow(dead_code)]
@@ -752,6 +754,11 @@ async fn replication_throughput(targets: &Targets) -> Vec<Replication> {
     runs
 }
 
+/// The server binary: this build's, or `CHITRAM_BENCH_BINARY`.
+fn server_binary() -> String {
+    std::env::var("CHITRAM_BENCH_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_chitram").to_owned())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Requests for a profiler
 
@@ -1163,10 +1170,10 @@ impl Chitram {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
-                command.args(args).arg(env!("CARGO_BIN_EXE_chitram"));
+                command.args(args).arg(server_binary());
                 command
             }
-            None => Command::new(env!("CARGO_BIN_EXE_chitram")),
+            None => Command::new(server_binary()),
         };
         let start_limit = Duration::from_secs(if wrapper.is_empty() { 60 } else { 600 });
         let child = command
@@ -1211,7 +1218,7 @@ impl Drop for Chitram {
         // A profiler (heaptrack, callgrind) writes its data when the server exits, not when it
         // is killed: a wrapped server gets SIGTERM and a minute to stop gracefully.
         if let Some(config) = &self.wrapped_config {
-            let server = format!("^{} --config {}", env!("CARGO_BIN_EXE_chitram"), config.display());
+            let server = format!("^{} --config {}", server_binary(), config.display());
             let _ = Command::new("pkill").arg("-TERM").arg("-f").arg(server).status();
             let deadline = Instant::now() + Duration::from_secs(60);
             while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {

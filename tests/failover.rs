@@ -142,6 +142,34 @@ async fn copies_on_a_down_shard_are_deleted_once_it_returns(b: Backends) {
     assert_eq!(app.metadata.count_replicas_by_state().await.unwrap().deleting, 0);
 }
 
+/// The pool pings only connections idle for over a second before handing them out (a ping per
+/// query was a round trip on every upload and download). Connections the database dropped
+/// while they sat idle are found dead then and replaced: no request pays for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_dropped_while_idle_are_replaced_before_use() {
+    let database = common::database::TestDatabase::create(DbKind::Postgres).await;
+    let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = database.url.replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+    let app =
+        spawn_app_with(Backends::SQLITE_FS, TestOptions { database_url: Some(url), ..TestOptions::default() }).await;
+    // Several uploads at once leave several connections in the pool.
+    let uploads = (0..4).map(|seed| app.upload_ok("a.png", png(2, 2, 20 + seed)));
+    let before = futures::future::join_all(uploads).await;
+
+    proxy.cut().await; // every pooled connection is closed under the pool's feet
+    proxy.restore().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    for (seed, image) in before.iter().enumerate() {
+        let id = image["id"].as_str().unwrap();
+        assert_eq!(app.get(&format!("/api/v1/images/{id}")).await.status(), StatusCode::OK, "read {seed}");
+        app.upload_ok("b.png", png(2, 2, 30 + seed as u64)).await;
+    }
+    assert_eq!(app.get("/api/v1/images").await.status(), StatusCode::OK);
+    drop(app);
+    drop(database);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_gets_503_and_the_service_recovers() {
     let database = common::database::TestDatabase::create(DbKind::Postgres).await;

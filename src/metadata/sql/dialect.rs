@@ -13,6 +13,7 @@
 //! | `{after_micros:$N}` | `now()` plus `$N` microseconds | `{now} + $N` |
 //! | `{micros_since:EXPR}` | microseconds from `EXPR` to `clock_timestamp()` | `{now} - EXPR` |
 //! | `{in:$N}` / `{not_in:$N}` | `= ANY($N)` / `<> ALL($N)` over a `TEXT[]` | `IN` / `NOT IN` over `json_each($N)` |
+//! | `{names:$N}` | the list as a table `names (name)`: `unnest($N)` | the same over `json_each($N)` |
 //! | `{for_update}` | `FOR UPDATE`: lock the rows read | nothing: see below |
 //! | `{skip_locked}` | `FOR UPDATE SKIP LOCKED` | nothing |
 //! | `{table_exists:$N}` | `to_regclass($N) IS NOT NULL` | a lookup in `sqlite_master` |
@@ -91,6 +92,15 @@ const POSTGRES_MAX_CONNECTIONS: u32 = 10;
 /// this long and then fail as unavailable, so it stays short enough for a quick 503.
 const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A pooled connection idle longer than this is pinged before it is handed out. sqlx pings
+/// every connection it hands out unless told otherwise, a round trip before each query or
+/// transaction (two per upload and two per download); and it pings each connection again as
+/// it comes back to the pool, in the background. So a connection released within this window
+/// answered a ping then. What the window risks: a database that went away within it fails the
+/// first query on such a connection (503, and the connection is dropped) instead of the pool
+/// reconnecting first. HikariCP makes the same trade with half a second.
+const POSTGRES_TRUST_RECENT: Duration = Duration::from_secs(1);
+
 impl Dialect for Postgres {
     type Db = sqlx::Postgres;
     type Id = Uuid;
@@ -107,6 +117,7 @@ impl Dialect for Postgres {
             "micros_since" => format!("CAST(EXTRACT(EPOCH FROM clock_timestamp() - {argument}) * 1000000 AS BIGINT)"),
             "in" => format!("= ANY({argument})"),
             "not_in" => format!("<> ALL({argument})"),
+            "names" => format!("unnest({argument}) AS names (name)"),
             "for_update" => "FOR UPDATE".to_owned(),
             "skip_locked" => "FOR UPDATE SKIP LOCKED".to_owned(),
             "table_exists" => format!("to_regclass({argument}) IS NOT NULL"),
@@ -118,6 +129,15 @@ impl Dialect for Postgres {
         PgPoolOptions::new()
             .max_connections(POSTGRES_MAX_CONNECTIONS)
             .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > POSTGRES_TRUST_RECENT {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(url)
             .await
             .map_err(sql_error("connecting to Postgres"))
@@ -183,6 +203,7 @@ impl Dialect for Sqlite {
             "micros_since" => format!("({SQLITE_NOW} - {argument})"),
             "in" => format!("IN (SELECT value FROM json_each({argument}))"),
             "not_in" => format!("NOT IN (SELECT value FROM json_each({argument}))"),
+            "names" => format!("(SELECT value AS name FROM json_each({argument})) AS names"),
             "for_update" | "skip_locked" => String::new(),
             "table_exists" => {
                 format!("EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = {argument})")

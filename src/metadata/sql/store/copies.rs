@@ -34,9 +34,19 @@ use crate::metadata::{
 type Db = <D as Dialect>::Db;
 type Connection = <Db as Database>::Connection;
 
-/// Creates the blob or locks the existing row in one statement. A plain `DO NOTHING` followed
-/// by `SELECT … FOR UPDATE` would find no row if a deleter removed it in between; Postgres
-/// retries this upsert instead, so we always end up holding the lock on a row that exists.
+/// Creates the row of a blob not yet known, which is most uploads: the new row is locked by
+/// its insertion, and a blob that had no row has no copy, no task and no deletion in doubt,
+/// so the upload's commit need not look for any (three round trips fewer). Inserts nothing
+/// when the row exists, or once a concurrent insertion of it has committed.
+static CREATE_BLOB_FOR_UPLOAD: Statement = Statement::new(
+    "INSERT INTO blobs (checksum, size, ref_count, created_at) VALUES ($1, $2, 0, {now})
+     ON CONFLICT (checksum) DO NOTHING",
+);
+
+/// Locks the row of a blob that exists, or creates it, in one statement. A plain
+/// `SELECT … FOR UPDATE` would find no row if a deleter removed it after
+/// [`CREATE_BLOB_FOR_UPLOAD`] found it; Postgres retries this upsert instead, so we always end
+/// up holding the lock on a row that exists.
 static LOCK_BLOB_FOR_UPLOAD: Statement = Statement::new(
     "INSERT INTO blobs (checksum, size, ref_count, created_at) VALUES ($1, $2, 0, {now})
      ON CONFLICT (checksum) DO UPDATE SET ref_count = blobs.ref_count",
@@ -164,10 +174,22 @@ static COUNT_STRANDED_BLOBS: Statement = Statement::new(
 impl CopyStore for SqlStore<D> {
     async fn lock_blob_for_upload(&self, blob: &BlobKey, size: u64) -> MetaResult<Box<dyn UploadGuard>> {
         const CONTEXT: &str = "locking a blob for an upload";
+        let size = to_column::<_, i64>(size, CONTEXT)?;
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        let created = sqlx::query(CREATE_BLOB_FOR_UPLOAD.sql::<D>())
+            .bind(blob.as_str())
+            .bind(size)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?
+            .rows_affected()
+            == 1;
+        if created {
+            return Ok(Box::new(SqlUploadGuard { tx, blob: blob.clone(), in_doubt: Vec::new(), new_blob: true }));
+        }
         sqlx::query(LOCK_BLOB_FOR_UPLOAD.sql::<D>())
             .bind(blob.as_str())
-            .bind(to_column::<_, i64>(size, CONTEXT)?)
+            .bind(size)
             .execute(&mut *tx)
             .await
             .map_err(sql_error(CONTEXT))?;
@@ -176,7 +198,7 @@ impl CopyStore for SqlStore<D> {
             .fetch_all(&mut *tx)
             .await
             .map_err(sql_error(CONTEXT))?;
-        Ok(Box::new(SqlUploadGuard { tx, blob: blob.clone(), in_doubt }))
+        Ok(Box::new(SqlUploadGuard { tx, blob: blob.clone(), in_doubt, new_blob: false }))
     }
 
     async fn lock_copy_for_deletion(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>> {
@@ -328,6 +350,8 @@ struct SqlUploadGuard {
     tx: Transaction<'static, Db>,
     blob: BlobKey,
     in_doubt: Vec<String>,
+    /// The lock created the blob's row: nothing was recorded of it before.
+    new_blob: bool,
 }
 
 #[async_trait]
@@ -337,10 +361,10 @@ impl UploadGuard for SqlUploadGuard {
     }
 
     async fn commit(self: Box<Self>, image: &NewImage, copies: &[Replica]) -> MetaResult<ImageRecord> {
-        let Self { mut tx, blob, .. } = *self;
+        let Self { mut tx, blob, new_blob, .. } = *self;
         // A reference to another blob would leave this blob's count wrong: a caller bug.
         assert_eq!(image.blob, blob, "an upload guard commits an image of the blob it locked");
-        record_copies_and_reference(&mut tx, &blob, copies).await?;
+        record_copies_and_reference(&mut tx, &blob, copies, new_blob).await?;
         insert_image(&mut tx, image).await?;
         let record = fetch_recorded(&mut tx, image.id).await?;
         tx.commit().await.map_err(sql_error("recording an upload"))?;
@@ -348,9 +372,9 @@ impl UploadGuard for SqlUploadGuard {
     }
 
     async fn commit_variant(self: Box<Self>, variant: &NewVariant, copies: &[Replica]) -> MetaResult<VariantRecorded> {
-        let Self { mut tx, blob, .. } = *self;
+        let Self { mut tx, blob, new_blob, .. } = *self;
         assert_eq!(variant.blob, blob, "an upload guard commits a variant of the blob it locked");
-        record_copies_and_reference(&mut tx, &blob, copies).await?;
+        record_copies_and_reference(&mut tx, &blob, copies, new_blob).await?;
         let recorded = record_variant(&mut tx, variant).await?;
         if recorded == VariantRecorded::Recorded {
             tx.commit().await.map_err(sql_error("recording a variant"))?;
@@ -362,9 +386,17 @@ impl UploadGuard for SqlUploadGuard {
 }
 
 /// The part of an upload's commit that concerns the blob: copies, their tasks, a reference.
-async fn record_copies_and_reference(conn: &mut Connection, blob: &BlobKey, copies: &[Replica]) -> MetaResult<()> {
-    run(conn, &FORGET_DELETING_COPIES, blob, "forgetting copies left by a deletion").await?;
-    forget_tasks(conn, blob, TaskKind::Delete).await?;
+/// A blob whose row the upload created (`new_blob`) has no copies left by a deletion to forget.
+async fn record_copies_and_reference(
+    conn: &mut Connection,
+    blob: &BlobKey,
+    copies: &[Replica],
+    new_blob: bool,
+) -> MetaResult<()> {
+    if !new_blob {
+        run(conn, &FORGET_DELETING_COPIES, blob, "forgetting copies left by a deletion").await?;
+        forget_tasks(conn, blob, TaskKind::Delete).await?;
+    }
     for copy in copies {
         record_copy(conn, blob, copy).await?;
         if copy.state == ReplicaState::Pending {

@@ -134,9 +134,9 @@ impl ImageStore for SqlStore<D> {
     }
 
     async fn find_image(&self, id: Uuid) -> MetaResult<Option<ImageRecord>> {
-        let Some(mut record) = fetch_image(&self.pool, id).await? else { return Ok(None) };
-        record.variants = fetch_variants(&self.pool, id).await?;
-        Ok(Some(record))
+        // Two queries on two pooled connections at once: a download waits for one round trip.
+        let (record, variants) = tokio::try_join!(fetch_image(&self.pool, id), fetch_variants(&self.pool, id))?;
+        Ok(record.map(|record| ImageRecord { variants, ..record }))
     }
 
     async fn list_images(

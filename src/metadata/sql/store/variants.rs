@@ -66,8 +66,11 @@ static ADD_REFERENCE_TO_LIVE_BLOB: Statement = Statement::new(
        AND EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND state = 'stored')",
 );
 
-static QUEUE_VARIANT_TASK: Statement = Statement::new(
-    "INSERT INTO variant_tasks (image_id, name, created_at, next_attempt_at) VALUES ($1, $2, {clock}, {clock})
+/// Queues the variants `$2` (a list of names) of image `$1`: one round trip for all of them.
+/// (`WHERE true` is SQLite's: without it, `ON CONFLICT` would parse as a join's `ON`.)
+static QUEUE_VARIANT_TASKS: Statement = Statement::new(
+    "INSERT INTO variant_tasks (image_id, name, created_at, next_attempt_at)
+     SELECT $1, names.name, {clock}, {clock} FROM {names:$2} WHERE true
      ON CONFLICT (image_id, name) DO UPDATE SET next_attempt_at = excluded.next_attempt_at
      WHERE variant_tasks.next_attempt_at > excluded.next_attempt_at",
 );
@@ -283,14 +286,17 @@ impl VariantStore for SqlStore<D> {
 
 /// Queues one generation task per named variant of a new image (in the upload's transaction).
 pub(super) async fn queue_variant_tasks(conn: &mut Connection, image: Uuid, names: &[String]) -> MetaResult<()> {
-    for name in names {
-        sqlx::query(QUEUE_VARIANT_TASK.sql::<D>())
-            .bind(D::id(image))
-            .bind(name)
-            .execute(&mut *conn)
-            .await
-            .map_err(sql_error("queueing a variant task"))?;
+    const CONTEXT: &str = "queueing variant tasks";
+    if names.is_empty() {
+        return Ok(());
     }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    sqlx::query(QUEUE_VARIANT_TASKS.sql::<D>())
+        .bind(D::id(image))
+        .bind(D::name_list(&names, CONTEXT)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(sql_error(CONTEXT))?;
     Ok(())
 }
 
