@@ -142,6 +142,32 @@ async fn copies_on_a_down_shard_are_deleted_once_it_returns(b: Backends) {
     assert_eq!(app.metadata.count_replicas_by_state().await.unwrap().deleting, 0);
 }
 
+/// An S3 holder that dies while a large download streams from it: the response goes on from
+/// the other holder, and the client gets every byte, checked, in one 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_dying_mid_download_is_replaced_without_cutting_the_response() {
+    let options = TestOptions { max_upload_bytes: 48 * 1024 * 1024, ..TestOptions::default() };
+    let app = spawn_app_with(Backends::POSTGRES_S3, options).await;
+    let bytes = large_png(40 * 1024 * 1024, 9);
+    let image = app.upload_ok("big.png", bytes.clone()).await;
+    let id = image["id"].as_str().unwrap();
+    let (first, second) = replicate_by_hand(&app, &image).await;
+    let preferred = preference_list(&app, image["checksum"].as_str().unwrap());
+    let serving = preferred.iter().find(|shard| **shard == first || **shard == second).unwrap().clone();
+
+    let mut response = app.download(id).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut received = response.chunk().await.unwrap().expect("a first chunk").to_vec();
+    // Far less than the 40 MiB is buffered between the holder and the client by now: the
+    // rest must come from the other holder.
+    app.take_shard_offline(&serving).await;
+    while let Some(chunk) = response.chunk().await.expect("the body goes on") {
+        received.extend_from_slice(&chunk);
+    }
+    assert_eq!(received.len(), bytes.len());
+    assert!(received == bytes, "the bytes are the image's");
+}
+
 /// The pool pings only connections idle for over a second before handing them out (a ping per
 /// query was a round trip on every upload and download). Connections the database dropped
 /// while they sat idle are found dead then and replaced: no request pays for them.

@@ -7,6 +7,7 @@ pub mod eager;
 pub mod error;
 pub mod filename;
 pub mod format;
+pub mod resume;
 pub mod service;
 pub mod spool;
 pub mod store;

@@ -10,6 +10,7 @@ use super::eager::EagerReplicator;
 use super::error::{ImageError, Result};
 use super::filename::Filename;
 use super::format::{self, ImageInfo};
+use super::resume::{self, OpenHolder};
 use super::spool::SpooledBody;
 use super::store::{BlobWriter, Commit};
 use super::verify::{self, ReadError};
@@ -226,7 +227,8 @@ impl ImageService {
             replicas.iter().filter(|r| r.state == ReplicaState::Stored).map(|r| r.shard.as_str()).collect();
         let mut attempts = Vec::new();
         let order = self.router.read_order(blob, &holders);
-        let mut reads = self.router.hedged_reads(order, |shard| self.open_checked(blob, size, shard));
+        let fallbacks = order.clone();
+        let mut reads = self.router.hedged_reads(order, |shard| self.open_checked(blob, size, shard, &fallbacks));
         let mut served = None;
         while let Some((shard, result)) = reads.next().await {
             match result {
@@ -254,8 +256,15 @@ impl ImageService {
     }
 
     /// Opens one holder's copy: small blobs are read and checked whole, large ones are checked
-    /// as they stream (a bad one then ends the response with an error, and is queued for repair).
-    async fn open_checked(&self, blob: &BlobKey, size: u64, shard: &str) -> Result<ByteStream, HolderFailure> {
+    /// as they stream (a bad one then ends the response with an error, and is queued for repair)
+    /// and go on from the other holders in `order` if this one fails mid-body.
+    async fn open_checked(
+        &self,
+        blob: &BlobKey,
+        size: u64,
+        shard: &str,
+        order: &[&str],
+    ) -> Result<ByteStream, HolderFailure> {
         let reader = self.router.open_on(shard, blob).await.map_err(|error| match error {
             RouterError::Shard { source, .. } if source.is_not_found() => {
                 HolderFailure::Bad(Finding::Absent, "the object is absent".into())
@@ -272,11 +281,22 @@ impl ImageService {
                 }
             };
         }
+        let others = order.iter().filter(|holder| **holder != shard).map(|holder| (*holder).to_owned()).collect();
+        let stream = resume::resuming(reader.stream, others, self.holder_opener(blob));
         let report = self.bad_copy_reporter(blob, size, shard, Finding::WrongBytes);
-        Ok(verify::checked_stream(reader.stream, blob.clone(), size, move |problem| {
+        Ok(verify::checked_stream(stream, blob.clone(), size, move |problem| {
             tracing::warn!(%problem, "a streamed copy was bad");
             report();
         }))
+    }
+
+    /// Opens `blob` on a holder by name, for a read that goes on from there (`resume`).
+    fn holder_opener(&self, blob: &BlobKey) -> OpenHolder {
+        let (router, blob) = (self.router.clone(), blob.clone());
+        Arc::new(move |shard| {
+            let (router, blob) = (router.clone(), blob.clone());
+            Box::pin(async move { Ok(router.open_on(&shard, &blob).await.map_err(std::io::Error::other)?.stream) })
+        })
     }
 
     /// Re-checks a bad copy under its blob's lock and records it missing if it is (read
