@@ -6,8 +6,9 @@
 //! `cargo bench --bench e2e` (about three minutes). Prints Markdown (BENCHMARKS.md quotes it);
 //! progress goes to stderr. Loopback only; everything it creates is removed at the end.
 //!
-//! - S3 shards: four s3s-fs servers inside this process, each on its own 127.0.0.1 port, with
-//!   SigV4 authentication, each a directory under a temporary directory.
+//! - S3 shards: four s3s-fs servers, each a process of its own (a copy of this bench, started
+//!   with `CHITRAM_BENCH_S3_SERVER`) on its own 127.0.0.1 port, with SigV4 authentication, each
+//!   a directory under a temporary directory. Killing one (the window phase) kills its process.
 //! - Chitram: two processes, replication factor 1 and 2 (write quorum 1, two replication
 //!   workers: the defaults), each with its own bucket on the four servers and its own metadata
 //!   database. Metadata on Postgres by default (a throwaway `chitram_bench_<uuid>` database per
@@ -19,8 +20,9 @@
 //!   (default 2), split into three slices that rotate between direct, RF=1 and RF=2 so drift in a
 //!   noisy machine hits all three alike. A cell stops early at 384 MiB per path. Every upload is
 //!   unique bytes (no deduplication); every download's length is checked. After an RF=2 upload
-//!   slice the bench waits, unmeasured, for the replication queue to empty. CPU time of this
-//!   process, of Chitram and of Postgres is read from /proc around every slice.
+//!   slice the bench waits, unmeasured, for the replication queue to empty. CPU time of the load
+//!   generator, of the S3 servers, of Chitram and of Postgres is read from /proc around every
+//!   slice.
 //! - `CHITRAM_BENCH_WORKERS=N` sets `replication.workers`; `CHITRAM_BENCH_PHASES` runs a subset of
 //!   `matrix,replication,lag,window,memory` (and `profile`, for scripts/profile-requests.sh).
 //! - `CHITRAM_BENCH_WRAPPER="heaptrack -o FILE"` (or callgrind) runs each server under a
@@ -64,7 +66,6 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -127,6 +128,9 @@ impl Options {
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var(S3_CHILD_ENV) {
+        return serve_s3(&spec);
+    }
     let options = Options::from_env();
     let database = match std::env::var("CHITRAM_BENCH_DATABASE").as_deref() {
         Ok("sqlite") => DatabaseKind::Sqlite,
@@ -561,8 +565,10 @@ struct Stats {
 /// CPU seconds (user + system) spent while a slice ran, by process group.
 #[derive(Default, Clone, Copy)]
 struct Cpu {
-    /// This process: the load generator and the four S3 servers.
-    bench: f64,
+    /// This process: the load generator.
+    client: f64,
+    /// The four S3 server processes.
+    s3: f64,
     /// Every Chitram process.
     chitram: f64,
     /// Every process named `postgres` (the server and its backends).
@@ -582,8 +588,10 @@ impl Cpu {
                     .sum()
             })
             .unwrap_or(0.0);
+        let s3_pids = S3_PIDS.lock().unwrap().clone();
         Cpu {
-            bench: cpu_seconds(std::process::id()),
+            client: cpu_seconds(std::process::id()),
+            s3: s3_pids.into_iter().map(cpu_seconds).sum(),
             chitram: chitram.iter().copied().map(cpu_seconds).sum(),
             postgres,
         }
@@ -591,20 +599,22 @@ impl Cpu {
 
     fn since(self, before: Cpu) -> Cpu {
         Cpu {
-            bench: self.bench - before.bench,
+            client: self.client - before.client,
+            s3: self.s3 - before.s3,
             chitram: self.chitram - before.chitram,
             postgres: self.postgres - before.postgres,
         }
     }
 
     fn add(&mut self, other: Cpu) {
-        self.bench += other.bench;
+        self.client += other.client;
+        self.s3 += other.s3;
         self.chitram += other.chitram;
         self.postgres += other.postgres;
     }
 
     fn total(self) -> f64 {
-        self.bench + self.chitram + self.postgres
+        self.client + self.s3 + self.chitram + self.postgres
     }
 }
 
@@ -1237,58 +1247,96 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------------
 // S3 servers and the direct client
 
-/// An s3s-fs server on 127.0.0.1 that can be stopped (its listener and every connection
-/// closed, as when a node dies) and started again on the same port and files.
+/// Set in the environment of a copy of this bench that serves one S3 server (see
+/// [`S3Server`]): the server's root directory, a tab, and the address to listen on (empty: any
+/// free port on 127.0.0.1).
+const S3_CHILD_ENV: &str = "CHITRAM_BENCH_S3_SERVER";
+
+/// The process ids of the running S3 servers, for the CPU figures.
+static S3_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// An s3s-fs server on 127.0.0.1 in a process of its own, as a MinIO node is: the direct
+/// client talks to it across processes just as Chitram does, its CPU time is its own, and
+/// killing it closes its listener and every connection at once, as when a node dies. Started
+/// again on the same port and files.
 struct S3Server {
     addr: SocketAddr,
     root: PathBuf,
-    stop: CancellationToken,
+    process: std::process::Child,
 }
 
 impl S3Server {
+    /// Starts a copy of this bench as an S3 server and waits until it listens.
     async fn start(root: PathBuf, addr: Option<SocketAddr>) -> S3Server {
         std::fs::create_dir_all(&root).expect("the server's root");
-        let listener = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
-            .await
-            .expect("a port for an S3 server");
-        let addr = listener.local_addr().expect("an address");
-        let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(&root).expect("s3s-fs opens its root"));
-        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = builder.build();
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    () = stopped.cancelled() => return,
-                    accepted = listener.accept() => accepted,
-                };
-                let Ok((socket, _)) = accepted else { continue };
-                // As real S3 servers do: without it, small responses wait on delayed ACKs.
-                let _ = socket.set_nodelay(true);
-                let (service, stopped) = (service.clone(), stopped.clone());
-                tokio::spawn(async move {
-                    let builder = ConnBuilder::new(TokioExecutor::new());
-                    let connection = builder.serve_connection(TokioIo::new(socket), service);
-                    tokio::select! {
-                        () = stopped.cancelled() => {}
-                        _ = connection => {}
-                    }
-                });
-            }
-        });
-        S3Server { addr, root, stop }
+        let spec = format!("{}\t{}", root.display(), addr.map(|a| a.to_string()).unwrap_or_default());
+        let mut process = Command::new(std::env::current_exe().expect("the bench's own path"))
+            .env(S3_CHILD_ENV, spec)
+            .stdin(Stdio::piped()) // Closed when this process ends: the server then exits too.
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("an S3 server process");
+        let stdout = process.stdout.take().expect("the server's stdout");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+        })
+        .await
+        .expect("reading the server's address")
+        .expect("the server's address");
+        let addr = line.trim().parse().unwrap_or_else(|_| panic!("an S3 server announced {line:?}"));
+        S3_PIDS.lock().unwrap().push(process.id());
+        S3Server { addr, root, process }
     }
 
-    /// Closes the listener and every connection.
-    fn kill(&self) {
-        self.stop.cancel();
+    /// Kills the process: its listener and every connection close.
+    fn kill(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let pid = self.process.id();
+        S3_PIDS.lock().unwrap().retain(|p| *p != pid);
     }
 
     /// Starts it again on the same port and files.
     async fn restart(&mut self) {
+        self.kill();
         *self = S3Server::start(self.root.clone(), Some(self.addr)).await;
     }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The body of an S3 server process ([`S3_CHILD_ENV`]): serves until killed, or until the
+/// bench that started it ends (its stdin closes).
+fn serve_s3(spec: &str) {
+    let (root, addr) = spec.split_once('\t').expect("root<TAB>address");
+    let addr: SocketAddr =
+        if addr.is_empty() { "127.0.0.1:0".parse().unwrap() } else { addr.parse().expect("an address") };
+    std::thread::spawn(|| {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+        std::process::exit(0);
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(addr).await.expect("a port for an S3 server");
+        println!("{}", listener.local_addr().expect("an address"));
+        let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).expect("s3s-fs opens its root"));
+        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = builder.build();
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { continue };
+            // As real S3 servers do: without it, small responses wait on delayed ACKs.
+            let _ = socket.set_nodelay(true);
+            let service = service.clone();
+            tokio::spawn(async move {
+                let _ = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service).await;
+            });
+        }
+    });
 }
 
 /// The client as `src/storage/s3.rs` builds it for a shard (default timeouts, no SDK retries,
@@ -1449,7 +1497,7 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
     println!("# End-to-end load: Chitram against direct S3\n");
     println!("- machine: {}; load average {} before, {} after", machine(), results.load_before, results.load_after);
     println!(
-        "- S3: {SHARDS} s3s-fs servers in the bench process on 127.0.0.1 (SigV4, files under a temporary directory)"
+        "- S3: {SHARDS} s3s-fs servers, each a process of its own, on 127.0.0.1 (SigV4, files under a temporary directory)"
     );
     println!("- Chitram: the release binary as a separate process; metadata on {}", databases.describe());
     println!(
@@ -1468,14 +1516,15 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
     );
     println!(
         "- CPU: busy is all CPU time used during the cell over its wall time (the machine has {} CPUs in all); \
-         ms/MiB splits it between the bench process (load generator and S3 servers), Chitram, and Postgres\n",
+         ms/MiB splits it between the load generator (the bench process), the four S3 server processes, \
+         Chitram, and Postgres\n",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let cells = &results.cells;
     for op in ["upload", "download"].into_iter().filter(|_| !cells.is_empty()) {
         println!("## {}s\n", if op == "upload" { "Upload" } else { "Download" });
         println!(
-            "| size | concurrency | path | requests | MiB/s | req/s | p50 ms | p99 ms | vs direct | CPU busy | CPU ms/MiB: bench + Chitram + Postgres |"
+            "| size | concurrency | path | requests | MiB/s | req/s | p50 ms | p99 ms | vs direct | CPU busy | CPU ms/MiB: client + S3 servers + Chitram + Postgres |"
         );
         println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
         for cell in cells.iter().filter(|c| c.op == op) {
@@ -1489,7 +1538,7 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
                 let errors = if stats.errors > 0 { format!(" ({} failed)", stats.errors) } else { String::new() };
                 let per_mib = |seconds: f64| seconds * 1000.0 / mib(stats.bytes).max(1e-9);
                 println!(
-                    "| {} | {} | {} | {}{errors} | {:.1} | {:.0} | {:.2} | {:.2} | {ratio} | {:.0}% | {:.1} + {:.1} + {:.1} |",
+                    "| {} | {} | {} | {}{errors} | {:.1} | {:.0} | {:.2} | {:.2} | {ratio} | {:.0}% | {:.1} + {:.1} + {:.1} + {:.1} |",
                     human(cell.size),
                     cell.concurrency,
                     path.label(),
@@ -1499,7 +1548,8 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
                     stats.percentile_ms(0.5),
                     stats.percentile_ms(0.99),
                     stats.cpu.total() / stats.elapsed.as_secs_f64() * 100.0,
-                    per_mib(stats.cpu.bench),
+                    per_mib(stats.cpu.client),
+                    per_mib(stats.cpu.s3),
                     per_mib(stats.cpu.chitram),
                     per_mib(stats.cpu.postgres),
                 );
@@ -1581,7 +1631,7 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
     if !results.window.is_empty() {
         println!("## Reads while one of four shards is down (RF=2, write quorum 1, 16 clients)\n");
         println!(
-            "Three equal periods: every shard up, one S3 server killed (listener and connections closed), back up. \
+            "Three equal periods: every shard up, one S3 server process killed (SIGKILL), that server started again on its port and files. \
              A quarter of the requests upload 200 KiB; the rest read an image acknowledged earlier. Target: < 0.1% \
              of reads fail.\n"
         );

@@ -35,6 +35,7 @@ behaviours!(
     dimensions_the_database_cannot_hold_are_rejected,
     images_over_the_pixel_limit_are_rejected,
     files_cut_after_an_intact_header_are_rejected,
+    spooled_files_with_a_defect_past_their_first_chunks_are_rejected,
     cursors_outside_the_databases_range_are_rejected,
 );
 
@@ -322,6 +323,57 @@ async fn files_cut_after_an_intact_header_are_rejected(b: Backends) {
 
     // The same files whole are accepted.
     for (name, bytes) in [("a.png", whole), ("b.jpg", jpeg), ("c.gif", gif), ("d.webp", webp), ("e.png", large)] {
+        app.upload_ok(name, bytes).await;
+    }
+}
+
+/// Spooled uploads of every format are walked to their end: a defect far into the data, well
+/// past what a body kept in memory would hold, is found (and the whole files pass).
+async fn spooled_files_with_a_defect_past_their_first_chunks_are_rejected(b: Backends) {
+    fn no_memory_budget(settings: &mut chitram::config::Settings) {
+        settings.server.upload_memory_bytes = 0; // Every body over 256 KiB spools.
+    }
+    let app = spawn_app_with(b, TestOptions { adjust: Some(no_memory_budget), ..TestOptions::default() }).await;
+    let bad = |response| assert_error(response, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT");
+    const FILLER: usize = 1024 * 1024;
+
+    let png = common::images::large_png(2 * FILLER, 70);
+    let mut bad_crc = png.clone();
+    bad_crc[png.len() - 100_000] ^= 0x01;
+    bad(app.upload("crc-large.png", bad_crc).await).await;
+
+    // Entropy-coded data (no FF bytes) before the end-of-image marker.
+    let mut jpeg = jpeg(64, 48, 71);
+    let eoi = jpeg.len() - 2;
+    jpeg.splice(eoi..eoi, std::iter::repeat_n(0x5A, FILLER));
+    bad(app.upload("cut-large.jpg", jpeg[..jpeg.len() - 2].to_vec()).await).await;
+
+    // A comment extension of 255-byte sub-blocks before the trailer.
+    let mut gif = common::images::gif(64, 48, 72);
+    let trailer = gif.len() - 1;
+    let mut comment = vec![0x21, 0xFE];
+    for _ in 0..FILLER / 256 {
+        comment.push(255);
+        comment.extend_from_slice(&[0x33; 255]);
+    }
+    comment.push(0);
+    gif.splice(trailer..trailer, comment);
+    bad(app.upload("cut-large.gif", gif[..gif.len() - 1].to_vec()).await).await;
+
+    // An extra chunk after the image; the RIFF length counts it, or (bad) does not.
+    let mut webp = common::images::webp(64, 48, 73);
+    let riff_before = webp.len() as u32 - 8;
+    webp.extend_from_slice(b"XMP ");
+    webp.extend_from_slice(&(FILLER as u32).to_le_bytes());
+    webp.extend(std::iter::repeat_n(0x20, FILLER));
+    let mut wrong_length = webp.clone();
+    wrong_length[4..8].copy_from_slice(&riff_before.to_le_bytes());
+    let riff = webp.len() as u32 - 8;
+    webp[4..8].copy_from_slice(&riff.to_le_bytes());
+    bad(app.upload("long.webp", wrong_length).await).await;
+    app.assert_nothing_stored().await;
+
+    for (name, bytes) in [("a.png", png), ("b.jpg", jpeg), ("c.gif", gif), ("d.webp", webp)] {
         app.upload_ok(name, bytes).await;
     }
 }
