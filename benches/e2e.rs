@@ -174,6 +174,62 @@ struct Cell {
     size: usize,
     concurrency: usize,
     results: Vec<(Route, Stats)>,
+    /// Where the RF=1 server's upload time went (upload cells only).
+    stages: StageTotals,
+}
+
+/// Seconds and counts of the RF=1 server's `chitram_store_stage_seconds{for="upload"}`, by
+/// stage, plus its time to the upload's response head (`"response"`), summed over a cell's
+/// RF=1 upload slices from `/metrics` read before and after each.
+#[derive(Default, Clone)]
+struct StageTotals(BTreeMap<String, (f64, f64)>);
+
+/// The stages in the order an upload passes them (`src/observability/stages.rs`).
+const STAGES: [&str; 7] = ["receive", "check", "lookup", "write", "lock", "confirm", "commit"];
+
+impl StageTotals {
+    /// Reads the sums and counts out of a Prometheus exposition.
+    fn parse(text: &str) -> Self {
+        let mut totals = BTreeMap::new();
+        for line in text.lines() {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let stage = if name.starts_with("chitram_store_stage_seconds_") && labels.contains("for=\"upload\"") {
+                labels.split("stage=\"").nth(1).and_then(|rest| rest.split('"').next()).map(str::to_owned)
+            } else if name.starts_with("chitram_http_request_duration_seconds_")
+                && labels.contains("method=\"POST\"")
+                && labels.contains("route=\"/api/v1/images/upload\"")
+            {
+                Some("response".to_owned())
+            } else {
+                None
+            };
+            let Some(stage) = stage else { continue };
+            let entry: &mut (f64, f64) = totals.entry(stage).or_default();
+            if name.ends_with("_sum") {
+                entry.0 += value;
+            } else if name.ends_with("_count") {
+                entry.1 += value;
+            }
+        }
+        Self(totals)
+    }
+
+    /// Adds what happened between two readings.
+    fn add_between(&mut self, before: &StageTotals, after: &StageTotals) {
+        for (stage, (sum, count)) in &after.0 {
+            let (sum_before, count_before) = before.0.get(stage).copied().unwrap_or_default();
+            let entry = self.0.entry(stage.clone()).or_default();
+            entry.0 += sum - sum_before;
+            entry.1 += count - count_before;
+        }
+    }
+
+    /// Mean milliseconds per upload in `stage`.
+    fn mean_ms(&self, stage: &str) -> f64 {
+        self.0.get(stage).map_or(f64::NAN, |(sum, count)| sum * 1000.0 / count.max(1.0))
+    }
 }
 
 /// A batch stored with two copies: directly (two PUTs per object) and through Chitram RF=2.
@@ -260,11 +316,16 @@ async fn run(options: &Options, databases: &Databases) {
             let mut uploads: Vec<(Route, Stats)> = ROUTES.iter().map(|p| (*p, Stats::default())).collect();
             let mut downloads: Vec<(Route, Stats)> = ROUTES.iter().map(|p| (*p, Stats::default())).collect();
             let objects: Vec<Arc<Mutex<Vec<String>>>> = ROUTES.iter().map(|_| Arc::default()).collect();
+            let mut stages = StageTotals::default();
             for slice in 0..SLICES {
                 for turn in 0..ROUTES.len() {
                     let i = (slice + turn) % ROUTES.len();
                     let op = targets.upload(ROUTES[i], base.clone(), objects[i].clone());
+                    let before = if ROUTES[i] == Route::Rf1 { Some(targets.rf1_stages().await) } else { None };
                     uploads[i].1.merge(run_slice(op, concurrency, budget, min_ops, max_ops).await);
+                    if let Some(before) = before {
+                        stages.add_between(&before, &targets.rf1_stages().await);
+                    }
                     if ROUTES[i] == Route::Rf2 {
                         // The next slice starts on a quiet machine.
                         targets.drain(Route::Rf2).await;
@@ -289,8 +350,9 @@ async fn run(options: &Options, databases: &Databases) {
                     results.iter().map(|(p, s)| format!("{} {:.0} MiB/s", p.label(), s.mib_per_sec())).collect();
                 eprintln!("e2e: {op} {} × {concurrency}: {}", human(size), line.join(", "));
             }
-            results.cells.push(Cell { op: "upload", size, concurrency, results: uploads });
-            results.cells.push(Cell { op: "download", size, concurrency, results: downloads });
+            results.cells.push(Cell { op: "upload", size, concurrency, results: uploads, stages });
+            let stages = StageTotals::default();
+            results.cells.push(Cell { op: "download", size, concurrency, results: downloads, stages });
         }
     }
     if options.replication {
@@ -374,6 +436,15 @@ static CHITRAM_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 impl Targets {
     fn chitram(&self, path: Route) -> &str {
         if path == Route::Rf1 { &self.rf1 } else { &self.rf2 }
+    }
+
+    /// The RF=1 server's stage figures now (empty if `/metrics` does not answer).
+    async fn rf1_stages(&self) -> StageTotals {
+        let text = match self.http.get(format!("{}/metrics", self.rf1)).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        StageTotals::parse(&text)
     }
 
     fn upload(&self, path: Route, base: Arc<Bytes>, uploaded: Arc<Mutex<Vec<String>>>) -> Op {
@@ -762,6 +833,41 @@ async fn replication_throughput(targets: &Targets) -> Vec<Replication> {
         runs.push(Replication { size, objects, direct_two_puts, acknowledged, until_replicated });
     }
     runs
+}
+
+/// Where an RF=1 upload's time goes, stage by stage, beside a direct PUT of the same bytes.
+fn print_upload_stages(cells: &[Cell]) {
+    let uploads: Vec<&Cell> = cells.iter().filter(|c| c.op == "upload" && !c.stages.0.is_empty()).collect();
+    if uploads.is_empty() {
+        return;
+    }
+    println!("## Where an RF=1 upload's time goes (mean ms per upload)\n");
+    println!(
+        "From the RF=1 server's `chitram_store_stage_seconds` over the cell's uploads; *response* is its time \
+         to the response head, *other* what the stages do not cover (routing, the form's framing, the \
+         answer). *direct PUT* and *client* are the means the bench's client saw.\n"
+    );
+    println!("| size | concurrency | direct PUT | client | response | {} | other |", STAGES.join(" | "));
+    println!("|---:|---:|---:|---:|---:|{}---:|", "---:|".repeat(STAGES.len()));
+    for cell in uploads {
+        let mean = |stats: &Stats| {
+            stats.latencies.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0
+                / stats.latencies.len().max(1) as f64
+        };
+        let response = cell.stages.mean_ms("response");
+        let staged: f64 = STAGES.iter().map(|stage| cell.stages.mean_ms(stage)).filter(|ms| ms.is_finite()).sum();
+        let columns: Vec<String> = STAGES.iter().map(|stage| format!("{:.2}", cell.stages.mean_ms(stage))).collect();
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {response:.2} | {} | {:.2} |",
+            human(cell.size),
+            cell.concurrency,
+            mean(&cell.results[0].1),
+            mean(&cell.results[1].1),
+            columns.join(" | "),
+            response - staged
+        );
+    }
+    println!();
 }
 
 /// The server binary: this build's, or `CHITRAM_BENCH_BINARY`.
@@ -1557,6 +1663,8 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
         }
         println!();
     }
+
+    print_upload_stages(cells);
 
     if !cells.is_empty() {
         println!("## 1 MiB: Chitram throughput as a share of direct (targets: ≥ 90% at concurrency 1, ≥ 75% at 8)\n");

@@ -121,6 +121,38 @@ async fn metrics_move_with_uploads_failover_and_replication() {
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
 
+/// Each stage of an upload is timed once: a new blob passes all seven, a duplicate stops after
+/// the lookup, and a refused file after its body is received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stage_of_an_upload_is_timed() {
+    let _turn = METRICS.lock().await;
+    let app = spawn_app_with(Backends::POSTGRES_S3, observed(0)).await;
+    let before = scrape(&app).await;
+
+    let bytes = png(7, 7, 92_000);
+    app.upload_ok("new.png", bytes.clone()).await;
+    app.upload_ok("duplicate.png", bytes).await;
+    let refused = app.upload("not-an-image.png", b"plain text, not a PNG".to_vec()).await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT");
+
+    let after = scrape(&app).await;
+    let count = "chitram_store_stage_seconds_count";
+    let uploads_in = |stage: &str| {
+        let labels = [("for", "upload"), ("stage", stage)];
+        sum(&after, count, &labels) - sum(&before, count, &labels)
+    };
+    assert_eq!(uploads_in("receive"), 3.0, "every body is received");
+    assert_eq!(uploads_in("check"), 2.0, "the refused file never passes its check");
+    assert_eq!(uploads_in("lookup"), 2.0);
+    for stage in ["write", "lock", "confirm", "commit"] {
+        assert_eq!(uploads_in(stage), 1.0, "only new bytes are written ({stage})");
+    }
+    let seconds = |samples: &[Sample]| sum(samples, "chitram_store_stage_seconds_sum", &[("for", "upload")]);
+    assert!(seconds(&after) > seconds(&before), "the stages took time");
+    let fine = [("for", "upload"), ("stage", "lock"), ("le", "0.0001")];
+    assert!(has(&after, "chitram_store_stage_seconds_bucket", &fine), "stage buckets start at 100 µs");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_can_be_turned_off() {
     let options = TestOptions { adjust: Some(|settings| settings.metrics.enabled = false), ..TestOptions::default() };

@@ -23,6 +23,7 @@ use crate::accounts::{AuthError, Caller};
 use crate::images::error::ImageError;
 use crate::images::spool::{SpoolError, SpoolLimits, SpooledBody, spool_body};
 use crate::metadata::{ImageOwner, ImageRecord, Visibility};
+use crate::observability::stages::{Purpose, Stage, StageClock};
 use multer::{Field, Multipart};
 
 /// Room for multipart boundaries and part headers on top of the file itself.
@@ -251,13 +252,16 @@ async fn spool_field(
     limits: &SpoolLimits,
     expected_len: Option<u64>,
 ) -> Result<SpooledBody, ImageError> {
-    spool_body(field, limits, expected_len).await.map_err(|error| match error {
+    let mut clock = StageClock::start(Purpose::Upload);
+    let spooled = spool_body(field, limits, expected_len).await.map_err(|error| match error {
         SpoolError::Body(source) => match source.downcast_ref::<multer::Error>() {
             Some(multipart) => multipart_error(multipart, limits),
             None => ImageError::InvalidMultipart(source.to_string()),
         },
         other => other.into(),
-    })
+    })?;
+    clock.finish(Stage::Receive);
+    Ok(spooled)
 }
 
 /// A body over the request limit is `FILE_TOO_LARGE`; bad framing (`FramingGuard`) and

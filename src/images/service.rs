@@ -21,6 +21,7 @@ use crate::metadata::{
     CopyRef, ImageOwner, ImageRecord, MetadataStore, NewImage, Replica, ReplicaState, Role, Visibility,
 };
 use crate::observability::names;
+use crate::observability::stages::{Purpose, Stage, StageClock};
 use crate::storage::router::{RouterError, StorageRouter};
 use crate::storage::{BlobBody, BlobReader, ByteStream, StorageError};
 use crate::variants::Catalog;
@@ -100,8 +101,10 @@ impl ImageService {
         if upload.len == 0 {
             return Err(ImageError::EmptyFile);
         }
+        let mut clock = StageClock::start(Purpose::Upload);
         // Format, dimensions and completeness, before anything is written anywhere.
         let info = inspect(&upload, self.max_pixels).await?;
+        clock.finish(Stage::Check);
         if let Some(owner) = &owner {
             self.ensure_room(owner, upload.len).await?;
         }
@@ -118,9 +121,10 @@ impl ImageService {
             visibility,
             variants: self.variants.names(),
         };
-        if let Some(record) =
-            self.metadata.insert_image_for_live_blob(&image).instrument(query("insert_image_for_live_blob")).await?
-        {
+        let existing =
+            self.metadata.insert_image_for_live_blob(&image).instrument(query("insert_image_for_live_blob")).await?;
+        clock.finish(Stage::Lookup);
+        if let Some(record) = existing {
             tracing::info!(id = %record.id, blob = %record.blob, "stored as a reference to an existing blob");
             metrics::counter!(names::DEDUP_HITS).increment(1);
             return Ok(self.variants.present(record));
@@ -177,7 +181,7 @@ impl ImageService {
             let image = to_commit.clone();
             Box::pin(async move { guard.commit(&image, &copies).instrument(query("commit_upload")).await })
         });
-        let record = self.writer.store(&image.blob, image.file_size, body, commit).await?;
+        let record = self.writer.store(Purpose::Upload, &image.blob, image.file_size, body, commit).await?;
         tracing::info!(id = %record.id, blob = %record.blob, "stored a new blob");
         Ok(record)
     }

@@ -11,6 +11,7 @@ use super::error::{ImageError, Result};
 use crate::blob::BlobKey;
 use crate::maintenance::deletion;
 use crate::metadata::{MetaResult, MetadataError, MetadataStore, Replica, ReplicaState, UploadGuard};
+use crate::observability::stages::{Purpose, Stage, StageClock};
 use crate::storage::BlobBody;
 use crate::storage::StorageError;
 use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
@@ -46,7 +47,16 @@ impl BlobWriter {
     /// The writes have the router's write deadline, and the check under the lock its short
     /// control deadline (DESIGN invariant 4). A copy the check cannot confirm in time is never
     /// recorded: the lock is released and the next attempt writes to other shards.
-    pub async fn store<T>(&self, blob: &BlobKey, size: u64, body: &BlobBody, mut commit: Commit<T>) -> Result<T> {
+    ///
+    /// Each stage's time is recorded under `purpose` (see [`crate::observability::stages`]).
+    pub async fn store<T>(
+        &self,
+        purpose: Purpose,
+        blob: &BlobKey,
+        size: u64,
+        body: &BlobBody,
+        mut commit: Commit<T>,
+    ) -> Result<T> {
         let mut unconfirmed: Vec<(String, StorageError)> = Vec::new();
         // Shards where an earlier deletion of these bytes may still land (see
         // `maintenance/deletion.rs`): a copy written there could vanish after the commit.
@@ -54,6 +64,7 @@ impl BlobWriter {
         for _ in 0..STORE_ATTEMPTS {
             let avoid: Vec<String> =
                 unconfirmed.iter().map(|(shard, _)| shard.clone()).chain(in_doubt.clone()).collect();
+            let mut clock = StageClock::start(purpose);
             let receipt = match self.router.write_copies(blob, body, self.write_quorum, &avoid).await {
                 Ok(receipt) => receipt,
                 Err(error) => {
@@ -61,6 +72,7 @@ impl BlobWriter {
                     return Err(ImageError::StorageUnavailable(error));
                 }
             };
+            clock.finish(Stage::Write);
             let span = tracing::info_span!("metadata_query", operation = "lock_blob_for_upload");
             let guard = match self.metadata.lock_blob_for_upload(blob, size).instrument(span).await {
                 Ok(guard) => guard,
@@ -69,6 +81,7 @@ impl BlobWriter {
                     return Err(error.into());
                 }
             };
+            clock.finish(Stage::Lock);
             let doubtful: Vec<String> =
                 receipt.stored.iter().filter(|shard| guard.shards_in_doubt().contains(shard)).cloned().collect();
             if !doubtful.is_empty() {
@@ -77,7 +90,9 @@ impl BlobWriter {
                 in_doubt.extend(doubtful);
                 continue;
             }
-            match self.copies_still_exist(&receipt, blob, size).await {
+            let confirmation = self.copies_still_exist(&receipt, blob, size).await;
+            clock.finish(Stage::Confirm);
+            match confirmation {
                 Confirmation::Confirmed => {
                     let committed = match commit(guard, copies_after_write(&receipt)).await {
                         Ok(committed) => committed,
@@ -89,6 +104,7 @@ impl BlobWriter {
                         }
                         Err(error) => return Err(error.into()),
                     };
+                    clock.finish(Stage::Commit);
                     tracing::info!(%blob, shards = ?receipt.stored, "stored a new blob");
                     return Ok(committed);
                 }

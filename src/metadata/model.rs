@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use uuid::Uuid;
 
 use super::MetadataError;
@@ -81,6 +81,31 @@ pub struct NewImage {
     /// The variants to generate for it: one generation task each, queued in the same
     /// transaction as the image (`metadata/variants.rs`).
     pub variants: Vec<String>,
+}
+
+impl NewImage {
+    /// The record a store reads back right after inserting this image with exactly these
+    /// copies of its blob: times at the microsecond both databases keep, copies in shard-name
+    /// order, no variants recorded yet. Spares a commit that created the blob's row the
+    /// round trip of reading it back (no other copy of a blob without a row can exist).
+    pub fn as_recorded(&self, copies: &[Replica]) -> ImageRecord {
+        let mut replicas = copies.to_vec();
+        replicas.sort_by(|a, b| a.shard.cmp(&b.shard));
+        ImageRecord {
+            id: self.id,
+            filename: self.filename.clone(),
+            content_type: self.content_type.clone(),
+            file_size: self.file_size,
+            width: self.width,
+            height: self.height,
+            blob: self.blob.clone(),
+            created_at: self.created_at.trunc_subsecs(6),
+            replicas,
+            owner: self.owner.map(|owner| owner.user),
+            visibility: self.visibility,
+            variants: Vec::new(),
+        }
+    }
 }
 
 /// The owner of an image being recorded. Their usage grows in the transaction that records

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::names;
 
@@ -22,7 +22,10 @@ pub fn install() -> Result<PrometheusHandle, RecorderError> {
     if let Some(handle) = installed.as_ref() {
         return Ok(handle.clone());
     }
-    let handle = PrometheusBuilder::new().set_buckets(names::LATENCY_BUCKETS)?.install_recorder()?;
+    let handle = PrometheusBuilder::new()
+        .set_buckets(names::LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(names::STORE_STAGE.to_owned()), names::STAGE_BUCKETS)?
+        .install_recorder()?;
     names::describe();
     *installed = Some(handle.clone());
     Ok(handle)

@@ -28,6 +28,7 @@ use crate::images::store::Commit;
 use crate::metadata::{
     ImageRecord, MetadataError, MetadataStore, NewVariant, VariantRecord, VariantRecorded, VariantState,
 };
+use crate::observability::stages::Purpose;
 use crate::storage::{BlobBody, ByteStream};
 
 /// Why a variant could not be made now. A decode failure is not one of these: it is recorded
@@ -271,7 +272,7 @@ impl VariantService {
             let variant = variant.clone();
             Box::pin(async move { guard.commit_variant(&variant, &copies).await })
         });
-        let recorded = self.images.writer().store(&blob, size, &body, commit).await?;
+        let recorded = self.images.writer().store(Purpose::Variant, &blob, size, &body, commit).await?;
         tracing::info!(%image, variant = %spec.name, %blob, "stored a variant");
         Ok(recorded)
     }

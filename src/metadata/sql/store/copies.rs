@@ -38,8 +38,12 @@ type Connection = <Db as Database>::Connection;
 /// its insertion, and a blob that had no row has no copy, no task and no deletion in doubt,
 /// so the upload's commit need not look for any (three round trips fewer). Inserts nothing
 /// when the row exists, or once a concurrent insertion of it has committed.
+///
+/// The row is created with the one reference the upload's commit adds (a round trip fewer):
+/// nothing else sees the row before that commit, and a guard dropped without committing (a
+/// copy gone, a refused write's cleanup) rolls it back with its reference.
 static CREATE_BLOB_FOR_UPLOAD: Statement = Statement::new(
-    "INSERT INTO blobs (checksum, size, ref_count, created_at) VALUES ($1, $2, 0, {now})
+    "INSERT INTO blobs (checksum, size, ref_count, created_at) VALUES ($1, $2, 1, {now})
      ON CONFLICT (checksum) DO NOTHING",
 );
 
@@ -366,7 +370,8 @@ impl UploadGuard for SqlUploadGuard {
         assert_eq!(image.blob, blob, "an upload guard commits an image of the blob it locked");
         record_copies_and_reference(&mut tx, &blob, copies, new_blob).await?;
         insert_image(&mut tx, image).await?;
-        let record = fetch_recorded(&mut tx, image.id).await?;
+        // A row this transaction created has no copies but those just recorded.
+        let record = if new_blob { image.as_recorded(copies) } else { fetch_recorded(&mut tx, image.id).await? };
         tx.commit().await.map_err(sql_error("recording an upload"))?;
         Ok(record)
     }
@@ -386,7 +391,8 @@ impl UploadGuard for SqlUploadGuard {
 }
 
 /// The part of an upload's commit that concerns the blob: copies, their tasks, a reference.
-/// A blob whose row the upload created (`new_blob`) has no copies left by a deletion to forget.
+/// A blob whose row the upload created (`new_blob`) has no copies left by a deletion to forget,
+/// and has its reference already.
 async fn record_copies_and_reference(
     conn: &mut Connection,
     blob: &BlobKey,
@@ -402,6 +408,9 @@ async fn record_copies_and_reference(
         if copy.state == ReplicaState::Pending {
             queue_copy_if_pending(conn, blob, &copy.shard).await?;
         }
+    }
+    if new_blob {
+        return Ok(()); // Created with its reference (`CREATE_BLOB_FOR_UPLOAD`).
     }
     let added = run(conn, &ADD_REFERENCE, blob, "adding a reference to a blob").await?;
     if added != 1 {
