@@ -262,6 +262,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_key_is_the_sha256_of_the_bytes_whatever_the_size_and_chunking() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes =
+            [(0, 1), (MEMORY_THRESHOLD - 1, 1000), (MEMORY_THRESHOLD + 1, 4096), (MEMORY_THRESHOLD * 5 + 17, 65_536)];
+        for (total, chunk) in sizes {
+            let body: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+            let pieces: Vec<Result<Bytes, Infallible>> =
+                body.chunks(chunk).map(|piece| Ok(Bytes::copy_from_slice(piece))).collect();
+            let spooled = spool_body(futures::stream::iter(pieces), &limits(&dir, u64::MAX), None).await.unwrap();
+            let expected = BlobKey::from_digest(&Sha256::digest(&body).into());
+            assert_eq!(spooled.key, expected, "{total} bytes in chunks of {chunk}");
+            assert_eq!(spooled.len, total as u64);
+        }
+    }
+
+    #[tokio::test]
     async fn stops_reading_one_byte_past_the_limit_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let error = spool_body(chunks(MEMORY_THRESHOLD * 4, 4096), &limits(&dir, MEMORY_THRESHOLD as u64 * 2), None)
