@@ -23,6 +23,10 @@
 //!   slice the bench waits, unmeasured, for the replication queue to empty. CPU time of the load
 //!   generator, of the S3 servers, of Chitram and of Postgres is read from /proc around every
 //!   slice.
+//! - Where an RF=1 upload's time goes: the RF=1 server's `chitram_store_stage_seconds` is read
+//!   from its `/metrics` around each of its upload slices, and each upload cell gets the mean
+//!   milliseconds of every stage (receive, check, lookup, write, lock, confirm, commit) beside
+//!   the direct PUT's.
 //! - `CHITRAM_BENCH_WORKERS=N` sets `replication.workers`; `CHITRAM_BENCH_PHASES` runs a subset of
 //!   `matrix,replication,lag,window,memory` (and `profile`, for scripts/profile-requests.sh).
 //! - `CHITRAM_BENCH_WRAPPER="heaptrack -o FILE"` (or callgrind) runs each server under a
