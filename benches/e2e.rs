@@ -38,6 +38,10 @@
 #[allow(dead_code)]
 #[path = "../tests/common/images.rs"]
 mod images;
+// The tests' parser of Prometheus' text format, for the stage figures read from `/metrics`.
+#[allow(dead_code)]
+#[path = "../tests/common/exposition.rs"]
+mod exposition;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -186,7 +190,7 @@ struct Cell {
 /// stage, plus its time to the upload's response head (`"response"`), summed over a cell's
 /// RF=1 upload slices from `/metrics` read before and after each.
 #[derive(Default, Clone)]
-struct StageTotals(BTreeMap<String, (f64, f64)>);
+struct StageTotals(BTreeMap<&'static str, (f64, f64)>);
 
 /// The stages in the order an upload passes them (`src/observability/stages.rs`).
 const STAGES: [&str; 7] = ["receive", "check", "lookup", "write", "lock", "confirm", "commit"];
@@ -194,29 +198,17 @@ const STAGES: [&str; 7] = ["receive", "check", "lookup", "write", "lock", "confi
 impl StageTotals {
     /// Reads the sums and counts out of a Prometheus exposition.
     fn parse(text: &str) -> Self {
-        let mut totals = BTreeMap::new();
-        for line in text.lines() {
-            let Some((series, value)) = line.rsplit_once(' ') else { continue };
-            let Ok(value) = value.parse::<f64>() else { continue };
-            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-            let stage = if name.starts_with("chitram_store_stage_seconds_") && labels.contains("for=\"upload\"") {
-                labels.split("stage=\"").nth(1).and_then(|rest| rest.split('"').next()).map(str::to_owned)
-            } else if name.starts_with("chitram_http_request_duration_seconds_")
-                && labels.contains("method=\"POST\"")
-                && labels.contains("route=\"/api/v1/images/upload\"")
-            {
-                Some("response".to_owned())
-            } else {
-                None
-            };
-            let Some(stage) = stage else { continue };
-            let entry: &mut (f64, f64) = totals.entry(stage).or_default();
-            if name.ends_with("_sum") {
-                entry.0 += value;
-            } else if name.ends_with("_count") {
-                entry.1 += value;
-            }
-        }
+        let samples = exposition::parse(text);
+        let total = |family: &str, labels: &[(&str, &str)]| {
+            let sum = exposition::sum(&samples, &format!("{family}_sum"), labels);
+            (sum, exposition::sum(&samples, &format!("{family}_count"), labels))
+        };
+        let mut totals: BTreeMap<&'static str, (f64, f64)> = STAGES
+            .iter()
+            .map(|stage| (*stage, total("chitram_store_stage_seconds", &[("for", "upload"), ("stage", stage)])))
+            .collect();
+        let upload_route = [("method", "POST"), ("route", "/api/v1/images/upload")];
+        totals.insert("response", total("chitram_http_request_duration_seconds", &upload_route));
         Self(totals)
     }
 
@@ -224,7 +216,7 @@ impl StageTotals {
     fn add_between(&mut self, before: &StageTotals, after: &StageTotals) {
         for (stage, (sum, count)) in &after.0 {
             let (sum_before, count_before) = before.0.get(stage).copied().unwrap_or_default();
-            let entry = self.0.entry(stage.clone()).or_default();
+            let entry = self.0.entry(*stage).or_default();
             entry.0 += sum - sum_before;
             entry.1 += count - count_before;
         }
@@ -232,7 +224,10 @@ impl StageTotals {
 
     /// Mean milliseconds per upload in `stage`.
     fn mean_ms(&self, stage: &str) -> f64 {
-        self.0.get(stage).map_or(f64::NAN, |(sum, count)| sum * 1000.0 / count.max(1.0))
+        match self.0.get(stage) {
+            Some((sum, count)) if *count > 0.0 => sum * 1000.0 / count,
+            _ => f64::NAN,
+        }
     }
 }
 
