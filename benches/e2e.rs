@@ -31,6 +31,11 @@
 //!   `matrix,replication,lag,window,memory` (and `profile`, for scripts/profile-requests.sh).
 //! - `CHITRAM_BENCH_WRAPPER="heaptrack -o FILE"` (or callgrind) runs each server under a
 //!   profiler; such a server is stopped with SIGTERM so that the profiler writes its data.
+//! - Chitram uploads declare their file's SHA-256 (`X-Checksum-SHA256`, hashed inside the timed
+//!   request, as the direct client hashes its body to sign it), so files of 1 MiB and more
+//!   stream to their shard as they arrive (cut-through); `CHITRAM_BENCH_CHECKSUM=0` sends none,
+//!   and every upload stores and forwards; `=hash` computes it without sending it (the same
+//!   client cost, store and forward).
 //! - `CHITRAM_BENCH_BINARY=PATH` runs another build of the server (a copy of an earlier
 //!   `target/release/chitram`), to compare two versions against the same direct baseline.
 
@@ -70,6 +75,7 @@ use reqwest::multipart::{Form, Part};
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -397,8 +403,16 @@ fn chitram_upload(
             let body = stamped(&base, UNIQUE.fetch_add(1, Ordering::Relaxed));
             let len = body.len() as u64;
             let started = Instant::now();
+            let mut request = http.post(&url);
+            let checksum = checksum_mode();
+            if checksum != ChecksumMode::None {
+                let sha256 = hex::encode(Sha256::digest(&body));
+                if checksum == ChecksumMode::Declared {
+                    request = request.header("X-Checksum-SHA256", sha256);
+                }
+            }
             let part = Part::stream_with_length(body, len).file_name("bench.png").mime_str("image/png")?;
-            let response = http.post(&url).multipart(Form::new().part("file", part)).send().await?;
+            let response = request.multipart(Form::new().part("file", part)).send().await?;
             let status = response.status();
             if status != reqwest::StatusCode::CREATED {
                 bail!("upload answered {status}: {}", response.text().await.unwrap_or_default());
@@ -413,6 +427,27 @@ fn chitram_upload(
             uploaded.lock().unwrap().push(id);
             Ok((len, latency))
         })
+    })
+}
+
+/// What a Chitram upload's client does with its file's SHA-256 (`CHITRAM_BENCH_CHECKSUM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChecksumMode {
+    /// `1`, the default: computes it and declares it (cut-through from 1 MiB).
+    Declared,
+    /// `hash`: computes it and sends nothing, to compare the server's two paths at the same
+    /// client cost.
+    HashedOnly,
+    /// `0`: neither.
+    None,
+}
+
+fn checksum_mode() -> ChecksumMode {
+    static MODE: std::sync::OnceLock<ChecksumMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("CHITRAM_BENCH_CHECKSUM").as_deref() {
+        Ok("0") => ChecksumMode::None,
+        Ok("hash") => ChecksumMode::HashedOnly,
+        _ => ChecksumMode::Declared,
     })
 }
 

@@ -762,6 +762,9 @@ async fn queue_stats_count_tasks_and_failures(store: Arc<dyn MetadataStore>) {
     fail(task_for(&blob(1), "c"), "c: refused", Duration::from_secs(3600)).await;
     let retry = claim(&*store, "w").await.expect("the first failure is due again");
     assert_eq!(retry.copy, copy_ref(&blob(1), "b"));
+    // SQLite's clock counts milliseconds: failures within one are ordered by task id, which
+    // here would put "b: refused" last. Let the clock move so the latest failure is the last.
+    tokio::time::sleep(Duration::from_millis(3)).await;
     fail(retry.id, "b: timed out again", Duration::from_secs(3600)).await;
 
     let failing = stats(&*store).await.failing;

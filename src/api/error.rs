@@ -135,6 +135,8 @@ fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String) {
         MissingFile { .. } => client(StatusCode::UNPROCESSABLE_ENTITY, "MISSING_FILE"),
         InvalidMultipart(_) => client(StatusCode::BAD_REQUEST, "INVALID_MULTIPART"),
         TooManyFiles { .. } => client(StatusCode::BAD_REQUEST, "TOO_MANY_FILES"),
+        InvalidChecksum => client(StatusCode::BAD_REQUEST, "INVALID_CHECKSUM"),
+        ChecksumMismatch { .. } => client(StatusCode::BAD_REQUEST, "CHECKSUM_MISMATCH"),
         NotFound => client(StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
         InvalidCursor => client(StatusCode::BAD_REQUEST, "INVALID_CURSOR"),
         InvalidLimit => client(StatusCode::BAD_REQUEST, "INVALID_LIMIT"),

@@ -20,6 +20,8 @@ use super::multipart::{EXTRA_PARTS, FormLimits, FramingError, open_form};
 use super::{AppState, UploadLimits};
 use crate::accounts::signed_url::Signature;
 use crate::accounts::{AuthError, Caller};
+use crate::blob::BlobKey;
+use crate::images::cut_through::PendingWrite;
 use crate::images::error::ImageError;
 use crate::images::spool::{SpoolError, SpoolLimits, SpooledBody, spool_body};
 use crate::metadata::{ImageOwner, ImageRecord, Visibility};
@@ -53,11 +55,11 @@ fn form_limits(limits: &UploadLimits, files: usize) -> FormLimits {
 }
 
 #[utoipa::path(
-    post, path = "/api/v1/images/upload", tag = "images", params(UploadParams), security(("bearer" = [])),
+    post, path = "/api/v1/images/upload", tag = "images", params(UploadParams, ChecksumHeader), security(("bearer" = [])),
     request_body(content_type = "multipart/form-data", content = super::json::UploadForm),
     responses(
         (status = 201, description = "Stored, owned by the caller", body = Image),
-        (status = 400, description = "INVALID_FILE_FORMAT (not JPEG/PNG/GIF/WebP, or truncated or corrupt), EMPTY_FILE, INVALID_MULTIPART or INVALID_VISIBILITY", body = ErrorBody),
+        (status = 400, description = "INVALID_FILE_FORMAT (not JPEG/PNG/GIF/WebP, or truncated or corrupt), EMPTY_FILE, INVALID_MULTIPART, INVALID_VISIBILITY, INVALID_CHECKSUM (X-Checksum-SHA256 is not 64 hex digits) or CHECKSUM_MISMATCH (the file's SHA-256 is not the declared one; nothing stored)", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 403, description = "QUOTA_EXCEEDED", body = ErrorBody),
         (status = 413, description = "FILE_TOO_LARGE (over server.max_upload_bytes) or IMAGE_TOO_LARGE (over server.max_pixels)", body = ErrorBody),
@@ -76,26 +78,38 @@ async fn upload(
 ) -> Result<Response, ApiError> {
     let owner = state.accounts.upload_owner(&caller)?;
     let mut visibility = query_visibility(&query)?;
+    let declared = declared_checksum(&headers)?;
     let limits = form_limits(&state.limits, 1);
     refuse_declared_oversize(&headers, limits.body, &state.limits.spool)?;
-    let mut multipart = open_form(&headers, body, limits).ok_or(ImageError::MissingFile { field: "file" })?;
-    // The whole form is read before anything is stored, so that a `visibility` field counts
+    let (mut multipart, offsets) =
+        open_form(&headers, body, limits).ok_or(ImageError::MissingFile { field: "file" })?;
+    // The whole form is read before anything is recorded, so that a `visibility` field counts
     // wherever it is; the file waits in the spool meanwhile (the form's size is bounded).
     let mut file = None;
+    let mut part = 0;
     while let Some(field) = next_field(&mut multipart, &state.limits.spool, "file").await? {
+        part += 1;
         match field.name() {
             Some("visibility") => visibility = read_visibility(field).await?,
             Some("file") if file.is_none() => {
                 let filename = field.file_name().map(str::to_owned);
+                let streamed = declared.as_ref().and_then(|key| {
+                    let len = offsets.last_part_len(part - 1, declared_length(&headers)?)?;
+                    state.images.start_cut_through(key, len)
+                });
                 // The form's declared length bounds the file's: a form of a few MiB may stay
                 // in memory, on the budget's account.
-                file = Some((filename, spool_field(field, &state.limits.spool, declared_length(&headers)).await?));
+                let expected_len = declared_length(&headers);
+                let (body, streamed) = spool_field(field, &state.limits.spool, expected_len, streamed).await?;
+                file = Some((filename, body, streamed));
             }
             _ => {} // Dropping a field skips the rest of it.
         }
     }
-    if let Some((filename, body)) = file {
-        let image = Image::from(state.images.upload(filename.as_deref(), body, owner, visibility).await?);
+    if let Some((filename, body, streamed)) = file {
+        check_declared_checksum(declared.as_ref(), &body)?;
+        let upload = state.images.upload(filename.as_deref(), body, streamed, owner, visibility);
+        let image = Image::from(upload.await?);
         let location =
             HeaderValue::from_str(&format!("/api/v1/images/{}", image.id)).expect("a UUID path is a valid header");
         return Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(image)).into_response());
@@ -108,7 +122,7 @@ async fn upload(
     request_body(content_type = "multipart/form-data", content = super::json::BatchForm),
     responses(
         (status = 200, description = "One result per file, each with the status and code the file would have had alone; a bad file does not fail the others", body = BatchResult),
-        (status = 400, description = "INVALID_MULTIPART (the form is malformed before its first file) or INVALID_VISIBILITY", body = ErrorBody),
+        (status = 400, description = "INVALID_MULTIPART (the form is malformed before its first file), INVALID_VISIBILITY or INVALID_CHECKSUM (X-Checksum-SHA256 is for single uploads)", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
 
         (status = 413, description = "FILE_TOO_LARGE: the request as a whole is too large", body = ErrorBody),
@@ -127,10 +141,13 @@ async fn batch(
 ) -> Result<Json<BatchResult>, ApiError> {
     let owner = state.accounts.upload_owner(&caller)?;
     let mut visibility = query_visibility(&query)?;
+    if headers.contains_key(CHECKSUM_HEADER) {
+        return Err(ImageError::InvalidChecksum.into());
+    }
     let limits = &state.limits;
     let form = form_limits(limits, limits.max_batch_files);
     refuse_declared_oversize(&headers, form.body, &limits.spool)?;
-    let mut multipart = open_form(&headers, body, form).ok_or(ImageError::MissingFile { field: "files" })?;
+    let (mut multipart, _) = open_form(&headers, body, form).ok_or(ImageError::MissingFile { field: "files" })?;
     let mut results = Vec::new();
     loop {
         let field = match next_field(&mut multipart, &limits.spool, "files").await {
@@ -182,8 +199,8 @@ async fn store_one(
     visibility: Visibility,
 ) -> Result<ImageRecord, ApiError> {
     // A batch's declared length is the whole form's, not a file's: its files spool.
-    let body = spool_field(field, &state.limits.spool, None).await?;
-    Ok(state.images.upload(Some(filename), body, owner, visibility).await?)
+    let (body, _) = spool_field(field, &state.limits.spool, None, None).await?;
+    Ok(state.images.upload(Some(filename), body, None, owner, visibility).await?)
 }
 
 /// `?visibility=` of an upload (the default: public).
@@ -247,13 +264,45 @@ async fn next_field(
     })
 }
 
+/// The header in which a client may declare the SHA-256 of an upload's file (64 hex digits).
+const CHECKSUM_HEADER: &str = "x-checksum-sha256";
+
+/// The upload's declared SHA-256, if it has one; `INVALID_CHECKSUM` if it is not one.
+fn declared_checksum(headers: &HeaderMap) -> Result<Option<BlobKey>, ImageError> {
+    let Some(value) = headers.get(CHECKSUM_HEADER) else { return Ok(None) };
+    let text = value.to_str().map_err(|_| ImageError::InvalidChecksum)?.trim().to_ascii_lowercase();
+    BlobKey::parse(&text).map(Some).map_err(|_| ImageError::InvalidChecksum)
+}
+
+/// A file whose bytes are not the ones declared is refused (and its cut-through write, if it
+/// had one, given up: nothing is stored).
+fn check_declared_checksum(declared: Option<&BlobKey>, body: &SpooledBody) -> Result<(), ImageError> {
+    match declared {
+        Some(declared) if declared != &body.key => {
+            Err(ImageError::ChecksumMismatch { declared: declared.to_string(), actual: body.key.to_string() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Receives one file, passing its chunks on to its cut-through write (`streamed`) as they
+/// arrive; the write is handed back with the received body.
 async fn spool_field(
     field: Field<'static>,
     limits: &SpoolLimits,
     expected_len: Option<u64>,
-) -> Result<SpooledBody, ImageError> {
+    mut streamed: Option<PendingWrite>,
+) -> Result<(SpooledBody, Option<PendingWrite>), ImageError> {
     let mut clock = StageClock::start(Purpose::Upload);
-    let spooled = spool_body(field, limits, expected_len).await.map_err(|error| match error {
+    let teed = futures::stream::unfold((field, streamed.as_mut()), |(mut field, mut pending)| async move {
+        let item = field.next().await?;
+        if let (Ok(chunk), Some(pending)) = (&item, pending.as_deref_mut()) {
+            pending.forward(chunk).await;
+        }
+        Some((item, (field, pending)))
+    });
+    let received = spool_body(std::pin::pin!(teed), limits, expected_len).await;
+    let spooled = received.map_err(|error| match error {
         SpoolError::Body(source) => match source.downcast_ref::<multer::Error>() {
             Some(multipart) => multipart_error(multipart, limits),
             None => ImageError::InvalidMultipart(source.to_string()),
@@ -261,7 +310,7 @@ async fn spool_field(
         other => other.into(),
     })?;
     clock.finish(Stage::Receive);
-    Ok(spooled)
+    Ok((spooled, streamed))
 }
 
 /// A body over the request limit is `FILE_TOO_LARGE`; bad framing (`FramingGuard`) and
@@ -303,6 +352,18 @@ struct UploadParams {
     /// `public` (default) or `private`; a `visibility` form field before the file does the same.
     #[param(nullable = false)]
     visibility: Option<Visibility>,
+}
+
+/// The headers of a single upload.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct ChecksumHeader {
+    /// The SHA-256 of the file, as 64 hex digits. A file whose SHA-256 differs is refused with
+    /// `CHECKSUM_MISMATCH` and nothing is stored; a large file streams to its shard while it
+    /// arrives (a cut-through upload) instead of after.
+    #[param(rename = "X-Checksum-SHA256", nullable = false, pattern = "^[0-9a-fA-F]{64}$")]
+    checksum: Option<String>,
 }
 
 /// A signed URL's query, on the metadata and file of a private image: both or neither.

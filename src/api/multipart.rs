@@ -7,6 +7,7 @@
 //! kilobytes and gets `INVALID_MULTIPART`.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -37,12 +38,42 @@ pub struct FormLimits {
 pub struct FramingError(String);
 
 /// Opens the form, or `None` when the request is not `multipart/form-data` with a boundary.
-pub fn open_form(headers: &HeaderMap, body: Body, limits: FormLimits) -> Option<multer::Multipart<'static>> {
+/// Its [`PartOffsets`] tell where each part's content begins as the form is read.
+pub fn open_form(
+    headers: &HeaderMap,
+    body: Body,
+    limits: FormLimits,
+) -> Option<(multer::Multipart<'static>, PartOffsets)> {
     let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
     let boundary = multer::parse_boundary(content_type).ok()?;
     let guarded = FramingGuard::new(body.into_data_stream(), &boundary, limits.parts);
+    let offsets = guarded.offsets.clone();
     let constraints = multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(limits.body));
-    Some(multer::Multipart::with_constraints(guarded, boundary, constraints))
+    Some((multer::Multipart::with_constraints(guarded, boundary, constraints), offsets))
+}
+
+/// Where the content of each part of a form begins, in bytes from the start of the body, as
+/// [`FramingGuard`] finds them (a part's entry appears once its headers have been read, so
+/// by the time multer yields the part).
+#[derive(Debug, Clone)]
+pub struct PartOffsets {
+    starts: Arc<Mutex<Vec<u64>>>,
+    /// `CRLF--boundary--CRLF`, which closes the form after its last part.
+    closing_len: u64,
+}
+
+impl PartOffsets {
+    /// The length of part `index` (0 for the first) if it is the form's last and the form
+    /// ends right after it, as every common client sends it, in a body of `body_len` bytes.
+    /// A prediction: a reader must check it against the bytes that arrive.
+    pub fn last_part_len(&self, index: usize, body_len: u64) -> Option<u64> {
+        let start = *self.starts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(index)?;
+        body_len.checked_sub(start)?.checked_sub(self.closing_len)
+    }
+
+    fn record(&self, start: u64) {
+        self.starts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(start);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +104,11 @@ pub struct FramingGuard<S> {
     parts: usize,
     max_parts: usize,
     failed: bool,
+    /// Bytes of the scanned stream (the body after a virtual leading CRLF) before the next chunk.
+    seen: u64,
+    /// Where the buffer being scanned begins in that stream.
+    base: u64,
+    offsets: PartOffsets,
 }
 
 impl<S> FramingGuard<S> {
@@ -88,6 +124,9 @@ impl<S> FramingGuard<S> {
             parts: 0,
             max_parts,
             failed: false,
+            seen: 2,
+            base: 0,
+            offsets: PartOffsets { starts: Arc::default(), closing_len: (boundary.len() + 8) as u64 },
         }
     }
 
@@ -98,11 +137,14 @@ impl<S> FramingGuard<S> {
     /// place. Copying whole chunks cost a memcpy of every uploaded byte and, under concurrent
     /// large uploads, a chunk-sized buffer each.
     fn scan_chunk(&mut self, chunk: &[u8]) -> Result<(), FramingError> {
+        let chunk_start = self.seen;
+        self.seen += chunk.len() as u64;
         let mut rest = chunk;
         if !self.carry.is_empty() {
             // Long enough for anything the scan looks for to end inside it.
             let window = rest.len().min(self.delimiter.len() + 4);
             let mut joined = std::mem::take(&mut self.carry);
+            self.base = chunk_start - joined.len() as u64;
             joined.extend_from_slice(&rest[..window]);
             let at = self.scan(&joined)?;
             let unscanned = joined.len() - at;
@@ -114,12 +156,14 @@ impl<S> FramingGuard<S> {
                 // Never: the scan leaves fewer bytes unscanned than a delimiter's length. Were
                 // it to, the tail would reach back into the carry; scan on from it, copying.
                 joined.extend_from_slice(&rest[window..]);
+                self.base += at as u64;
                 let more = self.scan(&joined[at..])?;
                 self.carry = joined.split_off(at + more);
                 return Ok(());
             }
             rest = &rest[window - unscanned..];
         }
+        self.base = self.seen - rest.len() as u64;
         let at = self.scan(rest)?;
         self.carry = BytesMut::from(&rest[at..]);
         Ok(())
@@ -168,7 +212,11 @@ impl<S> FramingGuard<S> {
                         return Err(FramingError(format!("a part's headers exceed {MAX_PART_HEADERS} bytes")));
                     }
                     match end {
-                        Some(end) => (at, self.stage) = (end, Stage::Content),
+                        Some(end) => {
+                            // Less the virtual CRLF the scan started with.
+                            self.offsets.record(self.base + end as u64 - 2);
+                            (at, self.stage) = (end, Stage::Content);
+                        }
                         None => {
                             at += seen;
                             break;
@@ -285,6 +333,26 @@ mod tests {
             let error = check(&form(6, "", &content), chunk, 5).unwrap_err();
             assert!(error.contains("more than 5 parts"), "chunks of {chunk}: {error}");
             assert_eq!(check(&form(5, "", &content), chunk, 5), Ok(()), "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn finds_where_each_part_begins_and_predicts_the_last_ones_length_whatever_the_chunking() {
+        let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"visibility\"\r\n\r\nprivate".to_vec();
+        body.extend_from_slice(b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n");
+        body.extend_from_slice(b"Content-Type: image/png\r\n\r\n");
+        let file_start = body.len() as u64;
+        let file = b"\r\n--XyNot a delimiter\r\n\r\n".repeat(40);
+        body.extend_from_slice(&file);
+        body.extend_from_slice(b"\r\n--XyZ--\r\n");
+        let visibility_start = body.windows(7).position(|w| w == b"private").unwrap() as u64;
+        for chunk in [1, 2, 3, 7, 10, 11, 12, 13, 64, 4096, body.len()] {
+            let mut guard = FramingGuard::new(futures::stream::empty::<Result<Bytes, Infallible>>(), "XyZ", 2);
+            body.chunks(chunk).try_for_each(|piece| guard.scan_chunk(piece)).unwrap();
+            let starts = guard.offsets.starts.lock().unwrap().clone();
+            assert_eq!(starts, [visibility_start, file_start], "chunks of {chunk}");
+            let predicted = guard.offsets.last_part_len(1, body.len() as u64);
+            assert_eq!(predicted, Some(file.len() as u64), "chunks of {chunk}");
         }
     }
 

@@ -25,6 +25,13 @@ pub enum ImageError {
     /// 400 `INVALID_MULTIPART`
     #[error("the multipart body is malformed: {0}")]
     InvalidMultipart(String),
+    /// 400 `INVALID_CHECKSUM`: the `X-Checksum-SHA256` header is not 64 hex digits, or was
+    /// sent with a batch (whose files each have their own).
+    #[error("X-Checksum-SHA256 must be the file's SHA-256 as 64 hex digits, and is for single uploads only")]
+    InvalidChecksum,
+    /// 400 `CHECKSUM_MISMATCH`: the file's SHA-256 is not the one the client declared.
+    #[error("the file's SHA-256 is {actual}, not the {declared} declared in X-Checksum-SHA256; nothing was stored")]
+    ChecksumMismatch { declared: String, actual: String },
     /// 400 `TOO_MANY_FILES`
     #[error("a batch holds at most {limit} files")]
     TooManyFiles { limit: usize },

@@ -3,6 +3,7 @@
 
 pub mod container;
 pub mod cursor;
+pub mod cut_through;
 pub mod eager;
 pub mod error;
 pub mod filename;

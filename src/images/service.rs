@@ -6,6 +6,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use uuid::Uuid;
 
 use super::cursor;
+use super::cut_through::PendingWrite;
 use super::eager::EagerReplicator;
 use super::error::{ImageError, Result};
 use super::filename::Filename;
@@ -91,10 +92,15 @@ impl ImageService {
     /// Validates and stores an upload, and records it for `owner` (none with accounts off).
     /// The image is visible only once its bytes are stored on a shard and its row is
     /// committed (DESIGN invariant 1).
+    ///
+    /// `streamed` is the upload's cut-through write, opened with [`Self::start_cut_through`]
+    /// before its body arrived: it completes only if the upload is accepted as new bytes, and
+    /// is given up (the shard stores nothing) on every other outcome.
     pub async fn upload(
         &self,
         raw_filename: Option<&str>,
         upload: SpooledBody,
+        streamed: Option<PendingWrite>,
         owner: Option<ImageOwner>,
         visibility: Visibility,
     ) -> Result<ImageRecord> {
@@ -129,12 +135,18 @@ impl ImageService {
             metrics::counter!(names::DEDUP_HITS).increment(1);
             return Ok(self.variants.present(record));
         }
-        let record = self.store_new_blob(&image, &upload.body).await?;
+        let record = self.store_new_blob(&image, &upload.body, streamed).await?;
         metrics::counter!(names::NEW_BLOBS).increment(1);
         if let Some(eager) = &self.eager {
             eager.start(upload, pending_copies(&record));
         }
         Ok(self.variants.present(record))
+    }
+
+    /// Opens the cut-through write of an upload that declared its key, before its body is
+    /// read; `None` when the upload is to store and forward (see [`BlobWriter::start_cut_through`]).
+    pub fn start_cut_through(&self, declared: &BlobKey, len: u64) -> Option<PendingWrite> {
+        self.writer.start_cut_through(declared.clone(), len)
     }
 
     /// Refuses an upload that would take its owner over their quota before any byte is
@@ -175,13 +187,18 @@ impl ImageService {
 
     /// Writes the bytes, then records them and the image under the blob's lock
     /// ([`BlobWriter::store`]).
-    async fn store_new_blob(&self, image: &NewImage, body: &BlobBody) -> Result<ImageRecord> {
+    async fn store_new_blob(
+        &self,
+        image: &NewImage,
+        body: &BlobBody,
+        streamed: Option<PendingWrite>,
+    ) -> Result<ImageRecord> {
         let to_commit = image.clone();
         let commit: Commit<ImageRecord> = Box::new(move |guard, copies| {
             let image = to_commit.clone();
             Box::pin(async move { guard.commit(&image, &copies).instrument(query("commit_upload")).await })
         });
-        let record = self.writer.store(Purpose::Upload, &image.blob, image.file_size, body, commit).await?;
+        let record = self.writer.store(Purpose::Upload, &image.blob, image.file_size, body, streamed, commit).await?;
         tracing::info!(id = %record.id, blob = %record.blob, "stored a new blob");
         Ok(record)
     }

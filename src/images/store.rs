@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use tracing::Instrument;
 
+use super::cut_through::{CUT_THROUGH_MIN, PendingWrite};
 use super::error::{ImageError, Result};
 use crate::blob::BlobKey;
 use crate::maintenance::deletion;
@@ -37,6 +38,16 @@ impl BlobWriter {
         Self { metadata, router, write_quorum }
     }
 
+    /// Opens a cut-through write of `len` bytes under `key` (see [`super::cut_through`]), when
+    /// it can pay: a body of at least [`CUT_THROUGH_MIN`] bytes, one copy before the answer,
+    /// and the blob's primary up.
+    pub fn start_cut_through(&self, key: BlobKey, len: u64) -> Option<PendingWrite> {
+        if len < CUT_THROUGH_MIN || self.write_quorum != 1 {
+            return None;
+        }
+        PendingWrite::start(&self.router, key, len)
+    }
+
     /// Writes the bytes, then records them under the blob's lock through `commit`.
     ///
     /// The write happens before the lock so that a slow upload does not hold it. Meanwhile a
@@ -48,6 +59,9 @@ impl BlobWriter {
     /// control deadline (DESIGN invariant 4). A copy the check cannot confirm in time is never
     /// recorded: the lock is released and the next attempt writes to other shards.
     ///
+    /// A cut-through upload passes its `streamed` write, which is the first attempt's write
+    /// when it completes (see [`super::cut_through`]).
+    ///
     /// Each stage's time is recorded under `purpose` (see [`crate::observability::stages`]).
     pub async fn store<T>(
         &self,
@@ -55,6 +69,7 @@ impl BlobWriter {
         blob: &BlobKey,
         size: u64,
         body: &BlobBody,
+        mut streamed: Option<PendingWrite>,
         mut commit: Commit<T>,
     ) -> Result<T> {
         let mut unconfirmed: Vec<(String, StorageError)> = Vec::new();
@@ -65,12 +80,20 @@ impl BlobWriter {
             let avoid: Vec<String> =
                 unconfirmed.iter().map(|(shard, _)| shard.clone()).chain(in_doubt.clone()).collect();
             let mut clock = StageClock::start(purpose);
-            let receipt = match self.router.write_copies(blob, body, self.write_quorum, &avoid).await {
-                Ok(receipt) => receipt,
-                Err(error) => {
-                    self.remove_refused_copies(&error, blob, size).await;
-                    return Err(ImageError::StorageUnavailable(error));
-                }
+            let deadline = self.router.deadlines().write_for(size);
+            let completed = match streamed.take() {
+                Some(pending) => pending.complete(blob, size, deadline).await,
+                None => None,
+            };
+            let receipt = match completed {
+                Some(receipt) => receipt,
+                None => match self.router.write_copies(blob, body, self.write_quorum, &avoid).await {
+                    Ok(receipt) => receipt,
+                    Err(error) => {
+                        self.remove_refused_copies(&error, blob, size).await;
+                        return Err(ImageError::StorageUnavailable(error));
+                    }
+                },
             };
             clock.finish(Stage::Write);
             let span = tracing::info_span!("metadata_query", operation = "lock_blob_for_upload");

@@ -59,6 +59,10 @@ pub const NEW_BLOBS: &str = "chitram_new_blobs_total";
 pub const UPLOAD_MEMORY: &str = "chitram_upload_memory_bytes";
 /// Uploads that could have been held in memory but spooled because the budget was full.
 pub const UPLOAD_MEMORY_FULL: &str = "chitram_upload_memory_full_total";
+/// Cut-through uploads (`images/cut_through.rs`). Label: `outcome` (`stored`: the streamed PUT
+/// was the write; `fallback`: it failed or stalled, and the upload stored and forwarded;
+/// `abandoned`: the upload ended without a write, refused or deduplicated or cut off).
+pub const CUT_THROUGH: &str = "chitram_upload_cut_through_total";
 
 /// Requests refused for an empty rate-limit bucket. Label: `class` (`upload`, `request`, `login`).
 pub const RATE_LIMITED: &str = "chitram_rate_limited_total";
@@ -109,6 +113,7 @@ pub const ALL: &[&str] = &[
     NEW_BLOBS,
     UPLOAD_MEMORY,
     UPLOAD_MEMORY_FULL,
+    CUT_THROUGH,
     RATE_LIMITED,
     RATE_LIMIT_FALLBACKS,
     METADATA_CACHE_HITS,
@@ -155,6 +160,7 @@ pub fn describe() {
     describe_counter!(NEW_BLOBS, "Uploads that stored new bytes");
     describe_gauge!(UPLOAD_MEMORY, Unit::Bytes, "Upload bodies held in memory instead of a spool file");
     describe_counter!(UPLOAD_MEMORY_FULL, "Uploads spooled because the upload memory budget was full");
+    describe_counter!(CUT_THROUGH, "Uploads streamed to their shard as they arrived, by outcome");
     describe_counter!(RATE_LIMITED, "Requests refused with 429, by bucket class");
     describe_counter!(RATE_LIMIT_FALLBACKS, "Rate-limit checks made in process because Redis did not answer");
     describe_counter!(METADATA_CACHE_HITS, "Image lookups answered by the Redis metadata cache");

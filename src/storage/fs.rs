@@ -22,7 +22,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tokio_util::io::ReaderStream;
 
-use super::{BlobBody, BlobReader, BlobStore, LABEL_NAME, ShardLabel, StorageError, StorageResult, StoredObject};
+use super::{
+    BlobBody, BlobReader, BlobStore, BodyFeed, LABEL_NAME, ShardLabel, StorageError, StorageResult, StoredObject,
+};
 use crate::blob::BlobKey;
 
 const TEMP_DIR: &str = ".tmp";
@@ -120,13 +122,29 @@ impl FsStore {
     }
 
     fn write_blocking(&self, key: &BlobKey, body: &BlobBody) -> StorageResult<()> {
+        self.write_through_temporary(key, |temp| temp.fill(body))
+    }
+
+    /// As [`Self::write_blocking`], the bytes taken from the feed as they arrive: the
+    /// temporary file is renamed into place only when exactly the feed's length arrived.
+    fn write_feed_blocking(&self, key: &BlobKey, mut feed: BodyFeed) -> StorageResult<()> {
+        self.write_through_temporary(key, |temp| temp.fill_from(&mut feed))
+    }
+
+    /// Writes an object by `fill`ing a temporary file, then renaming it into place (see the
+    /// module doc); a failed fill leaves nothing.
+    fn write_through_temporary(
+        &self,
+        key: &BlobKey,
+        fill: impl FnOnce(&TempFile) -> io::Result<()>,
+    ) -> StorageResult<()> {
         self.check_root()?;
         let target = self.object_path(key);
         let directory = target.parent().expect("object paths have a parent");
         create_fanout_dirs(&self.root, directory).map_err(|e| self.classify(key, "creating the directory of", e))?;
         let temp_dir = self.temp_dir().map_err(|e| self.classify(key, "writing", e))?;
         let temp = TempFile::create(&temp_dir, key).map_err(|e| self.classify(key, "writing", e))?;
-        temp.fill(body).map_err(|e| self.classify(key, "writing", e))?;
+        fill(&temp).map_err(|e| self.classify(key, "writing", e))?;
         temp.persist(&target).map_err(|e| self.classify(key, "renaming into place", e))?;
         sync_directory(directory).map_err(|e| self.classify(key, "syncing the directory of", e))
     }
@@ -221,6 +239,11 @@ impl BlobStore for FsStore {
     async fn write_blob(&self, key: &BlobKey, body: &BlobBody) -> StorageResult<()> {
         let (store, key, body) = (self.clone(), key.clone(), body.clone());
         run_blocking(move || store.write_blocking(&key, &body)).await
+    }
+
+    async fn write_blob_feed(&self, key: &BlobKey, feed: BodyFeed) -> StorageResult<()> {
+        let (store, key) = (self.clone(), key.clone());
+        run_blocking(move || store.write_feed_blocking(&key, feed)).await
     }
 
     async fn read_blob(&self, key: &BlobKey) -> StorageResult<BlobReader> {
@@ -381,6 +404,25 @@ impl TempFile {
         }
     }
 
+    /// Writes the feed's chunks as they come, and fsyncs once it has ended with exactly its
+    /// length; a failed or short feed is an error (and the file is removed on drop).
+    fn fill_from(&self, feed: &mut BodyFeed) -> io::Result<()> {
+        let mut file = File::create(&self.path)?;
+        let mut written: u64 = 0;
+        while let Some(chunk) = feed.blocking_next_chunk() {
+            let chunk = chunk?;
+            written += chunk.len() as u64;
+            if written > feed.len {
+                break;
+            }
+            file.write_all(&chunk)?;
+        }
+        if written != feed.len {
+            return Err(io::Error::other(format!("the body ended after {written} of {} bytes", feed.len)));
+        }
+        file.sync_all()
+    }
+
     fn persist(mut self, target: &Path) -> io::Result<()> {
         fs::rename(&self.path, target)?;
         self.persisted = true;
@@ -410,6 +452,42 @@ mod tests {
         let reader = store.read_blob(key).await?;
         let chunks: Vec<Bytes> = reader.stream.try_collect().await.expect("stream");
         Ok(chunks.concat())
+    }
+
+    /// Feeds `pieces` (an `Err` for `None`) to a fed write of `len` bytes under `key`.
+    async fn feed(store: &FsStore, key: &BlobKey, len: u64, pieces: &[Option<&'static [u8]>]) -> StorageResult<()> {
+        let (sender, feed) = BodyFeed::channel(len, 1);
+        let write = tokio::spawn({
+            let (store, key) = (store.clone(), key.clone());
+            async move { store.write_blob_feed(&key, feed).await }
+        });
+        for piece in pieces {
+            let chunk = piece.map(Bytes::from_static).ok_or_else(|| io::Error::other("the client went away"));
+            if sender.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        drop(sender);
+        write.await.expect("the write task")
+    }
+
+    #[tokio::test]
+    async fn a_fed_write_is_stored_only_when_its_whole_length_arrives_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let temporaries = || fs::read_dir(dir.path().join(TEMP_DIR)).unwrap().count();
+        for (pieces, why) in [
+            (&[Some(&b"01234"[..])][..], "short"),
+            (&[Some(&b"01234"[..]), Some(b"56789"), Some(b"!")][..], "long"),
+            (&[Some(&b"01234"[..]), None][..], "failed"),
+        ] {
+            assert!(feed(&store, &key(7), 10, pieces).await.is_err(), "a {why} feed is an error");
+            assert!(store.fetch_blob_len(&key(7)).await.unwrap_err().is_not_found(), "a {why} feed stores nothing");
+            assert_eq!(temporaries(), 0, "a {why} feed leaves no temporary file");
+        }
+        feed(&store, &key(7), 10, &[Some(b"01234"), Some(b"56789")]).await.unwrap();
+        assert_eq!(read_all(&store, &key(7)).await.unwrap(), b"0123456789");
+        assert_eq!(temporaries(), 0);
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use super::{BlobBody, BlobReader, BlobStore, ShardLabel, StorageError, StorageResult, StoredObject};
+use super::{BlobBody, BlobReader, BlobStore, BodyFeed, ShardLabel, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
 
 /// What the label check concluded about one shard.
@@ -162,6 +162,11 @@ impl BlobStore for LabelledStore {
     async fn write_blob(&self, key: &BlobKey, body: &BlobBody) -> StorageResult<()> {
         self.ensure_verified().await?;
         self.inner.write_blob(key, body).await
+    }
+
+    async fn write_blob_feed(&self, key: &BlobKey, feed: BodyFeed) -> StorageResult<()> {
+        self.ensure_verified().await?;
+        self.inner.write_blob_feed(key, feed).await
     }
 
     async fn read_blob(&self, key: &BlobKey) -> StorageResult<BlobReader> {

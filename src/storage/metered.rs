@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use metrics::{counter, histogram};
 use tracing::Instrument;
 
-use super::{BlobBody, BlobReader, BlobStore, ShardLabel, StorageError, StorageResult, StoredObject};
+use super::{BlobBody, BlobReader, BlobStore, BodyFeed, ShardLabel, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
 use crate::observability::names;
 
@@ -93,6 +93,10 @@ impl BlobStore for MeteredStore {
 
     async fn write_blob(&self, key: &BlobKey, body: &BlobBody) -> StorageResult<()> {
         self.measure("write", self.inner.write_blob(key, body)).await
+    }
+
+    async fn write_blob_feed(&self, key: &BlobKey, feed: BodyFeed) -> StorageResult<()> {
+        self.measure("write", self.inner.write_blob_feed(key, feed)).await
     }
 
     async fn read_blob(&self, key: &BlobKey) -> StorageResult<BlobReader> {

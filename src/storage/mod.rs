@@ -48,6 +48,42 @@ impl BlobBody {
     }
 }
 
+/// The bytes of a blob still arriving, handed over chunk by chunk by whoever receives them (a
+/// cut-through upload, see `images/cut_through.rs`). A backend stores the blob only when
+/// exactly `len` bytes arrived and the feed ended cleanly: a feed that fails, or whose sender
+/// goes away early, stores nothing (S3 sends `len` as the request's `Content-Length`, so the
+/// server sees a short body; a filesystem shard never renames its temporary file into place).
+#[derive(Debug)]
+pub struct BodyFeed {
+    pub len: u64,
+    chunks: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+}
+
+impl BodyFeed {
+    /// A feed of `len` bytes and its sending end, which holds at most `depth` chunks in flight.
+    pub fn channel(len: u64, depth: usize) -> (tokio::sync::mpsc::Sender<std::io::Result<Bytes>>, BodyFeed) {
+        let (sender, chunks) = tokio::sync::mpsc::channel(depth);
+        (sender, BodyFeed { len, chunks })
+    }
+
+    /// The next chunk; `None` once the sender is gone.
+    pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
+        self.chunks.recv().await
+    }
+
+    /// The next chunk, for a backend writing from a blocking thread.
+    pub fn blocking_next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
+        self.chunks.blocking_recv()
+    }
+
+    pub(crate) fn poll_next_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::io::Result<Bytes>>> {
+        self.chunks.poll_recv(cx)
+    }
+}
+
 /// A stream of a blob's bytes.
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
@@ -155,6 +191,10 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 
     /// Stores the body under the key, replacing any earlier object.
     async fn write_blob(&self, key: &BlobKey, body: &BlobBody) -> StorageResult<()>;
+
+    /// Stores a body while it arrives (see [`BodyFeed`]): nothing is stored unless the feed
+    /// delivers exactly its length and ends cleanly.
+    async fn write_blob_feed(&self, key: &BlobKey, feed: BodyFeed) -> StorageResult<()>;
 
     /// Opens the blob for streaming.
     async fn read_blob(&self, key: &BlobKey) -> StorageResult<BlobReader>;

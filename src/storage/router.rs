@@ -7,7 +7,8 @@
 //! - *read order*: the shards recorded as holding a copy, sorted by their position in the
 //!   preference list (holders outside it, such as draining shards, come last).
 //!
-//! Every call to a shard goes through its circuit breaker, so a dead shard is skipped at once
+//! Every call to a shard goes through its circuit breaker (but a cut-through upload's fed write,
+//! see [`StorageRouter::write_feed_on`]), so a dead shard is skipped at once
 //! instead of costing a timeout per request, and calls made on the request path or under a
 //! lock have a deadline ([`super::deadline`]), so a shard that answers late is skipped like a
 //! dead one. Every body read has an idle timeout, and reads hedge ([`super::hedge`]). The router never consults metadata: callers pass
@@ -17,10 +18,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::breaker::{BreakerSettings, CircuitBreaker, CircuitStatus};
+use super::breaker::{BreakerSettings, CircuitBreaker, CircuitState, CircuitStatus};
 use super::deadline::{self, Deadlines};
 use super::hedge::{HedgeSettings, HedgedReads, LatencyWindow};
-use super::{BlobBody, BlobReader, BlobStore, StorageError, StorageResult, StoredObject};
+use super::{BlobBody, BlobReader, BlobStore, BodyFeed, StorageError, StorageResult, StoredObject};
 use crate::blob::BlobKey;
 use crate::placement::ring::{Ring, key_hash};
 
@@ -221,6 +222,27 @@ impl StorageRouter {
             return Err(RouterError::NoShardAvailable { operation: "store", key: key.clone(), attempts });
         }
         Err(RouterError::QuorumNotReached { key: key.clone(), wanted: copies, written: stored, attempts })
+    }
+
+    /// Where a cut-through upload may stream the blob: its primary, when the primary's circuit
+    /// is closed. `None` otherwise, and the upload stores and forwards as usual (its write then
+    /// fails over along the preference list, DESIGN invariant 4).
+    pub fn feed_target(&self, key: &BlobKey) -> Option<&Shard> {
+        let primary = &self.shards[self.preference_list(key).next()?];
+        (primary.circuit().state == CircuitState::Closed).then_some(primary)
+    }
+
+    /// Streams a blob to one shard as it arrives (see [`BodyFeed`]). Not through the shard's
+    /// circuit breaker: an upload gives a feed up for reasons of its own (bytes that do not
+    /// match, a client gone), and the shard must not be blamed. A shard that does fail here
+    /// meets its breaker again in the store-and-forward write that follows.
+    pub async fn write_feed_on(&self, shard: &str, key: &BlobKey, feed: BodyFeed) -> Result<(), RouterError> {
+        let shard = self.shard(shard)?;
+        shard
+            .store
+            .write_blob_feed(key, feed)
+            .await
+            .map_err(|source| RouterError::Shard { shard: shard.name.clone(), source })
     }
 
     pub async fn write_on(&self, shard: &str, key: &BlobKey, body: &BlobBody) -> Result<(), RouterError> {

@@ -26,7 +26,9 @@ use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use futures::StreamExt;
 
-use super::{BlobBody, BlobReader, BlobStore, LABEL_NAME, ShardLabel, StorageError, StorageResult, StoredObject};
+use super::{
+    BlobBody, BlobReader, BlobStore, BodyFeed, LABEL_NAME, ShardLabel, StorageError, StorageResult, StoredObject,
+};
 use crate::blob::BlobKey;
 use crate::redact::redact_url;
 
@@ -186,6 +188,45 @@ impl Intercept for PayloadHash {
     }
 }
 
+/// A [`BodyFeed`] as an HTTP request body. A feed that fails or ends early fails the body, and
+/// hyper then drops the connection with the `Content-Length` unmet: the server stores nothing.
+struct FeedBody(BodyFeed);
+
+impl http_body::Body for FeedBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.0.poll_next_chunk(cx).map(|chunk| chunk.map(|chunk| chunk.map(http_body::Frame::data)))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.len)
+    }
+}
+
+impl S3Store {
+    /// PUTs `len` bytes under the key, signed with the key (the body's SHA-256).
+    async fn put(&self, key: &BlobKey, len: u64, body: ByteStream) -> StorageResult<()> {
+        let length = i64::try_from(len).expect("bodies are far below 2^63 bytes");
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key.as_str())
+            .content_length(length)
+            .body(body)
+            .customize()
+            .interceptor(PayloadHash(key.as_str().to_owned()))
+            .send()
+            .await
+            .map_err(|error| self.classify(error, Some(key), "writing an object"))?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl BlobStore for S3Store {
     fn describe(&self) -> String {
@@ -202,19 +243,13 @@ impl BlobStore for S3Store {
                 .await
                 .map_err(|error| StorageError::other(format!("reading the spooled body of {key}"), error))?,
         };
-        let length = i64::try_from(body.len()).expect("bodies are far below 2^63 bytes");
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key.as_str())
-            .content_length(length)
-            .body(stream)
-            .customize()
-            .interceptor(PayloadHash(key.as_str().to_owned()))
-            .send()
-            .await
-            .map_err(|error| self.classify(error, Some(key), "writing an object"))?;
-        Ok(())
+        self.put(key, body.len(), stream).await
+    }
+
+    async fn write_blob_feed(&self, key: &BlobKey, feed: BodyFeed) -> StorageResult<()> {
+        // Not retried by the SDK (a feed cannot be replayed), which is our policy anyway.
+        let len = feed.len;
+        self.put(key, len, ByteStream::from_body_1_x(FeedBody(feed))).await
     }
 
     async fn read_blob(&self, key: &BlobKey) -> StorageResult<BlobReader> {

@@ -272,7 +272,7 @@ impl VariantService {
             let variant = variant.clone();
             Box::pin(async move { guard.commit_variant(&variant, &copies).await })
         });
-        let recorded = self.images.writer().store(Purpose::Variant, &blob, size, &body, commit).await?;
+        let recorded = self.images.writer().store(Purpose::Variant, &blob, size, &body, None, commit).await?;
         tracing::info!(%image, variant = %spec.name, %blob, "stored a variant");
         Ok(recorded)
     }

@@ -121,7 +121,8 @@ static QUEUE_STATS: Statement = Statement::new(
      FROM replication_tasks",
 );
 
-/// Per shard, the tasks that failed at least once, and the error of the latest failure.
+/// Per shard, the tasks that failed at least once, and the error of the latest failure
+/// (SQLite's clock counts milliseconds: failures within the same one are ordered by task id).
 static SHARD_FAILURES: Statement = Statement::new(
     "SELECT t.shard, COUNT(*) AS failing_tasks, CAST(SUM(t.attempts) AS BIGINT) AS failed_attempts,
             (SELECT l.last_error FROM replication_tasks AS l
