@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::images::{large_png, png, sha256_hex};
 use common::{Backends, TestApp, TestOptions, TestShard, assert_error, replica_states, spawn_app, spawn_app_with};
+use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
@@ -18,6 +19,7 @@ const LARGE: usize = 3 * 1024 * 1024;
 
 behaviours!(
     a_large_upload_reaches_its_primary_before_its_last_byte,
+    a_client_librarys_form_streams_too,
     a_file_that_is_not_the_declared_one_stores_nothing,
     a_checksum_that_is_not_one_is_refused,
     a_refused_image_with_a_good_checksum_stores_nothing,
@@ -34,13 +36,7 @@ async fn upload_declaring(app: &TestApp, name: &str, file: Vec<u8>, checksum: &s
 }
 
 async fn upload_form_declaring(app: &TestApp, form: Form, checksum: &str) -> reqwest::Response {
-    app.client
-        .post(app.url("/api/v1/images/upload"))
-        .header("X-Checksum-SHA256", checksum)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
+    upload_form_declaring_owned(app, form, checksum.to_owned()).await
 }
 
 /// The directories where shards keep writes in progress: a filesystem shard's `.tmp/`, an S3
@@ -144,6 +140,43 @@ async fn a_large_upload_reaches_its_primary_before_its_last_byte(b: Backends) {
     assert_eq!(partial_write_bytes(&app), 0, "no write in progress is left");
     let download = app.download(image_json["id"].as_str().unwrap()).await.bytes().await.unwrap();
     assert_eq!(download.as_ref(), image.as_slice());
+}
+
+/// reqwest's multipart encoding (as curl's and browsers') ends the form right after the file:
+/// its length is predicted right, and the upload streams.
+async fn a_client_librarys_form_streams_too(b: Backends) {
+    let app = spawn_app(b).await;
+    let image = large_png(LARGE, 11);
+    let checksum = sha256_hex(&image);
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (first, second) = image.split_at(image.len() / 2);
+    let (first, second) = (first.to_vec(), second.to_vec());
+    let body =
+        futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(futures::stream::once(async move {
+            let _ = released.await;
+            Ok(second)
+        }));
+    let part = Part::stream_with_length(reqwest::Body::wrap_stream(body), image.len() as u64).file_name("lib.png");
+    let upload = tokio::spawn(upload_form_declaring_owned(&app, Form::new().part("file", part), checksum.clone()));
+    common::eventually(Duration::from_secs(5), "the primary receives the first half", || async {
+        partial_write_bytes(&app) >= 1024 * 1024
+    })
+    .await;
+    release.send(()).unwrap();
+    let response = upload.await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let stored: Value = response.json().await.unwrap();
+    assert_eq!(stored["checksum"], checksum.as_str());
+}
+
+/// [`upload_form_declaring`] as a `'static` future, for a test that goes on while it runs.
+fn upload_form_declaring_owned(
+    app: &TestApp,
+    form: Form,
+    checksum: String,
+) -> impl std::future::Future<Output = reqwest::Response> + Send + 'static {
+    let request = app.client.post(app.url("/api/v1/images/upload")).header("X-Checksum-SHA256", checksum);
+    async move { request.multipart(form).send().await.unwrap() }
 }
 
 async fn a_file_that_is_not_the_declared_one_stores_nothing(b: Backends) {
