@@ -509,11 +509,19 @@ async fn with_accounts_off_the_pages_work_anonymously() {
     assert!(browser.find("#signin").await.is_none());
     let files = tempfile::tempdir().unwrap();
     let path = files.path().join("meadow.png");
-    std::fs::write(&path, picture(480, 320, 2)).unwrap();
+    let meadow = picture(480, 320, 2);
+    std::fs::write(&path, &meadow).unwrap();
+    // The page declares each file's SHA-256 with its upload (the server checks it).
+    let record_headers = "window.sentHeaders = []; const set = XMLHttpRequest.prototype.setRequestHeader; \
+        XMLHttpRequest.prototype.setRequestHeader = function (name, value) { \
+        window.sentHeaders.push([name, value]); return set.call(this, name, value); };";
+    browser.execute(record_headers, vec![]).await;
     let input = browser.wait_for("#file-input", WAIT).await;
     browser.send_keys(&input, &path.display().to_string()).await;
     browser.wait_until("document.querySelectorAll('#grid .tile').length === 1", WAIT).await;
     assert_eq!(app.image_count().await, 1);
+    let declared = browser.eval("window.sentHeaders.filter(([name]) => name === 'X-Checksum-SHA256')").await;
+    assert_eq!(declared, json!([["X-Checksum-SHA256", common::images::sha256_hex(&meadow)]]));
     // A file dropped on the drop zone (made in the page: a drop cannot come from outside the
     // browser under WebDriver) is uploaded the same way.
     let drop = "const canvas = document.createElement('canvas'); canvas.width = 300; canvas.height = 200; \

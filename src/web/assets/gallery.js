@@ -200,13 +200,29 @@ function pump() {
   }
 }
 
+/// The file's SHA-256 in hex, or null where the browser cannot compute it (`crypto.subtle`
+/// exists on HTTPS and localhost only). Declared with the upload, it lets the server refuse
+/// bytes that are not the file's, and stream a large file to its shard as it arrives.
+async function sha256Hex(file) {
+  if (!globalThis.crypto || !crypto.subtle) return null;
+  try {
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await file.arrayBuffer()));
+    return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  } catch (_) {
+    return null;
+  }
+}
+
 /// One file, one request: its own progress and its own answer.
-function send({ file, row, progress, result }) {
+async function send({ file, row, progress, result }) {
+  result.textContent = "reading";
+  const checksum = await sha256Hex(file);
   return new Promise((resolve) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", "/api/v1/images/upload");
     for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
     xhr.setRequestHeader("Accept", "application/json");
+    if (checksum) xhr.setRequestHeader("X-Checksum-SHA256", checksum);
     result.textContent = "uploading";
     xhr.upload.addEventListener("progress", (event) => {
       if (event.lengthComputable) progress.value = Math.round((event.loaded / event.total) * 100);
