@@ -63,6 +63,14 @@ fn partial_write_bytes(app: &TestApp) -> u64 {
     temporary_dirs(app).iter().map(|dir| in_dir(dir)).sum()
 }
 
+/// Waits until the shards' writes in progress hold at least `bytes`: the upload is streaming.
+async fn wait_for_partial_write(app: &TestApp, bytes: u64) {
+    common::eventually(Duration::from_secs(5), "the primary receives the first half", || async {
+        partial_write_bytes(app) >= bytes
+    })
+    .await;
+}
+
 /// Asserts that the shards drop what a given-up write sent them, and that nothing is stored.
 async fn assert_given_up_write_left_nothing(app: &TestApp) {
     common::eventually(Duration::from_secs(5), "the given-up write is cleaned up", || async {
@@ -117,10 +125,7 @@ async fn a_large_upload_reaches_its_primary_before_its_last_byte(b: Backends) {
     let key = sha256_hex(&image);
     let held = HeldUpload::start(&app, &image).await;
     // Half the body has arrived: a store-and-forward upload would not have written a byte yet.
-    common::eventually(Duration::from_secs(5), "the primary receives the first half", || async {
-        partial_write_bytes(&app) >= 1024 * 1024
-    })
-    .await;
+    wait_for_partial_write(&app, 1024 * 1024).await;
     assert!(app.all_objects().is_empty(), "no object before the upload is accepted");
 
     let response = held.finish().await;
@@ -158,10 +163,7 @@ async fn a_client_librarys_form_streams_too(b: Backends) {
         }));
     let part = Part::stream_with_length(reqwest::Body::wrap_stream(body), image.len() as u64).file_name("lib.png");
     let upload = tokio::spawn(upload_form_declaring_owned(&app, Form::new().part("file", part), checksum.clone()));
-    common::eventually(Duration::from_secs(5), "the primary receives the first half", || async {
-        partial_write_bytes(&app) >= 1024 * 1024
-    })
-    .await;
+    wait_for_partial_write(&app, 1024 * 1024).await;
     release.send(()).unwrap();
     let response = upload.await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
@@ -232,10 +234,7 @@ async fn a_client_that_hangs_up_mid_cut_through_leaves_nothing(b: Backends) {
     let app = spawn_app(b).await;
     let image = large_png(LARGE, 6);
     let held = HeldUpload::start(&app, &image).await;
-    common::eventually(Duration::from_secs(5), "the primary receives the first half", || async {
-        partial_write_bytes(&app) > 0
-    })
-    .await;
+    wait_for_partial_write(&app, 1).await;
     drop(held);
     assert_given_up_write_left_nothing(&app).await;
     app.upload_ok("after.png", png(2, 2, 6)).await;

@@ -85,6 +85,7 @@ async fn upload(
         open_form(&headers, body, limits).ok_or(ImageError::MissingFile { field: "file" })?;
     // The whole form is read before anything is recorded, so that a `visibility` field counts
     // wherever it is; the file waits in the spool meanwhile (the form's size is bounded).
+    let form_len = declared_length(&headers);
     let mut file = None;
     let mut part = 0;
     while let Some(field) = next_field(&mut multipart, &state.limits.spool, "file").await? {
@@ -94,13 +95,12 @@ async fn upload(
             Some("file") if file.is_none() => {
                 let filename = field.file_name().map(str::to_owned);
                 let streamed = declared.as_ref().and_then(|key| {
-                    let len = offsets.last_part_len(part - 1, declared_length(&headers)?)?;
+                    let len = offsets.last_part_len(part - 1, form_len?)?;
                     state.images.start_cut_through(key, len)
                 });
                 // The form's declared length bounds the file's: a form of a few MiB may stay
                 // in memory, on the budget's account.
-                let expected_len = declared_length(&headers);
-                let (body, streamed) = spool_field(field, &state.limits.spool, expected_len, streamed).await?;
+                let (body, streamed) = spool_field(field, &state.limits.spool, form_len, streamed).await?;
                 file = Some((filename, body, streamed));
             }
             _ => {} // Dropping a field skips the rest of it.

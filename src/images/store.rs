@@ -80,20 +80,13 @@ impl BlobWriter {
             let avoid: Vec<String> =
                 unconfirmed.iter().map(|(shard, _)| shard.clone()).chain(in_doubt.clone()).collect();
             let mut clock = StageClock::start(purpose);
-            let deadline = self.router.deadlines().write_for(size);
-            let completed = match streamed.take() {
-                Some(pending) => pending.complete(blob, size, deadline).await,
+            let streamed_receipt = match streamed.take() {
+                Some(pending) => pending.complete(blob, size, self.router.deadlines().write_for(size)).await,
                 None => None,
             };
-            let receipt = match completed {
+            let receipt = match streamed_receipt {
                 Some(receipt) => receipt,
-                None => match self.router.write_copies(blob, body, self.write_quorum, &avoid).await {
-                    Ok(receipt) => receipt,
-                    Err(error) => {
-                        self.remove_refused_copies(&error, blob, size).await;
-                        return Err(ImageError::StorageUnavailable(error));
-                    }
-                },
+                None => self.write_copies(blob, size, body, &avoid).await?,
             };
             clock.finish(Stage::Write);
             let span = tracing::info_span!("metadata_query", operation = "lock_blob_for_upload");
@@ -150,6 +143,17 @@ impl BlobWriter {
             context: "storing the blob: its copy kept disappearing",
             source: format!("{STORE_ATTEMPTS} attempts raced with deletions").into(),
         })
+    }
+
+    /// Writes the copies through the router; a refused write removes what it did write.
+    async fn write_copies(&self, blob: &BlobKey, size: u64, body: &BlobBody, avoid: &[String]) -> Result<WriteReceipt> {
+        match self.router.write_copies(blob, body, self.write_quorum, avoid).await {
+            Ok(receipt) => Ok(receipt),
+            Err(error) => {
+                self.remove_refused_copies(&error, blob, size).await;
+                Err(ImageError::StorageUnavailable(error))
+            }
+        }
     }
 
     /// A write refused for want of enough shards removes the copies it did write before it

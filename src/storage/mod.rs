@@ -66,11 +66,6 @@ impl BodyFeed {
         (sender, BodyFeed { len, chunks })
     }
 
-    /// The next chunk; `None` once the sender is gone.
-    pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
-        self.chunks.recv().await
-    }
-
     /// The next chunk, for a backend writing from a blocking thread.
     pub fn blocking_next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
         self.chunks.blocking_recv()

@@ -190,7 +190,11 @@ impl Intercept for PayloadHash {
 
 /// A [`BodyFeed`] as an HTTP request body. A feed that fails or ends early fails the body, and
 /// hyper then drops the connection with the `Content-Length` unmet: the server stores nothing.
-struct FeedBody(BodyFeed);
+struct FeedBody {
+    feed: BodyFeed,
+    /// Bytes not yet passed on, for the size hint.
+    remaining: u64,
+}
 
 impl http_body::Body for FeedBody {
     type Data = bytes::Bytes;
@@ -200,11 +204,15 @@ impl http_body::Body for FeedBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.0.poll_next_chunk(cx).map(|chunk| chunk.map(|chunk| chunk.map(http_body::Frame::data)))
+        let polled = self.feed.poll_next_chunk(cx);
+        if let std::task::Poll::Ready(Some(Ok(chunk))) = &polled {
+            self.remaining = self.remaining.saturating_sub(chunk.len() as u64);
+        }
+        polled.map(|chunk| chunk.map(|chunk| chunk.map(http_body::Frame::data)))
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.0.len)
+        http_body::SizeHint::with_exact(self.remaining)
     }
 }
 
@@ -249,7 +257,7 @@ impl BlobStore for S3Store {
     async fn write_blob_feed(&self, key: &BlobKey, feed: BodyFeed) -> StorageResult<()> {
         // Not retried by the SDK (a feed cannot be replayed), which is our policy anyway.
         let len = feed.len;
-        self.put(key, len, ByteStream::from_body_1_x(FeedBody(feed))).await
+        self.put(key, len, ByteStream::from_body_1_x(FeedBody { feed, remaining: len })).await
     }
 
     async fn read_blob(&self, key: &BlobKey) -> StorageResult<BlobReader> {
