@@ -28,7 +28,20 @@ behaviours!(
     a_duplicate_is_deduplicated_without_a_second_object,
     a_field_after_the_file_falls_back_to_store_and_forward,
     a_primary_that_is_down_falls_back_to_the_next_shard,
+    a_write_quorum_streams_to_each_of_its_shards,
+    a_quorum_shard_lost_mid_stream_gets_its_copy_elsewhere,
+    a_quorum_that_cannot_be_completed_stores_nothing,
 );
+
+/// The shards a blob's copies belong on.
+fn write_set_of(app: &TestApp, key: &str) -> Vec<String> {
+    app.router.write_set(&chitram::blob::BlobKey::parse(key).unwrap())
+}
+
+/// A write quorum of two (`placement.write_quorum = 2`).
+fn quorum_of_two(shards: usize) -> TestOptions {
+    TestOptions { shards, adjust: Some(|settings| settings.placement.write_quorum = 2), ..TestOptions::default() }
+}
 
 /// Uploads `file` as `name`, declaring `checksum`.
 async fn upload_declaring(app: &TestApp, name: &str, file: Vec<u8>, checksum: &str) -> reqwest::Response {
@@ -51,22 +64,33 @@ fn temporary_dirs(app: &TestApp) -> Vec<PathBuf> {
 
 /// Bytes in the shards' files of writes in progress.
 fn partial_write_bytes(app: &TestApp) -> u64 {
-    let in_dir = |dir: &Path| -> u64 {
-        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-        entries
-            .flatten()
-            .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_file()))
-            .filter(|entry| entry.file_name().to_string_lossy().contains("tmp"))
-            .map(|entry| entry.metadata().map(|meta| meta.len()).unwrap_or(0))
-            .sum()
-    };
-    temporary_dirs(app).iter().map(|dir| in_dir(dir)).sum()
+    temporary_dirs(app).iter().map(|dir| partial_write_bytes_in(dir)).sum()
+}
+
+fn partial_write_bytes_in(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_file()))
+        .filter(|entry| entry.file_name().to_string_lossy().contains("tmp"))
+        .map(|entry| entry.metadata().map(|meta| meta.len()).unwrap_or(0))
+        .sum()
 }
 
 /// Waits until the shards' writes in progress hold at least `bytes`: the upload is streaming.
 async fn wait_for_partial_write(app: &TestApp, bytes: u64) {
     common::eventually(Duration::from_secs(5), "the primary receives the first half", || async {
         partial_write_bytes(app) >= bytes
+    })
+    .await;
+}
+
+/// Waits until each of `shards` holds at least `bytes` of a write in progress.
+async fn wait_for_partial_writes_on(app: &TestApp, shards: &[String], bytes: u64) {
+    let dirs = temporary_dirs(app);
+    let index = |shard: &String| app.settings.shards.iter().position(|s| &s.name == shard).unwrap();
+    common::eventually(Duration::from_secs(5), "each shard of the quorum receives the first half", || async {
+        shards.iter().all(|shard| partial_write_bytes_in(&dirs[index(shard)]) >= bytes)
     })
     .await;
 }
@@ -111,6 +135,13 @@ impl HeldUpload {
         Self { stream, rest: rest.to_vec() }
     }
 
+    /// Finishes an upload that must be accepted: its record.
+    async fn finish_created(self) -> Value {
+        let response = self.finish().await;
+        assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+        serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    }
+
     async fn finish(mut self) -> String {
         self.stream.write_all(&self.rest).await.unwrap();
         let mut response = String::new();
@@ -128,9 +159,7 @@ async fn a_large_upload_reaches_its_primary_before_its_last_byte(b: Backends) {
     wait_for_partial_write(&app, 1024 * 1024).await;
     assert!(app.all_objects().is_empty(), "no object before the upload is accepted");
 
-    let response = held.finish().await;
-    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
-    let image_json: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let image_json = held.finish_created().await;
     assert_eq!(image_json["checksum"], key.as_str());
     let blob = chitram::blob::BlobKey::parse(&key).unwrap();
     let write_set = app.router.write_set(&blob);
@@ -256,9 +285,16 @@ async fn a_duplicate_is_deduplicated_without_a_second_object(b: Backends) {
     let image = large_png(LARGE, 8);
     let checksum = sha256_hex(&image);
     let first: Value = upload_declaring(&app, "one.png", image.clone(), &checksum).await.json().await.unwrap();
-    let second = upload_declaring(&app, "two.png", image, &checksum).await;
-    assert_eq!(second.status(), StatusCode::CREATED);
-    let second: Value = second.json().await.unwrap();
+    // The bytes are known: the second upload's stream is given up as soon as the lookup made
+    // while it starts says so, and the shard drops what it received. (Half a new upload
+    // reaches its shard at once and stays there until the last byte: see the first test.)
+    let held = HeldUpload::start(&app, &image).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    common::eventually(Duration::from_secs(5), "a known blob's stream is given up", || async {
+        partial_write_bytes(&app) == 0
+    })
+    .await;
+    let second = held.finish_created().await;
     assert_ne!(first["id"], second["id"]);
     assert_eq!(first["checksum"], second["checksum"]);
     assert_eq!(app.all_objects().len(), 1, "one blob, on its primary");
@@ -303,4 +339,73 @@ async fn a_primary_that_is_down_falls_back_to_the_next_shard(b: Backends) {
     assert_ne!(holder, &primary, "written to the next shard of the preference list");
     assert_eq!(std::fs::read(app.object_path(holder, &checksum)).unwrap(), image);
     app.bring_shard_online(&primary).await;
+}
+
+/// With a write quorum of two the upload streams to both shards of the quorum at once, and
+/// both copies are stored before the answer.
+async fn a_write_quorum_streams_to_each_of_its_shards(b: Backends) {
+    let app = spawn_app_with(b, quorum_of_two(3)).await;
+    let image = large_png(LARGE, 12);
+    let key = sha256_hex(&image);
+    let write_set = write_set_of(&app, &key);
+    let held = HeldUpload::start(&app, &image).await;
+    wait_for_partial_writes_on(&app, &write_set, 1024 * 1024).await;
+    assert!(app.all_objects().is_empty(), "no object before the upload is accepted");
+
+    let image_json = held.finish_created().await;
+    let mut copies = replica_states(&image_json);
+    copies.sort();
+    let mut expected: Vec<(String, String)> = write_set.iter().map(|shard| (shard.clone(), "stored".into())).collect();
+    expected.sort();
+    assert_eq!(copies, expected, "both shards of the quorum took the stream");
+    for shard in &write_set {
+        assert_eq!(std::fs::read(app.object_path(shard, &key)).unwrap(), image, "byte for byte on {shard}");
+    }
+    assert_eq!(partial_write_bytes(&app), 0, "no write in progress is left");
+}
+
+/// A shard of the quorum goes down while the body streams: the other keeps its streamed copy,
+/// and the missing one is written from the upload's own bytes to the next shard before the 201.
+async fn a_quorum_shard_lost_mid_stream_gets_its_copy_elsewhere(b: Backends) {
+    let app = spawn_app_with(b, quorum_of_two(3)).await;
+    let image = large_png(LARGE, 13);
+    let key = sha256_hex(&image);
+    let write_set = write_set_of(&app, &key);
+    let held = HeldUpload::start(&app, &image).await;
+    wait_for_partial_writes_on(&app, &write_set, 1024 * 1024).await;
+    app.take_shard_offline(&write_set[1]).await;
+
+    let image_json = held.finish_created().await;
+    let third = app.settings.shards.iter().map(|s| s.name.clone()).find(|s| !write_set.contains(s)).unwrap();
+    let mut copies = replica_states(&image_json);
+    copies.sort();
+    let mut expected = vec![
+        (write_set[0].clone(), "stored".to_owned()),
+        (write_set[1].clone(), "pending".to_owned()),
+        (third.clone(), "stored".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(copies, expected, "the streamed copy, the lost shard's left to replication, one written elsewhere");
+    for shard in [&write_set[0], &third] {
+        assert_eq!(std::fs::read(app.object_path(shard, &key)).unwrap(), image, "byte for byte on {shard}");
+    }
+    app.bring_shard_online(&write_set[1]).await;
+}
+
+/// A shard of the quorum goes down mid-stream and no other shard can take its copy: the upload
+/// is refused, and the copy streamed to the other shard is removed with it.
+async fn a_quorum_that_cannot_be_completed_stores_nothing(b: Backends) {
+    let app = spawn_app_with(b, quorum_of_two(2)).await;
+    let image = large_png(LARGE, 14);
+    let write_set = write_set_of(&app, &sha256_hex(&image));
+    let held = HeldUpload::start(&app, &image).await;
+    wait_for_partial_writes_on(&app, &write_set, 1024 * 1024).await;
+    app.take_shard_offline(&write_set[1]).await;
+
+    let response = held.finish().await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("STORAGE_UNAVAILABLE"), "{response}");
+    app.bring_shard_online(&write_set[1]).await;
+    common::eventually(Duration::from_secs(5), "the spool file is removed", || async { app.spool_files() == 0 }).await;
+    app.assert_nothing_stored().await;
 }

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use chitram::blob::BlobKey;
 use chitram::placement::ring::{Ring, key_hash};
 use chitram::replication::backoff::RetryPolicy;
 use chitram::replication::worker::{Replicator, StepOutcome, WorkerSettings};
@@ -39,6 +40,7 @@ on_both_databases!(
     uploads_go_around_a_late_shard_without_slowing_others,
     a_late_confirmation_is_not_recorded_and_holds_no_lock,
     reads_hedge_around_a_late_holder,
+    a_write_quorum_writes_its_copies_at_once,
 );
 
 fn s3_on(db: DbKind) -> Backends {
@@ -110,6 +112,38 @@ async fn uploads_go_around_a_late_shard_without_slowing_others(db: DbKind) {
     assert!(write_sets_with_s0.count() > 0, "some uploads belonged on the late shard, and went elsewhere");
     println!("slowest request that never touched the late shard: {slowest_bystander:?}");
     assert!(slowest_bystander < LATE / 10, "requests that never touch the late shard took {slowest_bystander:?}");
+}
+
+/// With a write quorum of two, both copies are written at once (a quorum costs its slowest
+/// write, not the sum of its writes): both shards of the write set answer PUTs late, and each
+/// has its PUT before either has answered.
+async fn a_write_quorum_writes_its_copies_at_once(db: DbKind) {
+    // Long enough that a loaded machine still starts both PUTs within half of it; the write
+    // deadline is raised above it so that the late PUTs still count.
+    const PUT_LATE: Duration = Duration::from_secs(6);
+    let adjust = |settings: &mut chitram::config::Settings| {
+        settings.placement.write_quorum = 2;
+        settings.latency.write_deadline_ms = 20_000;
+    };
+    let options = TestOptions { adjust: Some(adjust), ..TestOptions::default() };
+    let app = spawn_app_with(s3_on(db), options).await;
+    let image = png(8, 8, 400_000);
+    let write_set = app.router.write_set(&BlobKey::parse(&sha256_hex(&image)).unwrap());
+    let late_puts = Faults { late: Some(PUT_LATE), late_method: Some("PUT"), ..Faults::default() };
+    for shard in &write_set {
+        app.shard_s3(shard).misbehave(late_puts.clone()).await;
+    }
+    let both_in_flight = eventually(PUT_LATE / 2, "both PUTs of the quorum in flight", || async {
+        write_set.iter().all(|shard| app.shard_s3(shard).faults.delayed() == 1)
+    });
+    let (response, ()) = tokio::join!(app.upload("quorum.png", image), both_in_flight);
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let image: Value = response.json().await.unwrap();
+    let mut stored = stored_on(&image);
+    stored.sort();
+    let mut expected = write_set.clone();
+    expected.sort();
+    assert_eq!(stored, expected, "both copies stored before the answer");
 }
 
 /// The write succeeds but the size check under the blob's lock (a HEAD) is late: the lock is

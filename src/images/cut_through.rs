@@ -15,15 +15,20 @@
 //! as before, so a PUT that fails or stalls costs nothing but time: the upload falls back to
 //! the store-and-forward write, with its failover, from its own copy.
 //!
-//! Cut-through is used only where it can pay: bodies of at least [`CUT_THROUGH_MIN`] bytes,
-//! with `write_quorum = 1` (more copies before the 201 go store and forward).
+//! Cut-through is used only where it can pay: bodies of at least [`CUT_THROUGH_MIN`] bytes, and
+//! bytes not already stored (looked up while the first chunks stream; a known blob's upload is
+//! deduplicated, and its stream is given up as soon as the lookup answers).
+//! With a write quorum above one the upload streams to every shard of the quorum at once (the
+//! first `write_quorum` shards of the preference list), releases their last chunks together,
+//! and writes from its own copy only to the shards whose stream failed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::join_all;
 use tokio::sync::mpsc::Sender;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::blob::BlobKey;
 use crate::observability::names;
@@ -33,107 +38,179 @@ use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
 /// The smallest body streamed cut-through. Below it the receive is a small part of an upload
 /// (BENCHMARKS.md, "Cut-through uploads").
 pub const CUT_THROUGH_MIN: u64 = 1024 * 1024;
-/// Chunks in flight between the upload and its PUT: enough to keep both busy, few enough that
-/// a cut-through upload holds no more memory than a spooled one.
+/// Chunks in flight between the upload and each of its PUTs: enough to keep both busy, few
+/// enough that a cut-through upload holds no more memory than a spooled one (the PUTs of a
+/// quorum share the chunks, they do not copy them; splitting the depth between them was
+/// measured, and made no difference: BENCHMARKS.md, "A write quorum of two").
 const FEED_DEPTH: usize = 4;
-/// How long the upload waits for the shard to take a chunk before it gives the PUT up and
-/// goes on storing and forwarding: a slow shard must not slow the client's upload down.
+/// How long the upload waits for a shard to take a chunk before it gives that PUT up and
+/// goes on without it: a slow shard must not slow the client's upload down.
 const FEED_STALL: Duration = Duration::from_secs(2);
 
-/// A PUT of an upload's bytes under its declared key, fed as they arrive, its last chunk
-/// held back. Dropping it gives the PUT up, and the shard stores nothing.
+/// PUTs of an upload's bytes under its declared key, one per shard of the write quorum, fed
+/// as they arrive, their last chunk held back. Dropping it gives the PUTs up, and the shards
+/// store nothing.
 #[derive(Debug)]
 pub struct PendingWrite {
     key: BlobKey,
     len: u64,
-    shard: String,
     write_set: Vec<String>,
-    /// `None` once the feed is given up or complete.
-    sender: Option<Sender<std::io::Result<Bytes>>>,
+    /// Empty once completed.
+    feeds: Vec<Feed>,
     held: Option<Bytes>,
-    put: Option<JoinHandle<Result<(), RouterError>>>,
 }
 
 impl PendingWrite {
-    /// Opens the PUT of `len` bytes under `key` to the blob's primary, when its circuit is
-    /// closed.
-    pub fn start(router: &Arc<StorageRouter>, key: BlobKey, len: u64) -> Option<Self> {
-        let shard = router.feed_target(&key)?.name.clone();
-        let (sender, feed) = BodyFeed::channel(len, FEED_DEPTH);
-        let put = tokio::spawn({
-            let (router, key, shard) = (router.clone(), key.clone(), shard.clone());
-            async move { router.write_feed_on(&shard, &key, feed).await }
-        });
+    /// Opens the PUTs of `len` bytes under `key` to the first `copies` shards of the blob's
+    /// preference list, when all their circuits are closed.
+    pub fn start(router: &Arc<StorageRouter>, key: BlobKey, len: u64, copies: usize) -> Option<Self> {
+        let targets = router.feed_targets(&key, copies)?;
+        let feeds = targets.iter().map(|shard| Feed::open(router, &key, len, &shard.name)).collect();
         let write_set = router.write_set(&key);
-        Some(Self { key, len, shard, write_set, sender: Some(sender), held: None, put: Some(put) })
+        Some(Self { key, len, write_set, feeds, held: None })
     }
 
-    /// Passes the chunk before this one on to the shard, and holds this one back.
-    pub async fn forward(&mut self, chunk: &Bytes) {
-        let Some(sender) = &self.sender else { return };
-        let Some(previous) = self.held.replace(chunk.clone()) else { return };
-        match tokio::time::timeout(FEED_STALL, sender.send(Ok(previous))).await {
-            Ok(Ok(())) => {}
-            // The PUT ended early (the shard failed) or stopped taking bytes.
-            Ok(Err(_)) | Err(_) => self.give_up("the shard stopped taking the body"),
-        }
-    }
-
-    /// Completes the PUT once the received bytes are known good: `key` and `len` are what was
-    /// received. The receipt when the shard stored the blob within `deadline`; `None` when
-    /// it did not (the caller stores and forwards instead), or when the bytes are not the
-    /// ones the PUT was opened for.
-    pub async fn complete(mut self, key: &BlobKey, len: u64, deadline: Duration) -> Option<WriteReceipt> {
-        let mut put = self.put.take().expect("a pending write has its PUT until it completes");
-        if key != &self.key || len != self.len {
-            return self.fall_back(put, "the body is not the one the PUT announced".into());
-        }
-        let Some(sender) = self.sender.take() else {
-            return self.fall_back(put, "the shard stopped taking the body".into());
-        };
-        if let Some(last) = self.held.take()
-            && sender.send(Ok(last)).await.is_err()
-        {
-            return self.fall_back(put, "the shard failed before the last chunk".into());
-        }
-        drop(sender);
-        let error = match tokio::time::timeout(deadline, &mut put).await {
-            Ok(Ok(Ok(()))) => {
-                metrics::counter!(names::CUT_THROUGH, "outcome" => "stored").increment(1);
-                return Some(WriteReceipt { stored: vec![self.shard.clone()], write_set: self.write_set.clone() });
+    /// Gives the PUTs up from elsewhere, whenever it is called: the shards store nothing, and
+    /// an upload that goes on stores and forwards.
+    pub fn canceller(&self) -> impl FnOnce() + Send + 'static {
+        let feeds: Vec<(SharedSender, AbortHandle)> =
+            self.feeds.iter().map(|feed| (feed.sender.clone(), feed.put.abort_handle())).collect();
+        move || {
+            for (sender, put) in feeds {
+                sender.lock().expect("a feed's sender lock is never poisoned").take();
+                put.abort();
             }
-            Ok(Ok(Err(error))) => error.to_string(),
-            Ok(Err(join_error)) => join_error.to_string(),
-            Err(_) => format!("no answer within {} ms", deadline.as_millis()),
-        };
-        self.fall_back(put, error)
-    }
-
-    /// Gives the PUT up for the store-and-forward write.
-    fn fall_back(&mut self, put: JoinHandle<Result<(), RouterError>>, error: String) -> Option<WriteReceipt> {
-        self.give_up("falling back");
-        put.abort();
-        tracing::warn!(shard = %self.shard, blob = %self.key, %error, "cut-through write failed; storing and forwarding");
-        metrics::counter!(names::CUT_THROUGH, "outcome" => "fallback").increment(1);
-        None
-    }
-
-    fn give_up(&mut self, why: &str) {
-        if self.sender.take().is_some() {
-            tracing::debug!(shard = %self.shard, blob = %self.key, why, "cut-through write given up");
         }
-        self.held = None;
+    }
+
+    /// Passes the chunk before this one on to the shards, and holds this one back. A shard
+    /// that does not take it in time is given up; the others go on.
+    pub async fn forward(&mut self, chunk: &Bytes) {
+        let Some(previous) = self.held.replace(chunk.clone()) else { return };
+        let delivered = join_all(self.feeds.iter().map(|feed| feed.send(&previous))).await;
+        for (feed, delivered) in self.feeds.iter().zip(delivered) {
+            if !delivered {
+                feed.give_up(&self.key, "the shard stopped taking the body");
+            }
+        }
+        if self.feeds.iter().all(|feed| feed.sender().is_none()) {
+            self.held = None;
+        }
+    }
+
+    /// Completes the PUTs once the received bytes are known good: `key` and `len` are what was
+    /// received. The receipt names the shards that stored the blob within `deadline`: all of
+    /// the quorum, some (the caller writes the rest from its own copy), or none, when the
+    /// bytes are not the ones the PUTs were opened for.
+    pub async fn complete(mut self, key: &BlobKey, len: u64, deadline: Duration) -> WriteReceipt {
+        let feeds = std::mem::take(&mut self.feeds);
+        let streams = feeds.len();
+        let mut receipt = WriteReceipt { stored: Vec::new(), write_set: self.write_set.clone() };
+        if key == &self.key && len == self.len {
+            let last = self.held.take();
+            let outcomes = join_all(feeds.into_iter().map(|feed| feed.finish(last.clone(), deadline))).await;
+            for outcome in outcomes {
+                match outcome {
+                    Ok(shard) => receipt.stored.push(shard),
+                    Err((shard, error)) => {
+                        tracing::warn!(%shard, blob = %self.key, %error, "cut-through write failed; storing and forwarding");
+                    }
+                }
+            }
+        } else {
+            tracing::warn!(blob = %self.key, "the body is not the one the cut-through write announced; storing and forwarding");
+        }
+        let outcome = if receipt.stored.len() == streams { "stored" } else { "fallback" };
+        metrics::counter!(names::CUT_THROUGH, "outcome" => outcome).increment(1);
+        receipt
     }
 }
 
 impl Drop for PendingWrite {
     /// An upload that ends without completing its write (refused, deduplicated, the client
-    /// gone) ends the feed short: the shard stores nothing.
+    /// gone) ends the feeds short: the shards store nothing.
     fn drop(&mut self) {
-        if let Some(put) = self.put.take() {
-            self.sender = None;
-            put.abort();
+        if !self.feeds.is_empty() {
             metrics::counter!(names::CUT_THROUGH, "outcome" => "abandoned").increment(1);
         }
+    }
+}
+
+/// One shard's PUT and the channel that feeds it. Dropping it ends the feed short and aborts
+/// the PUT, so the shard stores nothing.
+#[derive(Debug)]
+struct Feed {
+    shard: String,
+    /// `None` once given up. Shared with [`PendingWrite::canceller`], which drops it to end the
+    /// feed short: a shard written by a blocking thread (a filesystem's) stops only when its
+    /// feed ends, aborting the PUT's task does not reach it.
+    sender: SharedSender,
+    put: JoinHandle<Result<(), RouterError>>,
+}
+
+type SharedSender = Arc<Mutex<Option<Sender<std::io::Result<Bytes>>>>>;
+
+impl Feed {
+    fn open(router: &Arc<StorageRouter>, key: &BlobKey, len: u64, shard: &str) -> Self {
+        let (sender, feed) = BodyFeed::channel(len, FEED_DEPTH);
+        let put = tokio::spawn({
+            let (router, key, shard) = (router.clone(), key.clone(), shard.to_owned());
+            async move { router.write_feed_on(&shard, &key, feed).await }
+        });
+        Self { shard: shard.to_owned(), sender: Arc::new(Mutex::new(Some(sender))), put }
+    }
+
+    /// The sender, unless the feed was given up (or cancelled). The lock is never held across
+    /// an await: a send uses a clone, which keeps the feed open only while it lasts.
+    fn sender(&self) -> Option<Sender<std::io::Result<Bytes>>> {
+        self.sender.lock().expect("a feed's sender lock is never poisoned").clone()
+    }
+
+    fn take_sender(&self) -> Option<Sender<std::io::Result<Bytes>>> {
+        self.sender.lock().expect("a feed's sender lock is never poisoned").take()
+    }
+
+    /// Whether the shard took the chunk in time (a feed already given up takes nothing, and
+    /// counts as taken: it was reported when it was given up).
+    async fn send(&self, chunk: &Bytes) -> bool {
+        let Some(sender) = self.sender() else { return true };
+        // An error: the PUT ended early (the shard failed); a timeout: it stopped taking bytes.
+        matches!(tokio::time::timeout(FEED_STALL, sender.send(Ok(chunk.clone()))).await, Ok(Ok(())))
+    }
+
+    fn give_up(&self, blob: &BlobKey, why: &str) {
+        if self.take_sender().is_some() {
+            tracing::debug!(shard = %self.shard, %blob, why, "cut-through write given up");
+        }
+    }
+
+    /// Sends the last chunk and waits for the shard to store the blob: its name when it did,
+    /// with the reason when it did not.
+    async fn finish(mut self, last: Option<Bytes>, deadline: Duration) -> Result<String, (String, String)> {
+        let Some(sender) = self.take_sender() else {
+            return Err((self.shard.clone(), "the shard stopped taking the body".into()));
+        };
+        if let Some(last) = last
+            && sender.send(Ok(last)).await.is_err()
+        {
+            return Err((self.shard.clone(), "the shard failed before the last chunk".into()));
+        }
+        drop(sender);
+        let error = match tokio::time::timeout(deadline, &mut self.put).await {
+            Ok(Ok(Ok(()))) => return Ok(self.shard.clone()),
+            Ok(Ok(Err(error))) => error.to_string(),
+            Ok(Err(join_error)) => join_error.to_string(),
+            Err(_) => format!("no answer within {} ms", deadline.as_millis()),
+        };
+        Err((self.shard.clone(), error))
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        // The sender too: the canceller may still hold the feed's sender cell.
+        self.take_sender();
+        // A no-op once the PUT has finished.
+        self.put.abort();
     }
 }

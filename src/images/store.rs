@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, join_all};
 use tracing::Instrument;
 
 use super::cut_through::{CUT_THROUGH_MIN, PendingWrite};
@@ -38,14 +38,30 @@ impl BlobWriter {
         Self { metadata, router, write_quorum }
     }
 
-    /// Opens a cut-through write of `len` bytes under `key` (see [`super::cut_through`]), when
-    /// it can pay: a body of at least [`CUT_THROUGH_MIN`] bytes, one copy before the answer,
-    /// and the blob's primary up.
+    /// Opens a cut-through write of `len` bytes under `key` to the write quorum's shards (see
+    /// [`super::cut_through`]), when it can pay: a body of at least [`CUT_THROUGH_MIN`] bytes,
+    /// and the first `write_quorum` shards of the blob's preference list up. Whether the bytes
+    /// are already stored is looked up meanwhile: if they are, the stream is given up (the
+    /// upload will be deduplicated, and the shards would drop the bytes).
     pub fn start_cut_through(&self, key: BlobKey, len: u64) -> Option<PendingWrite> {
-        if len < CUT_THROUGH_MIN || self.write_quorum != 1 {
+        if len < CUT_THROUGH_MIN {
             return None;
         }
-        PendingWrite::start(&self.router, key, len)
+        let pending = PendingWrite::start(&self.router, key.clone(), len, self.write_quorum)?;
+        let (metadata, cancel) = (self.metadata.clone(), pending.canceller());
+        let span = tracing::info_span!("metadata_query", operation = "blob_is_live");
+        // Not awaited by the upload: the first chunks go out meanwhile. A failed lookup leaves
+        // the decision to the upload's own dedup lookup.
+        tokio::spawn(
+            async move {
+                if metadata.blob_is_live(&key).await.unwrap_or(false) {
+                    tracing::debug!(blob = %key, "the bytes are already stored: the cut-through write is given up");
+                    cancel();
+                }
+            }
+            .instrument(span),
+        );
+        Some(pending)
     }
 
     /// Writes the bytes, then records them under the blob's lock through `commit`.
@@ -60,7 +76,8 @@ impl BlobWriter {
     /// recorded: the lock is released and the next attempt writes to other shards.
     ///
     /// A cut-through upload passes its `streamed` write, which is the first attempt's write
-    /// when it completes (see [`super::cut_through`]).
+    /// (see [`super::cut_through`]): the copies it stored count, and the rest of the quorum is
+    /// written from `body`.
     ///
     /// Each stage's time is recorded under `purpose` (see [`crate::observability::stages`]).
     pub async fn store<T>(
@@ -80,13 +97,12 @@ impl BlobWriter {
             let avoid: Vec<String> =
                 unconfirmed.iter().map(|(shard, _)| shard.clone()).chain(in_doubt.clone()).collect();
             let mut clock = StageClock::start(purpose);
-            let streamed_receipt = match streamed.take() {
-                Some(pending) => pending.complete(blob, size, self.router.deadlines().write_for(size)).await,
-                None => None,
-            };
-            let receipt = match streamed_receipt {
-                Some(receipt) => receipt,
-                None => self.write_copies(blob, size, body, &avoid).await?,
+            let receipt = match streamed.take() {
+                Some(pending) => {
+                    let streamed = pending.complete(blob, size, self.router.deadlines().write_for(size)).await;
+                    self.top_up(blob, size, body, streamed, &avoid).await?
+                }
+                None => self.write_copies(blob, size, body, self.write_quorum, &avoid).await?,
             };
             clock.finish(Stage::Write);
             let span = tracing::info_span!("metadata_query", operation = "lock_blob_for_upload");
@@ -145,15 +161,52 @@ impl BlobWriter {
         })
     }
 
-    /// Writes the copies through the router; a refused write removes what it did write.
-    async fn write_copies(&self, blob: &BlobKey, size: u64, body: &BlobBody, avoid: &[String]) -> Result<WriteReceipt> {
-        match self.router.write_copies(blob, body, self.write_quorum, avoid).await {
+    /// Writes `copies` copies through the router; a refused write removes what it did write.
+    async fn write_copies(
+        &self,
+        blob: &BlobKey,
+        size: u64,
+        body: &BlobBody,
+        copies: usize,
+        avoid: &[String],
+    ) -> Result<WriteReceipt> {
+        match self.router.write_copies(blob, body, copies, avoid).await {
             Ok(receipt) => Ok(receipt),
             Err(error) => {
                 self.remove_refused_copies(&error, blob, size).await;
                 Err(ImageError::StorageUnavailable(error))
             }
         }
+    }
+
+    /// Completes a write quorum that a cut-through write reached only in part: the copies it
+    /// lacks are written from `body` to other shards (a shard whose stream failed may take
+    /// its copy now, through its breaker). A quorum still short removes every copy written,
+    /// the streamed ones too.
+    async fn top_up(
+        &self,
+        blob: &BlobKey,
+        size: u64,
+        body: &BlobBody,
+        streamed: WriteReceipt,
+        avoid: &[String],
+    ) -> Result<WriteReceipt> {
+        let missing = self.write_quorum.saturating_sub(streamed.stored.len());
+        if missing == 0 {
+            return Ok(streamed);
+        }
+        let avoid: Vec<String> = avoid.iter().chain(&streamed.stored).cloned().collect();
+        let written = match self.router.write_copies(blob, body, missing, &avoid).await {
+            Ok(written) => written,
+            Err(error) => {
+                let error = error.with_earlier_copies(&streamed.stored, self.write_quorum);
+                self.remove_refused_copies(&error, blob, size).await;
+                return Err(ImageError::StorageUnavailable(error));
+            }
+        };
+        let stored: Vec<&str> = streamed.stored.iter().chain(&written.stored).map(String::as_str).collect();
+        let stored = self.router.read_order(blob, &stored).into_iter().map(str::to_owned).collect();
+        Ok(WriteReceipt { stored, write_set: written.write_set })
     }
 
     /// A write refused for want of enough shards removes the copies it did write before it
@@ -177,10 +230,12 @@ impl BlobWriter {
     }
 
     /// Checks, under the blob's lock, that every copy just written is there, each check bounded
-    /// by the router's control deadline.
+    /// by the router's control deadline. The checks run at once: a write quorum of two holds
+    /// the lock for one round trip, not two.
     async fn copies_still_exist(&self, receipt: &WriteReceipt, blob: &BlobKey, size: u64) -> Confirmation {
-        for shard in &receipt.stored {
-            match self.router.fetch_len_on(shard, blob).await {
+        let checks = join_all(receipt.stored.iter().map(|shard| self.router.fetch_len_on(shard, blob))).await;
+        for (shard, check) in receipt.stored.iter().zip(checks) {
+            match check {
                 Ok(len) if len == size => {}
                 Ok(_) => return Confirmation::Gone,
                 Err(error) if error.is_not_found() => return Confirmation::Gone,

@@ -456,6 +456,10 @@ impl ImageStore for CachedMetadata {
         self.inner.insert_image_for_live_blob(image).await
     }
 
+    async fn blob_is_live(&self, blob: &BlobKey) -> MetaResult<bool> {
+        self.inner.blob_is_live(blob).await
+    }
+
     async fn find_image(&self, id: Uuid) -> MetaResult<Option<ImageRecord>> {
         let cacheable = match self.cache.lookup_image(id).await {
             Lookup::Hit(record) => {

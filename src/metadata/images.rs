@@ -3,6 +3,8 @@
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use crate::blob::BlobKey;
+
 use super::{DeletedImage, ImageRecord, ListPosition, MetaResult, NewImage, Visibility};
 
 #[async_trait]
@@ -13,6 +15,11 @@ pub trait ImageStore: Send + Sync {
     /// [`MetadataError::QuotaExceeded`](super::MetadataError::QuotaExceeded), changing nothing,
     /// when the image would take its owner over their quota.
     async fn insert_image_for_live_blob(&self, image: &NewImage) -> MetaResult<Option<ImageRecord>>;
+
+    /// Whether the blob is live (as [`Self::insert_image_for_live_blob`] means it), without a
+    /// transaction. A hint for work a known blob makes needless (a cut-through upload's
+    /// stream): it may change the next moment, and the dedup path decides again.
+    async fn blob_is_live(&self, blob: &BlobKey) -> MetaResult<bool>;
 
     async fn find_image(&self, id: Uuid) -> MetaResult<Option<ImageRecord>>;
 

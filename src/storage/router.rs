@@ -18,6 +18,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
 use super::breaker::{BreakerSettings, CircuitBreaker, CircuitState, CircuitStatus};
 use super::deadline::{self, Deadlines};
 use super::hedge::{HedgeSettings, HedgedReads, LatencyWindow};
@@ -79,6 +82,21 @@ impl RouterError {
     /// The shard did not answer within its deadline: the call's outcome is unknown.
     pub fn is_deadline_exceeded(&self) -> bool {
         matches!(self, RouterError::Shard { source, .. } if source.is_deadline_exceeded())
+    }
+
+    /// A failed write of the copies a quorum of `wanted` still lacked, with the copies
+    /// `earlier` written first counted in (so that the caller removes them too).
+    pub fn with_earlier_copies(self, earlier: &[String], wanted: usize) -> Self {
+        match self {
+            RouterError::NoShardAvailable { key, attempts, .. } if !earlier.is_empty() => {
+                RouterError::QuorumNotReached { key, wanted, written: earlier.to_vec(), attempts }
+            }
+            RouterError::QuorumNotReached { key, written, attempts, .. } => {
+                let written = earlier.iter().chain(&written).cloned().collect();
+                RouterError::QuorumNotReached { key, wanted, written, attempts }
+            }
+            other => other,
+        }
     }
 }
 
@@ -190,6 +208,9 @@ impl StorageRouter {
     /// still land there). Fails only when fewer than `copies` shards could; copies written by
     /// then are orphans that scrub collects, and so is a write abandoned at its deadline that
     /// the shard completes later.
+    ///
+    /// The `copies` writes run at once (a write quorum of two costs one PUT's time, not two);
+    /// each one that fails hands its place to the next shard of the preference list.
     pub async fn write_copies(
         &self,
         key: &BlobKey,
@@ -197,26 +218,28 @@ impl StorageRouter {
         copies: usize,
         avoid: &[String],
     ) -> Result<WriteReceipt, RouterError> {
+        let deadline = self.deadlines.write_for(body.len());
+        let mut candidates = self.preference_list(key).filter(|&index| !avoid.contains(&self.shards[index].name));
+        let write = |index: usize| {
+            let shard = &self.shards[index];
+            async move { (shard, shard.breaker.call_within("write", deadline, shard.store.write_blob(key, body)).await) }
+        };
+        let mut in_flight: FuturesUnordered<_> = candidates.by_ref().take(copies).map(write).collect();
         let mut attempts = Vec::new();
         let mut stored = Vec::with_capacity(copies);
-        let deadline = self.deadlines.write_for(body.len());
-        for index in self.preference_list(key) {
-            let shard = &self.shards[index];
-            if avoid.contains(&shard.name) {
-                continue;
-            }
-            match shard.breaker.call_within("write", deadline, shard.store.write_blob(key, body)).await {
-                Ok(()) => {
-                    stored.push(shard.name.clone());
-                    if stored.len() == copies {
-                        return Ok(WriteReceipt { stored, write_set: self.write_set(key) });
-                    }
-                }
+        while let Some((shard, result)) = in_flight.next().await {
+            match result {
+                Ok(()) => stored.push(shard.name.as_str()),
                 Err(error) => {
                     tracing::warn!(shard = %shard.name, %key, %error, "write failed; trying the next shard");
                     attempts.push((shard.name.clone(), error));
+                    in_flight.extend(candidates.next().map(write));
                 }
             }
+        }
+        let stored: Vec<String> = self.read_order(key, &stored).into_iter().map(str::to_owned).collect();
+        if stored.len() == copies {
+            return Ok(WriteReceipt { stored, write_set: self.write_set(key) });
         }
         if stored.is_empty() {
             return Err(RouterError::NoShardAvailable { operation: "store", key: key.clone(), attempts });
@@ -224,12 +247,14 @@ impl StorageRouter {
         Err(RouterError::QuorumNotReached { key: key.clone(), wanted: copies, written: stored, attempts })
     }
 
-    /// Where a cut-through upload may stream the blob: its primary, when the primary's circuit
-    /// is closed. `None` otherwise, and the upload stores and forwards as usual (its write then
-    /// fails over along the preference list, DESIGN invariant 4).
-    pub fn feed_target(&self, key: &BlobKey) -> Option<&Shard> {
-        let primary = &self.shards[self.preference_list(key).next()?];
-        (primary.circuit().state == CircuitState::Closed).then_some(primary)
+    /// Where a cut-through upload may stream the blob: the first `copies` shards of its
+    /// preference list, when all their circuits are closed. `None` otherwise, and the upload
+    /// stores and forwards as usual (its write then fails over along the preference list,
+    /// DESIGN invariant 4).
+    pub fn feed_targets(&self, key: &BlobKey, copies: usize) -> Option<Vec<&Shard>> {
+        let targets: Vec<&Shard> = self.preference_list(key).take(copies).map(|index| &self.shards[index]).collect();
+        let all_closed = targets.iter().all(|shard| shard.circuit().state == CircuitState::Closed);
+        (targets.len() == copies && all_closed).then_some(targets)
     }
 
     /// Streams a blob to one shard as it arrives (see [`BodyFeed`]). Not through the shard's
@@ -347,5 +372,46 @@ impl StorageRouter {
             }
         });
         futures::future::join_all(checks).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> BlobKey {
+        BlobKey::parse(&"ab".repeat(32)).unwrap()
+    }
+
+    fn failure(shard: &str) -> (String, StorageError) {
+        (shard.to_owned(), StorageError::other("down", std::io::Error::other("refused")))
+    }
+
+    #[test]
+    fn a_failed_top_up_counts_the_copies_written_before_it() {
+        let none_left = RouterError::NoShardAvailable { operation: "store", key: key(), attempts: vec![failure("b")] };
+        let RouterError::QuorumNotReached { wanted, written, attempts, .. } =
+            none_left.with_earlier_copies(&["a".into()], 2)
+        else {
+            panic!("a quorum not reached")
+        };
+        assert_eq!((wanted, written, attempts.len()), (2, vec!["a".to_owned()], 1));
+
+        let short = RouterError::QuorumNotReached {
+            key: key(),
+            wanted: 2,
+            written: vec!["c".into()],
+            attempts: vec![failure("d")],
+        };
+        let RouterError::QuorumNotReached { wanted, written, .. } = short.with_earlier_copies(&["a".into()], 3) else {
+            panic!("a quorum not reached")
+        };
+        assert_eq!((wanted, written), (3, vec!["a".to_owned(), "c".to_owned()]));
+    }
+
+    #[test]
+    fn a_store_that_wrote_nothing_before_stays_unavailable() {
+        let none_left = RouterError::NoShardAvailable { operation: "store", key: key(), attempts: vec![failure("b")] };
+        assert!(matches!(none_left.with_earlier_copies(&[], 1), RouterError::NoShardAvailable { .. }));
     }
 }

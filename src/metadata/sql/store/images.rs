@@ -7,6 +7,7 @@ use uuid::Uuid;
 use super::D;
 use super::copies::drop_reference;
 use super::variants::{fetch_variants, queue_variant_tasks, release_variants};
+use crate::blob::BlobKey;
 use crate::metadata::rows::{from_column, parse_blob_key, sql_error, to_column};
 use crate::metadata::sql::dialect::Dialect;
 use crate::metadata::sql::{SqlStore, Statement};
@@ -108,12 +109,7 @@ static BLOB_IS_LIVE: Statement = Statement::new(
 impl ImageStore for SqlStore<D> {
     async fn insert_image_for_live_blob(&self, image: &NewImage) -> MetaResult<Option<ImageRecord>> {
         const CONTEXT: &str = "adding a reference to a live blob";
-        let live: bool = sqlx::query_scalar(BLOB_IS_LIVE.sql::<D>())
-            .bind(image.blob.as_str())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(sql_error(CONTEXT))?;
-        if !live {
+        if !self.blob_is_live(&image.blob).await? {
             return Ok(None);
         }
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
@@ -131,6 +127,14 @@ impl ImageStore for SqlStore<D> {
         let record = fetch_recorded(&mut tx, image.id).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
         Ok(Some(record))
+    }
+
+    async fn blob_is_live(&self, blob: &BlobKey) -> MetaResult<bool> {
+        sqlx::query_scalar(BLOB_IS_LIVE.sql::<D>())
+            .bind(blob.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql_error("checking whether a blob is live"))
     }
 
     async fn find_image(&self, id: Uuid) -> MetaResult<Option<ImageRecord>> {
