@@ -27,6 +27,8 @@
 //!   from its `/metrics` around each of its upload slices, and each upload cell gets the mean
 //!   milliseconds of every stage (receive, check, lookup, write, lock, confirm, commit) beside
 //!   the direct PUT's.
+//! - `CHITRAM_BENCH_WRITE_QUORUM=N` sets `placement.write_quorum` on the servers with at least N
+//!   copies (the RF=2 server, with 2).
 //! - `CHITRAM_BENCH_WORKERS=N` sets `replication.workers`; `CHITRAM_BENCH_PHASES` runs a subset of
 //!   `matrix,replication,lag,window,memory` (and `profile`, for scripts/profile-requests.sh).
 //! - `CHITRAM_BENCH_WRAPPER="heaptrack -o FILE"` (or callgrind) runs each server under a
@@ -102,6 +104,9 @@ struct Options {
     /// `replication.workers` of the Chitram processes (`CHITRAM_BENCH_WORKERS`; Chitram's default
     /// when unset).
     workers: Option<usize>,
+    /// `placement.write_quorum` of the servers with at least that many copies
+    /// (`CHITRAM_BENCH_WRITE_QUORUM`; 1 when unset).
+    write_quorum: Option<usize>,
     /// Which parts run (`CHITRAM_BENCH_PHASES`, a comma-separated subset of
     /// `matrix,replication,lag,window,memory`; all by default).
     matrix: bool,
@@ -131,6 +136,8 @@ impl Options {
         Options {
             secs: var("CHITRAM_BENCH_SECS").map_or(2.0, |v| v.parse().expect("CHITRAM_BENCH_SECS: seconds")),
             workers: var("CHITRAM_BENCH_WORKERS").map(|v| v.parse().expect("CHITRAM_BENCH_WORKERS: a count")),
+            write_quorum: var("CHITRAM_BENCH_WRITE_QUORUM")
+                .map(|v| v.parse().expect("CHITRAM_BENCH_WRITE_QUORUM: a count")),
             matrix: phases.contains(&"matrix"),
             replication: phases.contains(&"replication"),
             lag: phases.contains(&"lag"),
@@ -1256,11 +1263,14 @@ struct ReplicationSetup {
     workers: Option<usize>,
     /// Eager copies on (the default) or off (`eager_copies = 0`).
     eager: bool,
+    /// `placement.write_quorum` of the servers with at least that many copies (the default, 1,
+    /// when `None`).
+    write_quorum: Option<usize>,
 }
 
 impl ReplicationSetup {
     fn new(options: &Options, eager: bool) -> Self {
-        Self { workers: options.workers, eager }
+        Self { workers: options.workers, eager, write_quorum: options.write_quorum }
     }
 }
 
@@ -1289,10 +1299,11 @@ impl Chitram {
         // The router's own cost against the S3 servers': accounts and rate limits are off here
         // (benches/auth.rs measures what they add), and so are the variant workers, which
         // would read every upload back to make its thumbnails (benches/variants.rs).
+        let write_quorum = setup.write_quorum.filter(|&quorum| quorum <= replication_factor).unwrap_or(1);
         let mut config = format!(
             "[server]\nbind = \"127.0.0.1:{port}\"\nspool_dir = \"{}\"\n\
              [database]\nurl = \"{database_url}\"\n\
-             [placement]\nreplication_factor = {replication_factor}\n\
+             [placement]\nreplication_factor = {replication_factor}\nwrite_quorum = {write_quorum}\n\
              [auth]\nenabled = false\n[rate_limits]\nenabled = false\n[variants]\nworkers = 0\n",
             spool.display()
         );
@@ -1649,11 +1660,15 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
         options.secs,
         CELL_CAP / MIB as u64
     );
-    println!(
-        "- RF=2 uploads are acknowledged after the first copy (write quorum 1); the upload then writes the second \
-         copy from its own bytes (eager copies), the workers make any it could not, and the bench waits for the \
-         queue to empty before the next slice (not counted)"
-    );
+    if options.write_quorum.is_some_and(|quorum| quorum >= 2) {
+        println!("- RF=2 uploads are acknowledged after both copies are stored (write quorum 2)");
+    } else {
+        println!(
+            "- RF=2 uploads are acknowledged after the first copy (write quorum 1); the upload then writes the \
+             second copy from its own bytes (eager copies), the workers make any it could not, and the bench waits \
+             for the queue to empty before the next slice (not counted)"
+        );
+    }
     println!(
         "- CPU: busy is all CPU time used during the cell over its wall time (the machine has {} CPUs in all); \
          ms/MiB splits it between the load generator (the bench process), the four S3 server processes, \
