@@ -385,3 +385,51 @@ async fn eager_copies_and_workers_racing_for_the_same_tasks_converge() {
     let copies = app.metadata.count_replicas_by_state().await.unwrap();
     assert_eq!(copies, chitram::metadata::ReplicaCounts { stored: 24, ..Default::default() });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown: claims never outlive the instance.
+
+/// Statements of this test's database sleeping in `pg_sleep`.
+async fn sleeping_statements(url: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graceful_stop_during_a_workers_claim_leaves_the_task_unclaimed() {
+    let mut app = spawn_app_with(Backends::POSTGRES_S3, with_workers(1)).await;
+    let url = app.database.url.clone();
+    // Every claim now takes 2 s, so the stop below comes while one is in flight. The worker
+    // finishes its claim, gives the task up and releases it. (A claim dropped half-way could
+    // commit after the release and hold the task for a lease, as CI once saw; this test does
+    // not force that race: a claim dropped while it sleeps here is rolled back instead.)
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        for statement in [
+            "CREATE FUNCTION slow_claim() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER slow_claim BEFORE UPDATE ON replication_tasks FOR EACH ROW
+             WHEN (OLD.claimed_by IS NULL AND NEW.claimed_by IS NOT NULL) EXECUTE FUNCTION slow_claim()",
+        ] {
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        }
+    }
+    app.upload_ok("claimed.png", png(5, 5, 34_001)).await;
+    eventually(Duration::from_secs(5), "the worker is claiming the copy's task", || async {
+        sleeping_statements(&url).await == 1
+    })
+    .await;
+
+    app.shut_down_gracefully().await;
+    eventually(Duration::from_secs(5), "the claim's statement has ended", || async {
+        sleeping_statements(&url).await == 0
+    })
+    .await;
+    assert_eq!(claimed_tasks(&url).await, 0, "no claim outlives the instance");
+}

@@ -30,6 +30,8 @@ pub enum StepOutcome {
     Failed { kind: TaskKind, error: String },
     /// Another worker took the task over (this one's lease ran out): nothing was recorded.
     LostClaim,
+    /// The instance is stopping: the task was given up and its claim is the caller's to release.
+    Stopped,
 }
 
 #[derive(Debug, Clone)]
@@ -64,13 +66,24 @@ impl Replicator {
 
     /// Claims one due task, carries it out while renewing its lease, and records the result.
     pub async fn try_run_next(&self) -> Result<StepOutcome, MetadataError> {
+        self.run_next_until(&CancellationToken::new()).await
+    }
+
+    /// As [`Self::try_run_next`], but gives the task up once `stop` is cancelled
+    /// ([`StepOutcome::Stopped`]). The claim itself is never given up half-way: a claim
+    /// dropped while its statement is in flight can commit after the caller's release and
+    /// hold the task until its lease runs out.
+    pub async fn run_next_until(&self, stop: &CancellationToken) -> Result<StepOutcome, MetadataError> {
         let Some(task) = self.metadata.claim_task(&self.id, self.settings.lease).await? else {
             return Ok(StepOutcome::Idle);
         };
         // The task's log lines carry the id of the request that queued it.
         let span = tracing::info_span!("replication_task", task = task.id, kind = task.kind.as_str(),
             shard = %task.copy.shard, request_id = task.request_id.as_deref().unwrap_or_default());
-        let outcome = self.run_claimed(&task).instrument(span).await;
+        let outcome = tokio::select! {
+            () = stop.cancelled() => return Ok(StepOutcome::Stopped),
+            outcome = self.run_claimed(&task).instrument(span) => outcome,
+        };
         if let Ok(outcome) = &outcome {
             count_outcome(outcome);
         }
@@ -171,7 +184,7 @@ impl Replicator {
 
 fn count_outcome(outcome: &StepOutcome) {
     let (kind, result) = match outcome {
-        StepOutcome::Idle => return,
+        StepOutcome::Idle | StepOutcome::Stopped => return,
         StepOutcome::Done(kind) => (kind.as_str(), "done"),
         StepOutcome::Failed { kind, .. } => (kind.as_str(), "failed"),
         StepOutcome::LostClaim => ("unknown", "lost_claim"),
@@ -284,11 +297,8 @@ async fn run_worker(
         if !wait_until_wanted(&mut gate, &shutdown).await {
             break;
         }
-        let step = tokio::select! {
-            () = shutdown.cancelled() => break,
-            step = replicator.try_run_next() => step,
-        };
-        let pause = match step {
+        let pause = match replicator.run_next_until(&shutdown).await {
+            Ok(StepOutcome::Stopped) => break,
             Ok(StepOutcome::Idle) => replicator.settings.idle_poll,
             Ok(_) => Duration::ZERO,
             Err(error) => {

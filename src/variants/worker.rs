@@ -22,6 +22,8 @@ pub enum VariantStep {
     Retry(String),
     /// Another worker took the task over.
     LostClaim,
+    /// The instance is stopping: the task was given up and its claim is the caller's to release.
+    Stopped,
 }
 
 #[derive(Debug, Clone)]
@@ -44,11 +46,18 @@ impl VariantWorker {
 
     /// Claims one due task, makes its variant while renewing the lease, and records the result.
     pub async fn try_run_next(&self) -> Result<VariantStep, MetadataError> {
+        self.run_next_until(&CancellationToken::new()).await
+    }
+
+    /// As [`Self::try_run_next`], but gives the task up once `stop` is cancelled. The claim is
+    /// never given up half-way (see `Replicator::run_next_until`).
+    pub async fn run_next_until(&self, stop: &CancellationToken) -> Result<VariantStep, MetadataError> {
         let metadata = self.service.metadata().clone();
         let Some(task) = metadata.claim_variant_task(&self.id, self.settings.lease).await? else {
             return Ok(VariantStep::Idle);
         };
         let result = tokio::select! {
+            () = stop.cancelled() => return Ok(VariantStep::Stopped),
             result = self.execute(&task) => result,
             lost = self.keep_claim(task.id) => return Ok(lost),
         };
@@ -108,11 +117,8 @@ pub async fn run_workers(workers: Vec<VariantWorker>, shutdown: CancellationToke
 
 async fn run_worker(worker: VariantWorker, shutdown: CancellationToken) {
     loop {
-        let step = tokio::select! {
-            () = shutdown.cancelled() => break,
-            step = worker.try_run_next() => step,
-        };
-        let pause = match step {
+        let pause = match worker.run_next_until(&shutdown).await {
+            Ok(VariantStep::Stopped) => break,
             Ok(VariantStep::Idle) => worker.settings.idle_poll,
             Ok(_) => Duration::ZERO,
             Err(error) => {
