@@ -1,5 +1,7 @@
 //! Errors of the metadata store, sorted for callers: unavailable (retry later, 503) or not.
 
+use super::sql::liveness;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
     /// The database cannot be reached (connection refused or lost, pool timed out).
@@ -31,26 +33,24 @@ pub enum MetadataError {
 
 impl MetadataError {
     /// Sorts a driver error into unavailable (retry later, answer 503) or a query failure.
+    /// Notes a lost connection, so that the pool checks its other connections (`sql/liveness.rs`).
     pub fn from_sqlx(context: &'static str, source: sqlx::Error) -> Self {
-        let unavailable = match &source {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => true,
-            // Class 08 is "connection exception"; 57P0x are shutdowns; class 40 is "transaction
-            // rollback" (a deadlock or serialization failure: Postgres undid this transaction,
-            // and the same request succeeds when retried); SQLITE_BUSY (5) and SQLITE_LOCKED (6)
-            // mean another writer held the database past our busy timeout.
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                code.starts_with("08")
-                    || code.starts_with("57P")
-                    || code.starts_with("40")
-                    || code == "5"
-                    || code == "6"
-            }),
-            _ => false,
-        };
+        let lost_connection = liveness::is_lost_connection(&source);
+        if lost_connection {
+            liveness::connection_lost();
+        }
+        let unavailable = lost_connection
+            || match &source {
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                // Class 40 is "transaction rollback" (a deadlock or serialization failure:
+                // Postgres undid this transaction, and the same request succeeds when retried);
+                // SQLITE_BUSY (5) and SQLITE_LOCKED (6) mean another writer held the database
+                // past our busy timeout.
+                sqlx::Error::Database(db) => {
+                    db.code().is_some_and(|code| code.starts_with("40") || code == "5" || code == "6")
+                }
+                _ => false,
+            };
         if unavailable {
             MetadataError::Unavailable { context, source }
         } else {

@@ -48,6 +48,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Database, Pool, Transaction};
 use uuid::Uuid;
 
+use super::liveness;
 use crate::metadata::rows::sql_error;
 use crate::metadata::{MetaResult, MetadataError};
 
@@ -98,7 +99,9 @@ const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// it comes back to the pool, in the background. So a connection released within this window
 /// answered a ping then. What the window risks: a database that went away within it fails the
 /// first query on such a connection (503, and the connection is dropped) instead of the pool
-/// reconnecting first. HikariCP makes the same trade with half a second.
+/// reconnecting first. HikariCP makes the same trade with half a second. Once a query has lost
+/// its connection, the connections idle since then are pinged however recent
+/// (`liveness.rs`), so a database that comes back is not answered with 503 again.
 const POSTGRES_TRUST_RECENT: Duration = Duration::from_secs(1);
 
 impl Dialect for Postgres {
@@ -132,7 +135,7 @@ impl Dialect for Postgres {
             .test_before_acquire(false)
             .before_acquire(|connection, meta| {
                 Box::pin(async move {
-                    if meta.idle_for > POSTGRES_TRUST_RECENT {
+                    if meta.idle_for > POSTGRES_TRUST_RECENT || liveness::idle_across_a_loss(meta.idle_for) {
                         sqlx::Connection::ping(connection).await?;
                     }
                     Ok(true)

@@ -8,6 +8,7 @@
 //! `sqlx::Database`, and what differs between the dialects: `dialect.rs`.
 
 pub(super) mod dialect;
+pub(super) mod liveness;
 // Loading `store/` once per dialect is the point (see above), not the slip this lint looks for.
 #[allow(clippy::duplicate_mod)]
 mod postgres;
