@@ -17,8 +17,10 @@
 //! - Direct: aws-sdk-s3 configured as `src/storage/s3.rs` configures it, objects spread round-robin
 //!   over the same four servers.
 //! - Each cell (operation × size × concurrency) runs for `CHITRAM_BENCH_SECS` seconds per path
-//!   (default 2), split into three slices that rotate between direct, RF=1 and RF=2 so drift in a
-//!   noisy machine hits all three alike. A cell stops early at 384 MiB per path. Every upload is
+//!   (default 2), split into three slices that rotate between the paths so drift in a noisy
+//!   machine hits them alike: direct, RF=1 and RF=2, and for uploads also a direct client that
+//!   writes each object to two servers at once, which RF=2 uploads are set beside (RF=2 rows
+//!   show both shares). A cell stops early at 384 MiB per path. Every upload is
 //!   unique bytes (no deduplication); every download's length is checked. After an RF=2 upload
 //!   slice the bench waits, unmeasured, for the replication queue to empty. CPU time of the load
 //!   generator, of the S3 servers, of Chitram and of Postgres is read from /proc around every
@@ -174,16 +176,21 @@ fn main() {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Route {
     Direct,
+    /// A client writing each object to two S3 servers at once: what RF=2 uploads are set
+    /// beside (issue 11). Uploads only; its downloads would be `Direct`'s.
+    DirectTwice,
     Rf1,
     Rf2,
 }
 
 const ROUTES: [Route; 3] = [Route::Direct, Route::Rf1, Route::Rf2];
+const UPLOAD_ROUTES: [Route; 4] = [Route::Direct, Route::DirectTwice, Route::Rf1, Route::Rf2];
 
 impl Route {
     fn label(self) -> &'static str {
         match self {
             Route::Direct => "direct S3",
+            Route::DirectTwice => "direct S3, two copies",
             Route::Rf1 => "Chitram RF=1",
             Route::Rf2 => "Chitram RF=2",
         }
@@ -197,6 +204,17 @@ struct Cell {
     results: Vec<(Route, Stats)>,
     /// Where the RF=1 server's upload time went (upload cells only).
     stages: StageTotals,
+}
+
+impl Cell {
+    fn stats(&self, route: Route) -> Option<&Stats> {
+        self.results.iter().find(|(r, _)| *r == route).map(|(_, stats)| stats)
+    }
+
+    /// `route`'s throughput over `baseline`'s, when the cell measured both.
+    fn share(&self, route: Route, baseline: Route) -> Option<f64> {
+        Some(self.stats(route)?.mib_per_sec() / self.stats(baseline)?.mib_per_sec())
+    }
 }
 
 /// Seconds and counts of the RF=1 server's `chitram_store_stage_seconds{for="upload"}`, by
@@ -325,20 +343,20 @@ async fn run(options: &Options, databases: &Databases) {
         for concurrency in CONCURRENCY {
             let max_ops = (CELL_CAP / size as u64 / SLICES as u64).max(concurrency as u64);
             let min_ops = concurrency as u64;
-            let mut uploads: Vec<(Route, Stats)> = ROUTES.iter().map(|p| (*p, Stats::default())).collect();
+            let mut uploads: Vec<(Route, Stats)> = UPLOAD_ROUTES.iter().map(|p| (*p, Stats::default())).collect();
             let mut downloads: Vec<(Route, Stats)> = ROUTES.iter().map(|p| (*p, Stats::default())).collect();
-            let objects: Vec<Arc<Mutex<Vec<String>>>> = ROUTES.iter().map(|_| Arc::default()).collect();
+            let objects: Vec<Arc<Mutex<Vec<String>>>> = UPLOAD_ROUTES.iter().map(|_| Arc::default()).collect();
             let mut stages = StageTotals::default();
             for slice in 0..SLICES {
-                for turn in 0..ROUTES.len() {
-                    let i = (slice + turn) % ROUTES.len();
-                    let op = targets.upload(ROUTES[i], base.clone(), objects[i].clone());
-                    let before = if ROUTES[i] == Route::Rf1 { Some(targets.rf1_stages().await) } else { None };
+                for turn in 0..UPLOAD_ROUTES.len() {
+                    let i = (slice + turn) % UPLOAD_ROUTES.len();
+                    let op = targets.upload(UPLOAD_ROUTES[i], base.clone(), objects[i].clone());
+                    let before = if UPLOAD_ROUTES[i] == Route::Rf1 { Some(targets.rf1_stages().await) } else { None };
                     uploads[i].1.merge(run_slice(op, concurrency, budget, min_ops, max_ops).await);
                     if let Some(before) = before {
                         stages.add_between(&before, &targets.rf1_stages().await);
                     }
-                    if ROUTES[i] == Route::Rf2 {
+                    if UPLOAD_ROUTES[i] == Route::Rf2 {
                         // The next slice starts on a quiet machine.
                         targets.drain(Route::Rf2).await;
                     }
@@ -349,11 +367,12 @@ async fn run(options: &Options, databases: &Databases) {
             for slice in 0..SLICES {
                 for turn in 0..ROUTES.len() {
                     let i = (slice + turn) % ROUTES.len();
-                    let op = targets.download(ROUTES[i], lists[i].clone(), size);
+                    let uploaded = UPLOAD_ROUTES.iter().position(|route| *route == ROUTES[i]).expect("an upload route");
+                    let op = targets.download(ROUTES[i], lists[uploaded].clone(), size);
                     downloads[i].1.merge(run_slice(op, concurrency, budget, min_ops, max_ops).await);
                 }
             }
-            for (i, path) in ROUTES.iter().enumerate() {
+            for (i, path) in UPLOAD_ROUTES.iter().enumerate() {
                 targets.cleanup(*path, &lists[i]).await;
             }
             targets.drain(Route::Rf2).await;
@@ -514,7 +533,8 @@ impl Targets {
                     })
                 })
             }
-            _ => chitram_upload(&self.http, self.chitram(path), base, uploaded, None),
+            Route::DirectTwice => self.upload_twice(base, uploaded),
+            Route::Rf1 | Route::Rf2 => chitram_upload(&self.http, self.chitram(path), base, uploaded, None),
         }
     }
 
@@ -610,7 +630,7 @@ impl Targets {
         let deletions = futures::stream::iter(objects.iter().cloned())
             .map(|object| async move {
                 match path {
-                    Route::Direct => {
+                    Route::Direct | Route::DirectTwice => {
                         let (shard, key) = object.split_once('/').expect("shard/key");
                         let client = &self.direct[shard.parse::<usize>().expect("a shard index")];
                         client
@@ -902,8 +922,8 @@ fn print_upload_stages(cells: &[Cell]) {
             "| {} | {} | {:.2} | {:.2} | {response:.2} | {} | {:.2} |",
             human(cell.size),
             cell.concurrency,
-            mean(&cell.results[0].1),
-            mean(&cell.results[1].1),
+            cell.stats(Route::Direct).map_or(f64::NAN, mean),
+            cell.stats(Route::Rf1).map_or(f64::NAN, mean),
             columns.join(" | "),
             response - staged
         );
@@ -1683,12 +1703,14 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
         );
         println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
         for cell in cells.iter().filter(|c| c.op == op) {
-            let direct = cell.results[0].1.mib_per_sec();
             for (path, stats) in &cell.results {
-                let ratio = if *path == Route::Direct {
-                    "—".to_owned()
-                } else {
-                    format!("{:.0}%", stats.mib_per_sec() / direct * 100.0)
+                let ratio = match (cell.share(*path, Route::Direct), cell.share(*path, Route::DirectTwice)) {
+                    _ if *path == Route::Direct => "—".to_owned(),
+                    (Some(single), Some(twice)) if *path == Route::Rf2 => {
+                        format!("{:.0}% ({:.0}% of two copies)", single * 100.0, twice * 100.0)
+                    }
+                    (Some(single), _) => format!("{:.0}%", single * 100.0),
+                    (None, _) => "—".to_owned(),
                 };
                 let errors = if stats.errors > 0 { format!(" ({} failed)", stats.errors) } else { String::new() };
                 let per_mib = |seconds: f64| seconds * 1000.0 / mib(stats.bytes).max(1e-9);
@@ -1717,17 +1739,18 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
 
     if !cells.is_empty() {
         println!("## 1 MiB: Chitram throughput as a share of direct (targets: ≥ 90% at concurrency 1, ≥ 75% at 8)\n");
-        println!("| operation | concurrency | RF=1 | RF=2 |");
-        println!("|---|---:|---:|---:|");
+        println!("| operation | concurrency | RF=1 | RF=2 | RF=2 vs a client writing two copies |");
+        println!("|---|---:|---:|---:|---:|");
     }
+    let percent = |share: Option<f64>| share.map_or("—".to_owned(), |share| format!("{:.0}%", share * 100.0));
     for cell in cells.iter().filter(|c| c.size == MIB) {
-        let direct = cell.results[0].1.mib_per_sec();
         println!(
-            "| {} | {} | {:.0}% | {:.0}% |",
+            "| {} | {} | {} | {} | {} |",
             cell.op,
             cell.concurrency,
-            cell.results[1].1.mib_per_sec() / direct * 100.0,
-            cell.results[2].1.mib_per_sec() / direct * 100.0
+            percent(cell.share(Route::Rf1, Route::Direct)),
+            percent(cell.share(Route::Rf2, Route::Direct)),
+            percent(cell.share(Route::Rf2, Route::DirectTwice)),
         );
     }
     println!();
