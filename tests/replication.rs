@@ -408,7 +408,7 @@ async fn a_graceful_stop_during_a_workers_claim_leaves_the_task_unclaimed() {
     // Every claim now takes 2 s, so the stop below comes while one is in flight. The worker
     // finishes its claim, gives the task up and releases it. (A claim dropped half-way could
     // commit after the release and hold the task for a lease, as CI once saw; this test does
-    // not force that race: a claim dropped while it sleeps here is rolled back instead.)
+    // not force that race: a claim dropped while it sleeps here did not stay committed.)
     {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
