@@ -22,7 +22,7 @@
 //! first `write_quorum` shards of the preference list), releases their last chunks together,
 //! and writes from its own copy only to the shards whose stream failed.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -77,7 +77,7 @@ impl PendingWrite {
             self.feeds.iter().map(|feed| (feed.sender.clone(), feed.put.abort_handle())).collect();
         move || {
             for (sender, put) in feeds {
-                sender.lock().expect("a feed's sender lock is never poisoned").take();
+                lock(&sender).take();
                 put.abort();
             }
         }
@@ -150,6 +150,12 @@ struct Feed {
 
 type SharedSender = Arc<Mutex<Option<Sender<std::io::Result<Bytes>>>>>;
 
+/// A feed's sender cell. No code panics while holding it, and if one did, the cell (an
+/// `Option` taken or cloned whole) would still be consistent.
+fn lock(sender: &SharedSender) -> MutexGuard<'_, Option<Sender<std::io::Result<Bytes>>>> {
+    sender.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Feed {
     fn open(router: &Arc<StorageRouter>, key: &BlobKey, len: u64, shard: &str) -> Self {
         let (sender, feed) = BodyFeed::channel(len, FEED_DEPTH);
@@ -163,11 +169,11 @@ impl Feed {
     /// The sender, unless the feed was given up (or cancelled). The lock is never held across
     /// an await: a send uses a clone, which keeps the feed open only while it lasts.
     fn sender(&self) -> Option<Sender<std::io::Result<Bytes>>> {
-        self.sender.lock().expect("a feed's sender lock is never poisoned").clone()
+        lock(&self.sender).clone()
     }
 
     fn take_sender(&self) -> Option<Sender<std::io::Result<Bytes>>> {
-        self.sender.lock().expect("a feed's sender lock is never poisoned").take()
+        lock(&self.sender).take()
     }
 
     /// Whether the shard took the chunk in time (a feed already given up takes nothing, and

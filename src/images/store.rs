@@ -205,8 +205,7 @@ impl BlobWriter {
             }
         };
         let stored: Vec<&str> = streamed.stored.iter().chain(&written.stored).map(String::as_str).collect();
-        let stored = self.router.read_order(blob, &stored).into_iter().map(str::to_owned).collect();
-        Ok(WriteReceipt { stored, write_set: written.write_set })
+        Ok(WriteReceipt { stored: self.router.stored_in_read_order(blob, &stored), write_set: written.write_set })
     }
 
     /// A write refused for want of enough shards removes the copies it did write before it

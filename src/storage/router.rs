@@ -181,6 +181,11 @@ impl StorageRouter {
         self.preference_list(key).take(self.replication_factor).map(|i| self.shards[i].name.clone()).collect()
     }
 
+    /// The shards that stored a blob, named in read order, as a [`WriteReceipt`] lists them.
+    pub fn stored_in_read_order(&self, key: &BlobKey, stored: &[&str]) -> Vec<String> {
+        self.read_order(key, stored).into_iter().map(str::to_owned).collect()
+    }
+
     /// Recorded holders sorted into read order; holders the config does not know are dropped.
     pub fn read_order<'a>(&self, key: &BlobKey, holders: &[&'a str]) -> Vec<&'a str> {
         let mut ordered: Vec<&'a str> = Vec::with_capacity(holders.len());
@@ -237,7 +242,7 @@ impl StorageRouter {
                 }
             }
         }
-        let stored: Vec<String> = self.read_order(key, &stored).into_iter().map(str::to_owned).collect();
+        let stored = self.stored_in_read_order(key, &stored);
         if stored.len() == copies {
             return Ok(WriteReceipt { stored, write_set: self.write_set(key) });
         }
