@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::database::claimed_tasks;
+use common::database::{TaskQueue, claimed_tasks, slow_down_claim_commits};
 use common::images::{large_png, png, sha256_hex};
 use common::s3::Faults;
 use common::{Backends, TestApp, TestOptions, assert_error, eventually, replica_states, spawn_app_with};
@@ -356,12 +356,12 @@ async fn a_graceful_stop_frees_the_tasks_of_eager_copies_still_running() {
     let copy = chitram::metadata::CopyRef { blob, shard: pending[0].clone() };
     let url = app.database.url.clone();
     eventually(Duration::from_secs(2), "the upload has claimed its eager copy", || async {
-        claimed_tasks(&url).await == 1
+        claimed_tasks(&url, TaskQueue::Replication).await == 1
     })
     .await;
 
     app.shut_down_gracefully().await;
-    assert_eq!(claimed_tasks(&url).await, 0, "no claim outlives the instance");
+    assert_eq!(claimed_tasks(&url, TaskQueue::Replication).await, 0, "no claim outlives the instance");
     // The copy was not made (the stop did not wait 3 s for it), its lease has 30 s to run, yet
     // the next instance's worker takes the task now.
     let task = metadata.claim_copy_task(&copy, "next-instance", Duration::from_secs(30)).await.unwrap();
@@ -389,47 +389,16 @@ async fn eager_copies_and_workers_racing_for_the_same_tasks_converge() {
 // ---------------------------------------------------------------------------------------------
 // Shutdown: claims never outlive the instance.
 
-/// Statements of this test's database sleeping in `pg_sleep`.
-async fn sleeping_statements(url: &str) -> i64 {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_graceful_stop_during_a_workers_claim_leaves_the_task_unclaimed() {
     let mut app = spawn_app_with(Backends::POSTGRES_S3, with_workers(1)).await;
     let url = app.database.url.clone();
-    // Every claim now takes 2 s, so the stop below comes while one is in flight. The worker
-    // finishes its claim, gives the task up and releases it. (A claim dropped half-way could
-    // commit after the release and hold the task for a lease, as CI once saw; this test does
-    // not force that race: a claim dropped while it sleeps here did not stay committed.)
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-        for statement in [
-            "CREATE FUNCTION slow_claim() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$ LANGUAGE plpgsql",
-            "CREATE TRIGGER slow_claim BEFORE UPDATE ON replication_tasks FOR EACH ROW
-             WHEN (OLD.claimed_by IS NULL AND NEW.claimed_by IS NOT NULL) EXECUTE FUNCTION slow_claim()",
-        ] {
-            sqlx::query(statement).execute(&mut conn).await.unwrap();
-        }
-    }
+    // Every claim's COMMIT now takes 2 s, so the stop below comes while one is in flight. The
+    // worker finishes its claim, gives the task up and releases it. A worker that dropped its
+    // claim there would release nothing, and the COMMIT would then hold the task for a lease
+    // (as CI once saw; this test fails so on the code before the fix).
+    slow_down_claim_commits(&url, TaskQueue::Replication).await;
     app.upload_ok("claimed.png", png(5, 5, 34_001)).await;
-    eventually(Duration::from_secs(5), "the worker is claiming the copy's task", || async {
-        sleeping_statements(&url).await == 1
-    })
-    .await;
-
-    app.shut_down_gracefully().await;
-    eventually(Duration::from_secs(5), "the claim's statement has ended", || async {
-        sleeping_statements(&url).await == 0
-    })
-    .await;
-    assert_eq!(claimed_tasks(&url).await, 0, "no claim outlives the instance");
+    app.shut_down_while_a_claim_commits().await;
+    assert_eq!(claimed_tasks(&url, TaskQueue::Replication).await, 0, "no claim outlives the instance");
 }

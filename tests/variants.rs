@@ -12,6 +12,7 @@ use chitram::blob::BlobKey;
 use chitram::metadata::{ReplicaState, VariantState};
 use chitram::replication::backoff::RetryPolicy;
 use chitram::variants::worker::{VariantStep, VariantWorker, VariantWorkerSettings};
+use common::database::{TaskQueue, claimed_tasks, slow_down_claim_commits};
 use common::images::png;
 use common::{Backends, TestApp, TestOptions, assert_error, eventually, spawn_app, spawn_app_with};
 use image::codecs::jpeg::JpegEncoder;
@@ -394,6 +395,21 @@ async fn the_durable_queue_makes_variants_without_requests(b: Backends) {
         }
     })
     .await;
+}
+
+/// A stop that comes while a variant worker's claim is committing leaves no task claimed: the
+/// worker finishes the claim, gives the task up and releases it (Postgres, whose triggers can
+/// hold a `COMMIT` in flight; the replication suite has the same test for its workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graceful_stop_during_a_variant_workers_claim_leaves_the_task_unclaimed() {
+    let mut app =
+        spawn_app_with(Backends::POSTGRES_S3, TestOptions { variant_workers: 1, ..TestOptions::default() }).await;
+    let url = app.database.url.clone();
+    slow_down_claim_commits(&url, TaskQueue::Variants).await;
+    app.upload_ok("claimed.png", solid_png(300, 200, 21)).await;
+    app.shut_down_while_a_claim_commits().await;
+    assert_eq!(claimed_tasks(&url, TaskQueue::Variants).await, 0, "no claim outlives the instance");
+    assert_eq!(app.metadata.variant_queue_depth().await.unwrap(), 2, "both variants are still to make");
 }
 
 async fn backfill_makes_missing_and_stale_variants_and_resumes(b: Backends) {

@@ -71,8 +71,8 @@ impl Replicator {
 
     /// As [`Self::try_run_next`], but gives the task up once `stop` is cancelled
     /// ([`StepOutcome::Stopped`]). The claim itself is never given up half-way: a claim
-    /// dropped while its statement is in flight can commit after the caller's release and
-    /// hold the task until its lease runs out.
+    /// dropped while its `COMMIT` is in flight still commits on the server, possibly after the
+    /// caller's release, and holds the task until its lease runs out.
     pub async fn run_next_until(&self, stop: &CancellationToken) -> Result<StepOutcome, MetadataError> {
         let Some(task) = self.metadata.claim_task(&self.id, self.settings.lease).await? else {
             return Ok(StepOutcome::Idle);

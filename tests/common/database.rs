@@ -152,11 +152,55 @@ pub async fn set_replica_state(url: &str, blob: &str, shard: &str, state: &str) 
     assert_eq!(updated, 1, "the copy of {blob} on {shard} is recorded");
 }
 
-/// Replication tasks some worker or upload holds a claim on (Postgres).
-pub async fn claimed_tasks(url: &str) -> i64 {
+/// A durable queue whose workers claim rows (`claimed_by`, `claimed_until`).
+#[derive(Clone, Copy, Debug)]
+pub enum TaskQueue {
+    Replication,
+    Variants,
+}
+
+impl TaskQueue {
+    fn table(self) -> &'static str {
+        match self {
+            Self::Replication => "replication_tasks",
+            Self::Variants => "variant_tasks",
+        }
+    }
+}
+
+/// Tasks of `queue` some worker or upload holds a claim on (Postgres).
+pub async fn claimed_tasks(url: &str, queue: TaskQueue) -> i64 {
     let mut conn = PgConnection::connect(url).await.unwrap();
-    sqlx::query_scalar("SELECT count(*) FROM replication_tasks WHERE claimed_by IS NOT NULL")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
+    let sql = format!("SELECT count(*) FROM {} WHERE claimed_by IS NOT NULL", queue.table());
+    sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&mut conn).await.unwrap()
+}
+
+/// Makes every claim of a task of `queue` spend 2 s in its `COMMIT` (Postgres): a deferred
+/// constraint trigger runs at commit time. A claim whose `COMMIT` is in flight is the one a
+/// worker must not give up half-way: dropped, it still commits on the server, possibly after
+/// the worker has released its claims. (A claim dropped before its `COMMIT` is rolled back.)
+pub async fn slow_down_claim_commits(url: &str, queue: TaskQueue) {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let table = queue.table();
+    for statement in [
+        "CREATE OR REPLACE FUNCTION slow_claim() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$ LANGUAGE plpgsql".to_owned(),
+        format!(
+            "CREATE CONSTRAINT TRIGGER slow_claim AFTER UPDATE ON {table} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+             WHEN (OLD.claimed_by IS NULL AND NEW.claimed_by IS NOT NULL) EXECUTE FUNCTION slow_claim()"
+        ),
+    ] {
+        sqlx::query(AssertSqlSafe(statement)).execute(&mut conn).await.unwrap();
+    }
+}
+
+/// `COMMIT`s of this test's database sleeping in [`slow_down_claim_commits`]'s trigger.
+pub async fn sleeping_commits(url: &str) -> i64 {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event = 'PgSleep' AND query = 'COMMIT'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap()
 }

@@ -343,6 +343,17 @@ impl TestApp {
         }
     }
 
+    /// Stops gracefully while a worker's claim is committing, and waits for that `COMMIT` to
+    /// end. The test has slowed claims down ([`database::slow_down_claim_commits`]) before
+    /// queueing the task.
+    pub async fn shut_down_while_a_claim_commits(&mut self) {
+        let url = self.database.url.clone();
+        let commits = || database::sleeping_commits(&url);
+        eventually(Duration::from_secs(5), "a worker is committing its claim", || async { commits().await == 1 }).await;
+        self.shut_down_gracefully().await;
+        eventually(Duration::from_secs(5), "the claim's COMMIT has ended", || async { commits().await == 0 }).await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
