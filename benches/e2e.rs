@@ -1664,6 +1664,11 @@ fn machine() -> String {
     format!("{cpus} CPUs ({model}), {memory:.1} GiB RAM")
 }
 
+/// A share as a whole percentage, or a dash when the cell did not measure it.
+fn percent(share: Option<f64>) -> String {
+    share.map_or("—".to_owned(), |share| format!("{:.0}%", share * 100.0))
+}
+
 fn report(results: &Results, options: &Options, databases: &Databases) {
     println!("# End-to-end load: Chitram against direct S3\n");
     println!("- machine: {}; load average {} before, {} after", machine(), results.load_before, results.load_after);
@@ -1704,13 +1709,11 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
         println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
         for cell in cells.iter().filter(|c| c.op == op) {
             for (path, stats) in &cell.results {
-                let ratio = match (cell.share(*path, Route::Direct), cell.share(*path, Route::DirectTwice)) {
-                    _ if *path == Route::Direct => "—".to_owned(),
-                    (Some(single), Some(twice)) if *path == Route::Rf2 => {
-                        format!("{:.0}% ({:.0}% of two copies)", single * 100.0, twice * 100.0)
-                    }
-                    (Some(single), _) => format!("{:.0}%", single * 100.0),
-                    (None, _) => "—".to_owned(),
+                let single = percent(cell.share(*path, Route::Direct));
+                let ratio = match (*path, cell.share(*path, Route::DirectTwice)) {
+                    (Route::Direct, _) => "—".to_owned(),
+                    (Route::Rf2, twice @ Some(_)) => format!("{single} ({} of two copies)", percent(twice)),
+                    _ => single,
                 };
                 let errors = if stats.errors > 0 { format!(" ({} failed)", stats.errors) } else { String::new() };
                 let per_mib = |seconds: f64| seconds * 1000.0 / mib(stats.bytes).max(1e-9);
@@ -1742,7 +1745,6 @@ fn report(results: &Results, options: &Options, databases: &Databases) {
         println!("| operation | concurrency | RF=1 | RF=2 | RF=2 vs a client writing two copies |");
         println!("|---|---:|---:|---:|---:|");
     }
-    let percent = |share: Option<f64>| share.map_or("—".to_owned(), |share| format!("{:.0}%", share * 100.0));
     for cell in cells.iter().filter(|c| c.size == MIB) {
         println!(
             "| {} | {} | {} | {} | {} |",

@@ -231,11 +231,9 @@ async fn a_database_outage_gets_503_and_the_service_recovers() {
     proxy.restore().await;
     // The connections idle through the outage are dead; none of them fails a request now.
     let after = app.upload_ok("c.png", png(2, 2, 13)).await;
+    let after_path = format!("/api/v1/images/{}", after["id"].as_str().unwrap());
     for _ in 0..8 {
-        assert_eq!(
-            app.get(&format!("/api/v1/images/{}", after["id"].as_str().unwrap())).await.status(),
-            StatusCode::OK
-        );
+        assert_eq!(app.get(&after_path).await.status(), StatusCode::OK);
     }
     drop(app);
     drop(database);
