@@ -21,7 +21,8 @@ seed_args=()
 VENV="$PWD/target/contract-fuzz/venv"
 
 if [ ! -x "$VENV/bin/schemathesis" ] || ! "$VENV/bin/schemathesis" --version | grep -q "$SCHEMATHESIS_VERSION"; then
-    python3 -m venv "$VENV"
+    # --clear: a venv whose checkout was moved keeps scripts that name the old path.
+    python3 -m venv --clear "$VENV"
     "$VENV/bin/pip" install --quiet -c scripts/contract-fuzz-constraints.txt "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
