@@ -335,18 +335,24 @@ async fn an_image_deleted_while_its_eager_copy_is_written_leaves_no_copy_behind(
     eventually(Duration::from_secs(5), "the spool is empty", || async { app.spool_files() == 0 }).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_graceful_stop_frees_the_tasks_of_eager_copies_still_running() {
-    let mut app = spawn_app_with(
+/// Eager copies without workers, a shutdown grace of 1 s, and every PUT 3 s late: the first
+/// copy's delays the 201, an eager copy's outlasts the grace.
+async fn eager_app_with_a_short_grace_and_slow_puts() -> TestApp {
+    let app = spawn_app_with(
         Backends::POSTGRES_S3,
         TestOptions { adjust: Some(|settings| settings.server.shutdown_grace_secs = 1), ..eager_without_workers() },
     )
     .await;
-    // Every PUT takes 3 s: the first copy's delays the 201, the eager copy's outlasts the grace.
     for name in ["s0", "s1", "s2"] {
         let late = Faults { late: Some(Duration::from_secs(3)), late_method: Some("PUT"), ..Faults::default() };
         app.shard_s3(name).misbehave(late).await;
     }
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graceful_stop_frees_the_tasks_of_eager_copies_still_running() {
+    let mut app = eager_app_with_a_short_grace_and_slow_puts().await;
     let bytes = png(6, 6, 33_001);
     let image = app.upload_ok("slow.png", bytes.clone()).await;
     let pending: Vec<String> =
@@ -366,6 +372,20 @@ async fn a_graceful_stop_frees_the_tasks_of_eager_copies_still_running() {
     // the next instance's worker takes the task now.
     let task = metadata.claim_copy_task(&copy, "next-instance", Duration::from_secs(30)).await.unwrap();
     assert!(task.is_some(), "the unfinished eager copy's task is free at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graceful_stop_during_an_eager_copys_claim_leaves_the_task_unclaimed() {
+    let mut app = eager_app_with_a_short_grace_and_slow_puts().await;
+    let url = app.database.url.clone();
+    // The eager copy's claim spends 2 s in its COMMIT, past the 1 s grace, and its PUT would
+    // then take 3 s. The stop lets the claim finish, keeps the copy from starting and releases
+    // the claim. Releasing during the COMMIT, as the code before the fix did, matched no row:
+    // the claim then committed and held the task while the copy went on.
+    slow_down_claim_commits(&url, TaskQueue::Replication).await;
+    app.upload_ok("claimed.png", png(6, 6, 33_101)).await;
+    app.shut_down_while_a_claim_commits().await;
+    assert_eq!(claimed_tasks(&url, TaskQueue::Replication).await, 0, "no claim outlives the instance");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

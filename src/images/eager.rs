@@ -14,8 +14,9 @@
 //! records the copy `Deleting` instead if the image was deleted meanwhile. A copy that cannot
 //! be made now, or not within half the lease, is recorded as a failed attempt and left to the
 //! workers. An instance that stops waits for its eager copies within the shutdown grace, then
-//! releases the claims of those still running (see [`EagerReplicator::stop`]); one that is
-//! killed leaves them to the workers when their lease runs out.
+//! stops those still running between two steps and releases their claims (see
+//! [`EagerReplicator::stop`]); one that is killed leaves them to the workers when their lease
+//! runs out.
 //! Eager copies in flight are bounded: beyond the bound an upload leaves its copies to the
 //! queue, so neither memory nor spool files grow with the load.
 
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::spool::SpooledBody;
@@ -57,7 +59,15 @@ pub struct EagerReplicator {
     /// The claim names of the uploads whose copies are in flight, released if they are still
     /// running when the instance stops.
     running: Arc<Mutex<HashSet<String>>>,
+    /// Cancelled once the shutdown grace is over: the copies still running stop at their next
+    /// step, so that their claims can be released.
+    stopping: CancellationToken,
 }
+
+/// How long a stopping instance waits, after the grace, for its eager copies to reach a step
+/// where they can stop: a claim in flight (at most the pool's acquire timeout and one
+/// statement), or the recording of a copy already written.
+const SETTLE: Duration = Duration::from_secs(10);
 
 impl EagerReplicator {
     pub fn new(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>, settings: EagerSettings) -> Self {
@@ -70,6 +80,7 @@ impl EagerReplicator {
             worker_id: format!("eager-{}-{}", std::process::id(), &instance[..8]),
             uploads: AtomicU64::new(0),
             running: Arc::default(),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -90,6 +101,7 @@ impl EagerReplicator {
             settings: self.settings.clone(),
             worker_id: format!("{}-{}", self.worker_id, self.uploads.fetch_add(1, Ordering::Relaxed)),
             body: Arc::new(body),
+            stopping: self.stopping.clone(),
         };
         let running = self.running.clone();
         lock(&running).insert(job.worker_id.clone());
@@ -110,16 +122,29 @@ impl EagerReplicator {
     }
 
     /// Graceful shutdown, once no upload is in flight: waits up to `within` for the eager
-    /// copies still running, then releases the claims of those that are not done, so the
-    /// tasks are free for the next instance at once instead of when their lease runs out.
-    /// Uploads that start after this leave their copies to the queue.
+    /// copies still running, then stops them and releases the claims of those that are not
+    /// done, so the tasks are free for the next instance at once instead of when their lease
+    /// runs out. Uploads that start after this leave their copies to the queue.
+    ///
+    /// A copy is stopped between steps, never inside a claim: a claim given up while its
+    /// `COMMIT` is on the wire still commits on the server, possibly after the release below,
+    /// and would hold its task for a whole lease.
     pub async fn stop(&self, within: Duration) {
-        let all = u32::try_from(self.settings.max_in_flight).unwrap_or(u32::MAX);
-        if let Ok(Ok(permits)) = tokio::time::timeout(within, self.in_flight.acquire_many(all)).await {
-            permits.forget();
+        if self.all_done_within(within).await {
+            self.in_flight.close();
+            return;
+        }
+        // Taken before the copies are told to stop: a stopped one leaves the set as a finished
+        // one does.
+        let unfinished: Vec<String> = lock(&self.running).iter().cloned().collect();
+        self.stopping.cancel();
+        if !self.all_done_within(SETTLE).await {
+            tracing::warn!(
+                settle_secs = SETTLE.as_secs(),
+                "eager copies did not stop in time; their claims may outlive the instance until their lease runs out"
+            );
         }
         self.in_flight.close();
-        let unfinished: Vec<String> = lock(&self.running).iter().cloned().collect();
         for worker in unfinished {
             match self.metadata.release_claims(&worker).await {
                 Ok(released) if released > 0 => {
@@ -130,6 +155,18 @@ impl EagerReplicator {
                     tracing::warn!(error = %error_chain(&error), "could not release eager claims; they expire with their lease")
                 }
             }
+        }
+    }
+
+    /// Waits up to `within` until no eager copy is running (each holds a permit until it ends).
+    async fn all_done_within(&self, within: Duration) -> bool {
+        let all = u32::try_from(self.settings.max_in_flight).unwrap_or(u32::MAX);
+        match tokio::time::timeout(within, self.in_flight.acquire_many(all)).await {
+            Ok(Ok(permits)) => {
+                permits.forget();
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -146,6 +183,8 @@ struct EagerCopies {
     settings: EagerSettings,
     worker_id: String,
     body: Arc<SpooledBody>,
+    /// The instance is stopping: leave the claim for [`EagerReplicator::stop`] to release.
+    stopping: CancellationToken,
 }
 
 impl EagerCopies {
@@ -165,10 +204,21 @@ impl EagerCopies {
                 return false;
             }
         };
-        match self.write(&copy).await {
-            Ok(()) => self.complete(&task).await,
-            Err(reason) => {
+        // The claim above ran to its end even if the instance began stopping meanwhile (see
+        // `EagerReplicator::stop`); the write is the step that may be cut short.
+        let written = tokio::select! {
+            biased;
+            () = self.stopping.cancelled() => None,
+            written = self.write(&copy) => Some(written),
+        };
+        match written {
+            Some(Ok(())) => self.complete(&task).await,
+            Some(Err(reason)) => {
                 self.fail(&task, &reason).await;
+                false
+            }
+            None => {
+                count("stopped");
                 false
             }
         }
