@@ -14,15 +14,14 @@
 //! records the copy `Deleting` instead if the image was deleted meanwhile. A copy that cannot
 //! be made now, or not within half the lease, is recorded as a failed attempt and left to the
 //! workers. An instance that stops waits for its eager copies within the shutdown grace, then
-//! stops those still running between two steps and releases their claims (see
+//! stops those still running between two steps, and each releases its claims (see
 //! [`EagerReplicator::stop`]); one that is killed leaves them to the workers when their lease
 //! runs out.
 //! Eager copies in flight are bounded: beyond the bound an upload leaves its copies to the
 //! queue, so neither memory nor spool files grow with the load.
 
-use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
@@ -56,17 +55,14 @@ pub struct EagerReplicator {
     /// upload whose claim ran out can never complete or fail a claim another one took.
     worker_id: String,
     uploads: AtomicU64,
-    /// The claim names of the uploads whose copies are in flight, released if they are still
-    /// running when the instance stops.
-    running: Arc<Mutex<HashSet<String>>>,
     /// Cancelled once the shutdown grace is over: the copies still running stop at their next
-    /// step, so that their claims can be released.
+    /// step and release their claims.
     stopping: CancellationToken,
 }
 
 /// How long a stopping instance waits, after the grace, for its eager copies to reach a step
-/// where they can stop: a claim in flight (at most the pool's acquire timeout and one
-/// statement), or the recording of a copy already written.
+/// where they can stop and release their claims: a claim in flight (at most the pool's acquire
+/// timeout and one statement), or the recording of a copy already written.
 const SETTLE: Duration = Duration::from_secs(10);
 
 impl EagerReplicator {
@@ -79,7 +75,6 @@ impl EagerReplicator {
             settings,
             worker_id: format!("eager-{}-{}", std::process::id(), &instance[..8]),
             uploads: AtomicU64::new(0),
-            running: Arc::default(),
             stopping: CancellationToken::new(),
         }
     }
@@ -103,8 +98,6 @@ impl EagerReplicator {
             body: Arc::new(body),
             stopping: self.stopping.clone(),
         };
-        let running = self.running.clone();
-        lock(&running).insert(job.worker_id.clone());
         let span = tracing::info_span!("eager_replication", blob = %job.body.key);
         tokio::spawn(
             async move {
@@ -114,7 +107,9 @@ impl EagerReplicator {
                 if stored.iter().all(|stored| *stored) {
                     metrics::histogram!(names::EAGER_COPY_LAG).record(started.elapsed());
                 }
-                lock(&running).remove(&job.worker_id);
+                if job.stopping.is_cancelled() {
+                    job.release_claims().await;
+                }
                 drop(permit);
             }
             .instrument(span),
@@ -122,40 +117,24 @@ impl EagerReplicator {
     }
 
     /// Graceful shutdown, once no upload is in flight: waits up to `within` for the eager
-    /// copies still running, then stops them and releases the claims of those that are not
-    /// done, so the tasks are free for the next instance at once instead of when their lease
-    /// runs out. Uploads that start after this leave their copies to the queue.
+    /// copies still running, then stops them; each releases the claims it holds, so the tasks
+    /// are free for the next instance at once instead of when their lease runs out. Uploads
+    /// that start after this leave their copies to the queue.
     ///
     /// A copy is stopped between steps, never inside a claim: a claim given up while its
-    /// `COMMIT` is on the wire still commits on the server, possibly after the release below,
-    /// and would hold its task for a whole lease.
+    /// `COMMIT` is on the wire still commits on the server, possibly after the release, and
+    /// would hold its task for a whole lease.
     pub async fn stop(&self, within: Duration) {
-        if self.all_done_within(within).await {
-            self.in_flight.close();
-            return;
-        }
-        // Taken before the copies are told to stop: a stopped one leaves the set as a finished
-        // one does.
-        let unfinished: Vec<String> = lock(&self.running).iter().cloned().collect();
-        self.stopping.cancel();
-        if !self.all_done_within(SETTLE).await {
-            tracing::warn!(
-                settle_secs = SETTLE.as_secs(),
-                "eager copies did not stop in time; their claims may outlive the instance until their lease runs out"
-            );
-        }
-        self.in_flight.close();
-        for worker in unfinished {
-            match self.metadata.release_claims(&worker).await {
-                Ok(released) if released > 0 => {
-                    tracing::info!(released, "eager copies unfinished at shutdown are left to the queue")
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), "could not release eager claims; they expire with their lease")
-                }
+        if !self.all_done_within(within).await {
+            self.stopping.cancel();
+            if !self.all_done_within(SETTLE).await {
+                tracing::warn!(
+                    settle_secs = SETTLE.as_secs(),
+                    "eager copies did not stop in time; their claims may outlive the instance until their lease runs out"
+                );
             }
         }
+        self.in_flight.close();
     }
 
     /// Waits up to `within` until no eager copy is running (each holds a permit until it ends).
@@ -171,11 +150,6 @@ impl EagerReplicator {
     }
 }
 
-/// The set of running uploads; a panic elsewhere cannot leave it unusable.
-fn lock(running: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
-    running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// One upload's eager copies.
 struct EagerCopies {
     metadata: Arc<dyn MetadataStore>,
@@ -183,7 +157,8 @@ struct EagerCopies {
     settings: EagerSettings,
     worker_id: String,
     body: Arc<SpooledBody>,
-    /// The instance is stopping: leave the claim for [`EagerReplicator::stop`] to release.
+    /// The instance is stopping (see [`EagerReplicator::stop`]): copies not yet written are
+    /// left to the queue.
     stopping: CancellationToken,
 }
 
@@ -247,6 +222,20 @@ impl EagerCopies {
             return Err(format!("the new copy holds {written} bytes, expected {}", self.body.len));
         }
         Ok(())
+    }
+
+    /// Frees the tasks of copies this upload claimed but did not finish, for the next
+    /// instance's workers (a copy that finished holds no claim any more).
+    async fn release_claims(&self) {
+        match self.metadata.release_claims(&self.worker_id).await {
+            Ok(released) if released > 0 => {
+                tracing::info!(released, "eager copies unfinished at shutdown are left to the queue")
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "could not release eager claims; they expire with their lease")
+            }
+        }
     }
 
     async fn complete(&self, task: &ReplicationTask) -> bool {
