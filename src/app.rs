@@ -159,6 +159,7 @@ impl Application {
             limits,
             replication_workers: workers.scaling.always,
             replica_counts: Arc::default(),
+            pending_overdue: Duration::from_secs(settings.replication.pending_overdue_secs),
             accounts,
             limiter,
             trust_forwarded_for: settings.rate_limits.trust_forwarded_for,

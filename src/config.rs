@@ -131,6 +131,10 @@ pub struct ReplicationSettings {
     pub retry_max_secs: u64,
     /// How often an idle worker looks for due tasks.
     pub idle_poll_ms: u64,
+    /// How long a copy may stay `pending` before `/health` calls the store `degraded`: every
+    /// upload's second copy is pending for a moment, so only one left longer than replication
+    /// normally takes is a sign of trouble (0: any pending copy).
+    pub pending_overdue_secs: u64,
     /// Consecutive failures that open a shard's circuit.
     pub breaker_failures: u32,
     /// How long an open circuit skips its shard before one trial call, in milliseconds.
@@ -148,6 +152,7 @@ impl Default for ReplicationSettings {
             retry_min_ms: 500,
             retry_max_secs: 300,
             idle_poll_ms: 500,
+            pending_overdue_secs: 60,
             breaker_failures: 3,
             breaker_cooldown_ms: 10_000,
         }

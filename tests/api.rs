@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::images::{jpeg, large_png, png, sha256_hex};
 use common::{Backends, TestOptions, assert_error, spawn_app, spawn_app_with};
 use reqwest::StatusCode;
@@ -241,6 +243,38 @@ async fn openapi_and_docs_are_served_offline() {
     assert!(docs.text().await.unwrap().contains("swagger"), "the interactive page is served");
     let asset = app.get("/docs/swagger-ui-bundle.js").await;
     assert_eq!(asset.status(), StatusCode::OK, "the UI's assets come from the binary");
+}
+
+/// Every upload's second copy is pending for a moment; `/health` calls that `degraded` only
+/// once a copy has stayed pending for `replication.pending_overdue_secs`.
+#[tokio::test]
+async fn health_calls_a_pending_copy_degraded_once_it_is_overdue() {
+    let options = TestOptions {
+        adjust: Some(|settings| settings.replication.pending_overdue_secs = 1),
+        ..TestOptions::default()
+    };
+    let app = spawn_app_with(Backends::POSTGRES_S3, options).await;
+    let health: Value = app.get("/health").await.json().await.unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+
+    // No workers and no eager copies: the second copy stays pending.
+    let image = app.upload_ok("x.png", png(4, 4, 71)).await;
+    let mut states: Vec<&str> =
+        image["replicas"].as_array().unwrap().iter().filter_map(|r| r["state"].as_str()).collect();
+    states.sort_unstable();
+    assert_eq!(states, ["pending", "stored"], "{image}");
+    let health: Value = app.get("/health").await.json().await.unwrap();
+    assert_eq!(health["status"], "ok", "a copy pending for less than the grace: {health}");
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let response = app.get("/health").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let health: Value = response.json().await.unwrap();
+    assert_eq!(health["status"], "degraded", "a copy pending for longer than the grace: {health}");
+
+    app.replicate_until_idle().await;
+    let health: Value = app.get("/health").await.json().await.unwrap();
+    assert_eq!(health["status"], "ok", "replicated: {health}");
 }
 
 #[tokio::test]

@@ -380,21 +380,26 @@ async fn copies_are_counted_by_state(store: Arc<dyn MetadataStore>) {
 }
 
 async fn copies_below_target_are_found_without_counting(store: Arc<dyn MetadataStore>) {
-    assert!(!store.any_copy_below_target().await.unwrap(), "an empty store");
+    // A grace longer than the test: only missing copies are overdue; none: pending ones too.
+    let (hour, none) = (Duration::from_secs(3600), Duration::ZERO);
+    assert!(!store.any_copy_overdue(none).await.unwrap(), "an empty store");
     upload(&*store, &new_image(&blob(1), now()), &[copy("a", ReplicaState::Stored)]).await;
     let doomed = new_image(&blob(2), now());
     upload(&*store, &doomed, &[copy("a", ReplicaState::Stored)]).await;
     store.delete_image(doomed.id).await.unwrap();
-    assert!(!store.any_copy_below_target().await.unwrap(), "stored and deleting copies are on target");
+    assert!(!store.any_copy_overdue(none).await.unwrap(), "stored and deleting copies are on target");
 
     store.record_missing_copy(&copy_ref(&blob(1), "a")).await.unwrap();
-    assert!(store.any_copy_below_target().await.unwrap(), "a missing copy");
+    assert!(store.any_copy_overdue(hour).await.unwrap(), "a missing copy, however recent");
     assert!(store.record_stored_copy(&copy_ref(&blob(1), "a")).await.unwrap());
-    assert!(!store.any_copy_below_target().await.unwrap(), "repaired");
+    assert!(!store.any_copy_overdue(none).await.unwrap(), "repaired");
 
     upload(&*store, &new_image(&blob(3), now()), &[copy("b", ReplicaState::Stored), copy("c", ReplicaState::Pending)])
         .await;
-    assert!(store.any_copy_below_target().await.unwrap(), "a pending copy");
+    assert!(!store.any_copy_overdue(hour).await.unwrap(), "a copy pending for less than the grace");
+    assert!(store.any_copy_overdue(none).await.unwrap(), "a pending copy, with no grace");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(store.any_copy_overdue(Duration::from_millis(10)).await.unwrap(), "pending for longer than the grace");
 }
 
 async fn a_dropped_guard_changes_nothing(store: Arc<dyn MetadataStore>) {

@@ -113,8 +113,9 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Probe>) {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     /// `ok`: everything answers. `degraded`: serving, but a shard is down, a shard's circuit
-    /// is open, or copies are below the replication factor (`replicas.pending` or
-    /// `replicas.missing` above 0). `unavailable`: the database or every shard is down.
+    /// is open, or copies are below the replication factor for longer than replication
+    /// normally takes (a copy `missing`, or `pending` for `replication.pending_overdue_secs`).
+    /// `unavailable`: the database or every shard is down.
     pub status: &'static str,
     /// The components: shown to admins only (and to everyone with accounts off), since they
     /// name the store's internals.
@@ -182,7 +183,7 @@ async fn health(State(state): State<AppState>, caller: Caller) -> (StatusCode, J
     let database_up = database.error.is_none();
     let (replicas, under_replicated) = if database_up {
         let counts = state.replica_counts.get(state.metadata.as_ref()).await;
-        (counts, state.metadata.any_copy_below_target().await.unwrap_or(false))
+        (counts, state.metadata.any_copy_overdue(state.pending_overdue).await.unwrap_or(false))
     } else {
         (None, false)
     };

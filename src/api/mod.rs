@@ -45,6 +45,9 @@ pub struct AppState {
     pub replication_workers: usize,
     /// The copy counts `/health` shows, refreshed at most every few seconds.
     pub replica_counts: Arc<health::ReplicaCountsCache>,
+    /// How long a copy may stay pending before `/health` says `degraded`
+    /// (`replication.pending_overdue_secs`).
+    pub pending_overdue: std::time::Duration,
     pub accounts: Arc<Accounts>,
     pub limiter: Arc<RateLimiter>,
     /// Whether the client's address is the last `X-Forwarded-For` entry (behind a proxy).

@@ -568,8 +568,8 @@ impl CopyStore for CachedMetadata {
         self.inner.count_replicas_by_state().await
     }
 
-    async fn any_copy_below_target(&self) -> MetaResult<bool> {
-        self.inner.any_copy_below_target().await
+    async fn any_copy_overdue(&self, pending_grace: Duration) -> MetaResult<bool> {
+        self.inner.any_copy_overdue(pending_grace).await
     }
 
     async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>> {

@@ -63,12 +63,14 @@ pub trait CopyStore: Send + Sync {
     async fn list_blob_copies(&self, after: Option<&BlobKey>, limit: u32) -> MetaResult<Vec<BlobCopies>>;
 
     /// Counts every copy by state: a query over the whole table, for reports and metrics, not
-    /// for every request (see [`CopyStore::any_copy_below_target`]).
+    /// for every request (see [`CopyStore::any_copy_overdue`]).
     async fn count_replicas_by_state(&self) -> MetaResult<ReplicaCounts>;
 
-    /// Whether any copy is `pending` or `missing` (the store is below its replication factor
-    /// somewhere): one index lookup, cheap enough for every health check.
-    async fn any_copy_below_target(&self) -> MetaResult<bool>;
+    /// Whether the store is below its replication factor somewhere for longer than replication
+    /// normally takes: a copy `missing`, or `pending` for at least `pending_grace` (every
+    /// upload's second copy is pending for a moment). Two index lookups, cheap enough for every
+    /// health check.
+    async fn any_copy_overdue(&self, pending_grace: std::time::Duration) -> MetaResult<bool>;
 
     /// Copies and bytes per shard and state.
     async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>>;

@@ -251,6 +251,7 @@ pub fn fast_replication(workers: usize) -> ReplicationSettings {
         retry_min_ms: 50,
         retry_max_secs: 1,
         idle_poll_ms: 50,
+        pending_overdue_secs: 60,
         breaker_failures: 3,
         breaker_cooldown_ms: 200,
     }

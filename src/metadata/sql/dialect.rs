@@ -11,6 +11,7 @@
 //! | `{now}` | `now()`: the transaction's start | the current time in microseconds |
 //! | `{clock}` | `clock_timestamp()`: this moment, for a long transaction | as `{now}` |
 //! | `{after_micros:$N}` | `now()` plus `$N` microseconds | `{now} + $N` |
+//! | `{before_micros:$N}` | `now()` minus `$N` microseconds | `{now} - $N` |
 //! | `{micros_since:EXPR}` | microseconds from `EXPR` to `clock_timestamp()` | `{now} - EXPR` |
 //! | `{in:$N}` / `{not_in:$N}` | `= ANY($N)` / `<> ALL($N)` over a `TEXT[]` | `IN` / `NOT IN` over `json_each($N)` |
 //! | `{names:$N}` | the list as a table `names (name)`: `unnest($N)` | the same over `json_each($N)` |
@@ -117,6 +118,7 @@ impl Dialect for Postgres {
             "now" => "now()".to_owned(),
             "clock" => "clock_timestamp()".to_owned(),
             "after_micros" => format!("now() + {argument} * INTERVAL '1 microsecond'"),
+            "before_micros" => format!("now() - {argument} * INTERVAL '1 microsecond'"),
             "micros_since" => format!("CAST(EXTRACT(EPOCH FROM clock_timestamp() - {argument}) * 1000000 AS BIGINT)"),
             "in" => format!("= ANY({argument})"),
             "not_in" => format!("<> ALL({argument})"),
@@ -203,6 +205,7 @@ impl Dialect for Sqlite {
         render_markers(template, |marker, argument| match marker {
             "now" | "clock" => SQLITE_NOW.to_owned(),
             "after_micros" => format!("({SQLITE_NOW} + {argument})"),
+            "before_micros" => format!("({SQLITE_NOW} - {argument})"),
             "micros_since" => format!("({SQLITE_NOW} - {argument})"),
             "in" => format!("IN (SELECT value FROM json_each({argument}))"),
             "not_in" => format!("NOT IN (SELECT value FROM json_each({argument}))"),
@@ -309,6 +312,13 @@ mod tests {
                  WHERE due <= {SQLITE_NOW} AND shard IN (SELECT value FROM json_each($3)) LIMIT 1 )"
             )
         );
+    }
+
+    #[test]
+    fn a_moment_before_now_is_now_less_microseconds_on_both() {
+        let older = "SELECT 1 FROM t WHERE at < {before_micros:$1}";
+        assert_eq!(Postgres::render(older), "SELECT 1 FROM t WHERE at < now() - $1 * INTERVAL '1 microsecond'");
+        assert_eq!(Sqlite::render(older), format!("SELECT 1 FROM t WHERE at < ({SQLITE_NOW} - $1)"));
     }
 
     #[test]

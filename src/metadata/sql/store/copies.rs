@@ -153,9 +153,12 @@ static SURPLUS_COPY_IS_REMOVABLE: Statement = Statement::new(
 
 static COUNT_BY_STATE: Statement = Statement::new("SELECT state, COUNT(*) FROM replicas GROUP BY state");
 
-/// Served by the `replicas_by_state` index: it stops at the first row it finds.
-static ANY_COPY_BELOW_TARGET: Statement =
-    Statement::new("SELECT EXISTS (SELECT 1 FROM replicas WHERE state IN ('pending', 'missing'))");
+/// Served by the `replicas_by_state` index (state, then age): each lookup stops at the first
+/// row it finds.
+static ANY_COPY_OVERDUE: Statement = Statement::new(
+    "SELECT EXISTS (SELECT 1 FROM replicas WHERE state = 'missing')
+         OR EXISTS (SELECT 1 FROM replicas WHERE state = 'pending' AND updated_at <= {before_micros:$1})",
+);
 
 static SHARD_USAGE: Statement = Statement::new(
     "SELECT r.shard, r.state, COUNT(*) AS copies, CAST(COALESCE(SUM(b.size), 0) AS BIGINT) AS bytes
@@ -313,11 +316,13 @@ impl CopyStore for SqlStore<D> {
         Ok(counts)
     }
 
-    async fn any_copy_below_target(&self) -> MetaResult<bool> {
-        sqlx::query_scalar(ANY_COPY_BELOW_TARGET.sql::<D>())
+    async fn any_copy_overdue(&self, pending_grace: std::time::Duration) -> MetaResult<bool> {
+        const CONTEXT: &str = "looking for copies below the replication factor";
+        sqlx::query_scalar(ANY_COPY_OVERDUE.sql::<D>())
+            .bind(duration_micros(pending_grace, CONTEXT)?)
             .fetch_one(&self.pool)
             .await
-            .map_err(sql_error("looking for copies below the replication factor"))
+            .map_err(sql_error(CONTEXT))
     }
 
     async fn shard_usage(&self) -> MetaResult<Vec<ShardUsage>> {
