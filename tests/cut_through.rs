@@ -23,6 +23,7 @@ behaviours!(
     a_file_that_is_not_the_declared_one_stores_nothing,
     a_checksum_that_is_not_one_is_refused,
     a_refused_image_with_a_good_checksum_stores_nothing,
+    a_refused_file_whose_bytes_all_arrive_before_the_form_ends_stores_nothing,
     a_client_that_hangs_up_mid_cut_through_leaves_nothing,
     a_body_over_the_limit_is_cut_off_with_nothing_stored,
     a_duplicate_is_deduplicated_without_a_second_object,
@@ -104,6 +105,9 @@ async fn assert_given_up_write_left_nothing(app: &TestApp) {
     app.assert_nothing_stored().await;
 }
 
+/// What ends the held uploads' form, after the file's bytes.
+const FORM_END: &[u8] = b"\r\n--B--\r\n";
+
 /// An upload sent over a raw connection: the head (declaring the file's SHA-256) and the
 /// first half of the body now, the rest when the test says.
 struct HeldUpload {
@@ -113,11 +117,16 @@ struct HeldUpload {
 
 impl HeldUpload {
     async fn start(app: &TestApp, image: &[u8]) -> Self {
+        Self::start_sending(app, image, |body| body / 2).await
+    }
+
+    /// As [`Self::start`], sending the first `first(body length)` bytes of the body now.
+    async fn start_sending(app: &TestApp, image: &[u8], first: impl FnOnce(usize) -> usize) -> Self {
         let address = app.address.trim_start_matches("http://").to_owned();
         let body = [
             &b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"held.png\"\r\n\r\n"[..],
             image,
-            b"\r\n--B--\r\n",
+            FORM_END,
         ]
         .concat();
         let head = format!(
@@ -129,7 +138,7 @@ impl HeldUpload {
         );
         let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
         stream.write_all(head.as_bytes()).await.unwrap();
-        let (first, rest) = body.split_at(body.len() / 2);
+        let (first, rest) = body.split_at(first(body.len()));
         stream.write_all(first).await.unwrap();
         stream.flush().await.unwrap();
         Self { stream, rest: rest.to_vec() }
@@ -257,6 +266,31 @@ async fn a_refused_image_with_a_good_checksum_stores_nothing(b: Backends) {
     let response = upload_declaring(&app, "damaged.png", damaged, &checksum).await;
     assert_error(response, StatusCode::BAD_REQUEST, "INVALID_FILE_FORMAT").await;
     assert_given_up_write_left_nothing(&app).await;
+}
+
+/// multer ends a field with an empty chunk when the file's last bytes arrive before the
+/// closing delimiter. A refused file still leaves nothing on the shards (the upload holds back
+/// the last bytes of the file, not the empty chunk, and a filesystem shard stores nothing
+/// without the upload's seal), and an accepted one is stored whole.
+async fn a_refused_file_whose_bytes_all_arrive_before_the_form_ends_stores_nothing(b: Backends) {
+    let app = spawn_app(b).await;
+    let mut damaged = large_png(LARGE, 9);
+    let at = damaged.len() - 20;
+    damaged[at] ^= 0xff;
+    let held = HeldUpload::start_sending(&app, &damaged, |body| body - FORM_END.len()).await;
+    // Every byte of the file has reached the server, and what it passes on has reached the shard.
+    wait_for_partial_write(&app, 1024 * 1024).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let response = held.finish().await;
+    assert!(response.starts_with("HTTP/1.1 400") && response.contains("INVALID_FILE_FORMAT"), "{response}");
+    assert_given_up_write_left_nothing(&app).await;
+
+    let image = large_png(LARGE, 10);
+    let held = HeldUpload::start_sending(&app, &image, |body| body - FORM_END.len()).await;
+    wait_for_partial_write(&app, 1024 * 1024).await;
+    let created = held.finish_created().await;
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(app.download(id).await.bytes().await.unwrap().to_vec(), image, "stored whole");
 }
 
 async fn a_client_that_hangs_up_mid_cut_through_leaves_nothing(b: Backends) {

@@ -32,8 +32,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::blob::BlobKey;
 use crate::observability::names;
-use crate::storage::BodyFeed;
 use crate::storage::router::{RouterError, StorageRouter, WriteReceipt};
+use crate::storage::{BodyFeed, FeedSeal};
 
 /// The smallest body streamed cut-through. Below it the receive is a small part of an upload
 /// (BENCHMARKS.md, "Cut-through uploads").
@@ -57,7 +57,7 @@ pub struct PendingWrite {
     write_set: Vec<String>,
     /// Empty once completed.
     feeds: Vec<Feed>,
-    held: Option<Bytes>,
+    held: HeldBack,
 }
 
 impl PendingWrite {
@@ -67,7 +67,7 @@ impl PendingWrite {
         let targets = router.feed_targets(&key, copies)?;
         let feeds = targets.iter().map(|shard| Feed::open(router, &key, len, &shard.name)).collect();
         let write_set = router.write_set(&key);
-        Some(Self { key, len, write_set, feeds, held: None })
+        Some(Self { key, len, write_set, feeds, held: HeldBack::default() })
     }
 
     /// Gives the PUTs up from elsewhere, whenever it is called: the shards store nothing, and
@@ -86,7 +86,7 @@ impl PendingWrite {
     /// Passes the chunk before this one on to the shards, and holds this one back. A shard
     /// that does not take it in time is given up; the others go on.
     pub async fn forward(&mut self, chunk: &Bytes) {
-        let Some(previous) = self.held.replace(chunk.clone()) else { return };
+        let Some(previous) = self.held.replace(chunk) else { return };
         let delivered = join_all(self.feeds.iter().map(|feed| feed.send(&previous))).await;
         for (feed, delivered) in self.feeds.iter().zip(delivered) {
             if !delivered {
@@ -94,7 +94,7 @@ impl PendingWrite {
             }
         }
         if self.feeds.iter().all(|feed| feed.sender().is_none()) {
-            self.held = None;
+            self.held = HeldBack::default();
         }
     }
 
@@ -136,6 +136,27 @@ impl Drop for PendingWrite {
     }
 }
 
+/// The last chunk received, held back from the shards until the upload is accepted.
+#[derive(Debug, Default)]
+struct HeldBack(Option<Bytes>);
+
+impl HeldBack {
+    /// Holds `chunk` back, and returns the chunk it takes the place of, to be sent on now.
+    /// An empty chunk is not held: multer ends a field with one when the file's last bytes
+    /// arrived before the closing delimiter, and holding it would send those bytes on, giving
+    /// the shards every byte before the upload is accepted.
+    fn replace(&mut self, chunk: &Bytes) -> Option<Bytes> {
+        if chunk.is_empty() {
+            return None;
+        }
+        self.0.replace(chunk.clone())
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        self.0.take()
+    }
+}
+
 /// One shard's PUT and the channel that feeds it. Dropping it ends the feed short and aborts
 /// the PUT, so the shard stores nothing.
 #[derive(Debug)]
@@ -145,6 +166,9 @@ struct Feed {
     /// feed short: a shard written by a blocking thread (a filesystem's) stops only when its
     /// feed ends, aborting the PUT's task does not reach it.
     sender: SharedSender,
+    /// Given once the upload is accepted, before the last chunk: a filesystem shard stores
+    /// nothing without it (see [`crate::storage::BodyFeed`]).
+    seal: FeedSeal,
     put: JoinHandle<Result<(), RouterError>>,
 }
 
@@ -158,12 +182,12 @@ fn lock(sender: &SharedSender) -> MutexGuard<'_, Option<Sender<std::io::Result<B
 
 impl Feed {
     fn open(router: &Arc<StorageRouter>, key: &BlobKey, len: u64, shard: &str) -> Self {
-        let (sender, feed) = BodyFeed::channel(len, FEED_DEPTH);
+        let (sender, seal, feed) = BodyFeed::channel(len, FEED_DEPTH);
         let put = tokio::spawn({
             let (router, key, shard) = (router.clone(), key.clone(), shard.to_owned());
             async move { router.write_feed_on(&shard, &key, feed).await }
         });
-        Self { shard: shard.to_owned(), sender: Arc::new(Mutex::new(Some(sender))), put }
+        Self { shard: shard.to_owned(), sender: Arc::new(Mutex::new(Some(sender))), seal, put }
     }
 
     /// The sender, unless the feed was given up (or cancelled). The lock is never held across
@@ -196,6 +220,7 @@ impl Feed {
         let Some(sender) = self.take_sender() else {
             return Err((self.shard.clone(), "the shard stopped taking the body".into()));
         };
+        self.seal.seal();
         if let Some(last) = last
             && sender.send(Ok(last)).await.is_err()
         {
@@ -218,5 +243,20 @@ impl Drop for Feed {
         self.take_sender();
         // A no-op once the PUT has finished.
         self.put.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_bytes_stay_held_back_when_the_body_ends_with_an_empty_chunk() {
+        let mut held = HeldBack::default();
+        let (first, last) = (Bytes::from_static(b"first"), Bytes::from_static(b"last"));
+        assert_eq!(held.replace(&first), None);
+        assert_eq!(held.replace(&last), Some(first), "the chunk before is sent on");
+        assert_eq!(held.replace(&Bytes::new()), None, "multer's empty end of a field sends nothing on");
+        assert_eq!(held.take(), Some(last), "the last bytes wait for the upload to be accepted");
     }
 }

@@ -126,7 +126,8 @@ impl FsStore {
     }
 
     /// As [`Self::write_blocking`], the bytes taken from the feed as they arrive: the
-    /// temporary file is renamed into place only when exactly the feed's length arrived.
+    /// temporary file is renamed into place only when exactly the feed's length arrived and
+    /// its sender sealed it.
     fn write_feed_blocking(&self, key: &BlobKey, mut feed: BodyFeed) -> StorageResult<()> {
         self.write_through_temporary(key, |temp| temp.fill_from(&mut feed))
     }
@@ -405,7 +406,8 @@ impl TempFile {
     }
 
     /// Writes the feed's chunks as they come, and fsyncs once it has ended with exactly its
-    /// length; a failed or short feed is an error (and the file is removed on drop).
+    /// length and its sender's seal; a failed, short or unsealed feed is an error (and the
+    /// file is removed on drop).
     fn fill_from(&self, feed: &mut BodyFeed) -> io::Result<()> {
         let mut file = File::create(&self.path)?;
         let mut written: u64 = 0;
@@ -419,6 +421,9 @@ impl TempFile {
         }
         if written != feed.len {
             return Err(io::Error::other(format!("the body ended after {written} of {} bytes", feed.len)));
+        }
+        if !feed.is_sealed() {
+            return Err(io::Error::other("the body ended without its sender's seal (the write was given up)"));
         }
         file.sync_all()
     }
@@ -454,14 +459,24 @@ mod tests {
         Ok(chunks.concat())
     }
 
-    /// Feeds `pieces` (an `Err` for `None`) to a fed write of `len` bytes under `key`.
-    async fn feed(store: &FsStore, key: &BlobKey, len: u64, pieces: &[Option<&'static [u8]>]) -> StorageResult<()> {
-        let (sender, feed) = BodyFeed::channel(len, 1);
+    /// Feeds `pieces` (an `Err` for `None`) to a fed write of `len` bytes under `key`, sealing
+    /// it before the last piece when `sealed`.
+    async fn feed(
+        store: &FsStore,
+        key: &BlobKey,
+        len: u64,
+        pieces: &[Option<&'static [u8]>],
+        sealed: bool,
+    ) -> StorageResult<()> {
+        let (sender, seal, feed) = BodyFeed::channel(len, 1);
         let write = tokio::spawn({
             let (store, key) = (store.clone(), key.clone());
             async move { store.write_blob_feed(&key, feed).await }
         });
-        for piece in pieces {
+        for (at, piece) in pieces.iter().enumerate() {
+            if sealed && at + 1 == pieces.len() {
+                seal.seal();
+            }
             let chunk = piece.map(Bytes::from_static).ok_or_else(|| io::Error::other("the client went away"));
             if sender.send(chunk).await.is_err() {
                 break;
@@ -472,20 +487,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fed_write_is_stored_only_when_its_whole_length_arrives_cleanly() {
+    async fn a_fed_write_is_stored_only_when_its_whole_length_arrives_sealed() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).unwrap();
         let temporaries = || fs::read_dir(dir.path().join(TEMP_DIR)).unwrap().count();
-        for (pieces, why) in [
-            (&[Some(&b"01234"[..])][..], "short"),
-            (&[Some(&b"01234"[..]), Some(b"56789"), Some(b"!")][..], "long"),
-            (&[Some(&b"01234"[..]), None][..], "failed"),
+        let whole = &[Some(&b"01234"[..]), Some(b"56789")][..];
+        for (pieces, sealed, why) in [
+            (&[Some(&b"01234"[..])][..], true, "short"),
+            (&[Some(&b"01234"[..]), Some(b"56789"), Some(b"!")][..], true, "long"),
+            (&[Some(&b"01234"[..]), None][..], true, "failed"),
+            // Every byte, but the sender went away without vouching for them (given up).
+            (whole, false, "unsealed"),
         ] {
-            assert!(feed(&store, &key(7), 10, pieces).await.is_err(), "a {why} feed is an error");
+            assert!(feed(&store, &key(7), 10, pieces, sealed).await.is_err(), "a {why} feed is an error");
             assert!(store.fetch_blob_len(&key(7)).await.unwrap_err().is_not_found(), "a {why} feed stores nothing");
             assert_eq!(temporaries(), 0, "a {why} feed leaves no temporary file");
         }
-        feed(&store, &key(7), 10, &[Some(b"01234"), Some(b"56789")]).await.unwrap();
+        feed(&store, &key(7), 10, whole, true).await.unwrap();
         assert_eq!(read_all(&store, &key(7)).await.unwrap(), b"0123456789");
         assert_eq!(temporaries(), 0);
     }

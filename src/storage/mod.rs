@@ -53,17 +53,26 @@ impl BlobBody {
 /// exactly `len` bytes arrived and the feed ended cleanly: a feed that fails, or whose sender
 /// goes away early, stores nothing (S3 sends `len` as the request's `Content-Length`, so the
 /// server sees a short body; a filesystem shard never renames its temporary file into place).
+///
+/// A filesystem shard also needs the sender's [`FeedSeal`]: `len` bytes followed by the
+/// sender going away is not enough, since a sender that is given up (bad bytes, a dedup hit)
+/// may have sent all of them by then. An S3 server cannot be told to wait for a seal (it
+/// stores once `Content-Length` is met), but it checks the bytes against the key, the SHA-256
+/// the request is signed with: only the blob's own bytes can land there.
 #[derive(Debug)]
 pub struct BodyFeed {
     pub len: u64,
     chunks: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    seal: FeedSeal,
 }
 
 impl BodyFeed {
-    /// A feed of `len` bytes and its sending end, which holds at most `depth` chunks in flight.
-    pub fn channel(len: u64, depth: usize) -> (tokio::sync::mpsc::Sender<std::io::Result<Bytes>>, BodyFeed) {
+    /// A feed of `len` bytes, its sending end, which holds at most `depth` chunks in flight,
+    /// and its seal.
+    pub fn channel(len: u64, depth: usize) -> (tokio::sync::mpsc::Sender<std::io::Result<Bytes>>, FeedSeal, BodyFeed) {
         let (sender, chunks) = tokio::sync::mpsc::channel(depth);
-        (sender, BodyFeed { len, chunks })
+        let seal = FeedSeal::default();
+        (sender, seal.clone(), BodyFeed { len, chunks, seal })
     }
 
     /// The next chunk, for a backend writing from a blocking thread.
@@ -76,6 +85,22 @@ impl BodyFeed {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<std::io::Result<Bytes>>> {
         self.chunks.poll_recv(cx)
+    }
+
+    /// Whether the sender vouched for the whole body before it went away.
+    pub fn is_sealed(&self) -> bool {
+        self.seal.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The sender's word that a feed's body is whole and its bytes the ones wanted, given before
+/// its last chunk is sent: without it a filesystem shard stores nothing (see [`BodyFeed`]).
+#[derive(Debug, Clone, Default)]
+pub struct FeedSeal(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl FeedSeal {
+    pub fn seal(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
