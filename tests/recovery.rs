@@ -13,7 +13,7 @@ use chitram::maintenance::suspicion::{Finding, Verdict, recheck_copy};
 use chitram::metadata::{CopyRef, ReplicaCounts, ReplicaState};
 use chitram::storage::LABEL_NAME;
 use common::database::DbKind;
-use common::images::png;
+use common::images::{large_png, png};
 use common::{Backends, StorageKind, TestApp, TestOptions, assert_error, replica_states, spawn_app_with};
 use reqwest::StatusCode;
 
@@ -40,6 +40,7 @@ on_fs_shards!(
     a_disk_not_mounted_at_start_is_fenced_until_it_is_back,
     a_lost_blob_restored_from_a_backup_onto_a_holder_is_repaired,
     a_lost_blob_restored_from_a_backup_onto_another_shard_is_adopted,
+    a_backup_that_cannot_be_checked_is_kept_not_deleted,
     copies_marked_missing_whose_bytes_are_good_are_stored_again,
     a_suspect_copy_is_marked_only_if_it_is_still_bad_under_the_lock,
     a_late_delete_cannot_remove_a_copy_uploaded_after_it,
@@ -154,6 +155,10 @@ async fn a_disk_not_mounted_at_start_is_fenced_until_it_is_back(b: Backends) {
 async fn lose_a_blob(app: &TestApp) -> (String, String, Vec<u8>, Vec<String>) {
     let uploaded = upload_replicated(app, 3, 400).await;
     let (id, bytes) = uploaded[1].clone();
+    lose_the_blob_of(app, id, bytes).await
+}
+
+async fn lose_the_blob_of(app: &TestApp, id: String, bytes: Vec<u8>) -> (String, String, Vec<u8>, Vec<String>) {
     let image = app.image(&id).await;
     let key = image["checksum"].as_str().unwrap().to_owned();
     let holders: Vec<String> = replica_states(&image).into_iter().map(|(shard, _)| shard).collect();
@@ -207,6 +212,34 @@ async fn a_lost_blob_restored_from_a_backup_onto_another_shard_is_adopted(b: Bac
     let path = app.object_path(other, &key);
     let old = std::time::SystemTime::now() - Duration::from_secs(30 * 24 * 3600);
     std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+    assert_repaired(&app, &id, &key, &bytes).await;
+    assert!(path.exists(), "the adopted backup is kept");
+}
+
+/// A backup whose bytes cannot be read when scrub finds it (here its spool directory is gone;
+/// a shard that stalls does the same) may be the only good copy of a lost blob: it is kept and
+/// reported, not deleted as an orphan, and adopted by the next scrub that can read it.
+async fn a_backup_that_cannot_be_checked_is_kept_not_deleted(b: Backends) {
+    let app = spawn_app_with(b, TestOptions::default()).await;
+    // Above the size checked in memory: verifying it needs a spool file.
+    let bytes = large_png(300 * 1024, 460);
+    let id = app.upload_ok("big.png", bytes.clone()).await["id"].as_str().unwrap().to_owned();
+    app.replicate_until_idle().await;
+    let (id, key, bytes, holders) = lose_the_blob_of(&app, id, bytes).await;
+    let other = ["s0", "s1", "s2"].into_iter().find(|shard| !holders.iter().any(|h| h == shard)).unwrap();
+    restore_backup(&app, other, &key, &bytes);
+    let path = app.object_path(other, &key);
+    let old = std::time::SystemTime::now() - Duration::from_secs(30 * 24 * 3600);
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+
+    let mut unreadable = app.settings.clone();
+    unreadable.server.spool_dir = Some(app.dir.path().join("no-such-spool-dir"));
+    let report = chitram::commands::scrub(&unreadable, true, true).await.unwrap();
+    assert!(!report.ok, "{}", report.report);
+    assert!(report.report.contains("kept unchecked"), "the backup is reported: {}", report.report);
+    assert!(!report.report.contains("orphan:"), "and not taken for an orphan: {}", report.report);
+    assert!(path.exists(), "a backup that could not be read is not deleted");
+
     assert_repaired(&app, &id, &key, &bytes).await;
     assert!(path.exists(), "the adopted backup is kept");
 }
@@ -291,9 +324,15 @@ async fn a_late_delete_cannot_remove_a_copy_uploaded_after_it(b: Backends) {
     let new_id = again["id"].as_str().unwrap();
     assert_eq!(app.download(new_id).await.bytes().await.unwrap().to_vec(), *bytes);
     app.replicate_until_idle().await;
+    let fenced_copy = (holders[0].clone(), "stored".to_owned());
     assert!(
-        !replica_states(&app.image(new_id).await).contains(&(holders[0].clone(), "stored".to_owned())),
+        !replica_states(&app.image(new_id).await).contains(&fenced_copy),
         "nothing is copied onto the fenced shard before the fence expires"
     );
+    // Nor by the operator's commands: scrub's restores and rebalance's moves wait it out too.
+    let scrubbed = chitram::commands::scrub(&app.settings, true, false).await.unwrap();
+    assert!(scrubbed.report.contains("may still land"), "the restore waits, and says why: {}", scrubbed.report);
+    let rebalanced = chitram::commands::rebalance(&app.settings, false).await.unwrap();
+    assert!(!replica_states(&app.image(new_id).await).contains(&fenced_copy), "{}", rebalanced.report);
     assert_eq!(app.download(new_id).await.bytes().await.unwrap().to_vec(), *bytes);
 }

@@ -24,7 +24,7 @@ use crate::blob::BlobKey;
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, ReplicaState};
 use crate::placement::plan::{Move, moves_for, write_set_names};
 use crate::placement::ring::{Ring, key_hash};
-use crate::replication::copy::copy_blob;
+use crate::replication::copy::{copy_blob, refuse_while_deletion_in_doubt};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
@@ -197,12 +197,17 @@ async fn move_blob(
     let mut outcome = BlobOutcome::default();
     let key = &blob.blob.blob;
     for step in &blob.moves {
+        let target = CopyRef { blob: key.clone(), shard: step.to.clone() };
+        if let Err(problem) = refuse_while_deletion_in_doubt(metadata, &target).await {
+            outcome.failure = Some((key.clone(), problem));
+            break;
+        }
         limiter.take(blob.blob.size).await;
         if let Err(problem) = copy_blob(metadata, router, &blob.blob, &step.to, options.spool_dir.clone()).await {
             outcome.failure = Some((key.clone(), format!("copying to {}: {problem}", step.to)));
             break;
         }
-        match metadata.record_stored_copy(&CopyRef { blob: key.clone(), shard: step.to.clone() }).await {
+        match metadata.record_stored_copy(&target).await {
             Ok(true) => {
                 outcome.copies_made += 1;
                 outcome.bytes_copied += blob.blob.size;

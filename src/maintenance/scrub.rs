@@ -30,7 +30,7 @@ use super::progress::Progress;
 use super::suspicion::{Verdict, recheck_copy};
 use crate::blob::BlobKey;
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, Replica, ReplicaState};
-use crate::replication::copy::{CopyCheck, check_copy, copy_blob};
+use crate::replication::copy::{CopyCheck, check_copy, copy_blob, refuse_while_deletion_in_doubt};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
@@ -263,9 +263,14 @@ async fn restore(
         ..fresh.clone()
     };
     for target in router.write_set(key).iter().filter(|shard| !good.contains(shard) && !stored_now(shard)) {
-        match copy_blob(metadata, router, &sources, target, options.spool_dir.clone()).await {
+        let copy = CopyRef { blob: key.clone(), shard: target.clone() };
+        let copied = match refuse_while_deletion_in_doubt(metadata, &copy).await {
+            Ok(()) => copy_blob(metadata, router, &sources, target, options.spool_dir.clone()).await,
+            Err(problem) => Err(problem),
+        };
+        match copied {
             Ok(()) => {
-                if metadata.record_stored_copy(&CopyRef { blob: key.clone(), shard: target.clone() }).await? {
+                if metadata.record_stored_copy(&copy).await? {
                     report.restored += 1;
                 }
             }
@@ -303,10 +308,17 @@ async fn find_orphans(
                 if age < options.orphan_grace || holders.iter().any(|r| r.shard == shard.name) {
                     continue;
                 }
-                if let Some(blob) = recorded.as_ref().filter(|blob| needs_a_good_copy(blob))
-                    && adopt(metadata, router, blob, &shard.name, options, report).await?
-                {
-                    continue;
+                if let Some(blob) = recorded.as_ref().filter(|blob| needs_a_good_copy(blob)) {
+                    match adopt(metadata, router, blob, &shard.name, options, report).await? {
+                        Adoption::Adopted => continue,
+                        // Perhaps the only good bytes of a lost blob: kept until a check can tell.
+                        Adoption::Unchecked(problem) => {
+                            let problem = format!("a possible backup on {} is kept unchecked: {problem}", shard.name);
+                            report.repair_failures.push((object.key, problem));
+                            continue;
+                        }
+                        Adoption::NotTheBlob => {}
+                    }
                 }
                 let orphan = Orphan { shard: shard.name.clone(), key: object.key, len: object.len, age };
                 if options.repair && delete_orphan(metadata, router, &orphan).await? {
@@ -333,9 +345,19 @@ fn needs_a_good_copy(blob: &BlobCopies) -> bool {
     blob.ref_count > 0 && !blob.replicas.iter().any(|r| r.state == ReplicaState::Stored)
 }
 
+/// What an unrecorded object of a blob that has no good copy turned out to be.
+enum Adoption {
+    /// Its bytes verify: it is the blob's copy now (recorded, with `repair`).
+    Adopted,
+    /// Absent by now, or not the blob's bytes: an orphan like any other.
+    NotTheBlob,
+    /// Its bytes could not be read (a shard that stalls, a full spool directory): nothing can
+    /// be said, so it must not be deleted.
+    Unchecked(String),
+}
+
 /// Adopts an unrecorded object as a copy of a blob that has no good copy, if its bytes verify:
-/// records it `stored` (with `repair`) and restores the blob onto its write set. Returns
-/// whether the object is the blob's (so it is no orphan).
+/// records it `stored` (with `repair`) and restores the blob onto its write set.
 async fn adopt(
     metadata: &dyn MetadataStore,
     router: &StorageRouter,
@@ -343,9 +365,11 @@ async fn adopt(
     shard: &str,
     options: &ScrubOptions,
     report: &mut ScrubReport,
-) -> MetaResult<bool> {
-    if check_copy(router, blob, shard, true, options.spool_dir.clone()).await != CopyCheck::Good {
-        return Ok(false);
+) -> MetaResult<Adoption> {
+    match check_copy(router, blob, shard, true, options.spool_dir.clone()).await {
+        CopyCheck::Good => {}
+        CopyCheck::Bad(..) => return Ok(Adoption::NotTheBlob),
+        CopyCheck::Unreachable(problem) => return Ok(Adoption::Unchecked(problem)),
     }
     let copy = CopyRef { blob: blob.blob.clone(), shard: shard.to_owned() };
     if options.repair && metadata.record_stored_copy(&copy).await? {
@@ -353,7 +377,7 @@ async fn adopt(
         restore(metadata, router, &blob.blob, &[shard.to_owned()], options, report).await?;
     }
     report.adopted.push(copy);
-    Ok(true)
+    Ok(Adoption::Adopted)
 }
 
 async fn delete_orphan(metadata: &dyn MetadataStore, router: &StorageRouter, orphan: &Orphan) -> MetaResult<bool> {

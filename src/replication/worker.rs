@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::backoff::RetryPolicy;
-use super::copy::{CopyCheck, check_copy, copy_blob};
+use super::copy::{CopyCheck, check_copy, copy_blob, refuse_while_deletion_in_doubt};
 use crate::maintenance::deletion::{self, DeletionOutcome};
 use crate::metadata::{CopyRef, MetadataError, MetadataStore, ReplicaState, ReplicationTask, TaskKind};
 use crate::observability::names;
@@ -165,9 +165,7 @@ impl Replicator {
         if blob.ref_count == 0 {
             return Ok(Completion::Finished); // Being deleted: its delete tasks handle it.
         }
-        if self.metadata.deletion_in_doubt(target).await.map_err(|e| error_chain(&e))? {
-            return Err("an earlier DELETE of this copy may still land; copying once it has settled".to_owned());
-        }
+        refuse_while_deletion_in_doubt(self.metadata.as_ref(), target).await?;
         let spool_dir = self.settings.spool_dir.clone();
         // A copy marked missing may have been right all along (a disk that came back): bytes
         // that verify need no copying.
