@@ -18,7 +18,7 @@ use crate::api::{self, AppState, UploadLimits};
 use crate::config::{BackendSettings, MaintenanceSettings, Settings, sqlite_path};
 use crate::images::eager::{EagerReplicator, EagerSettings};
 use crate::images::service::ImageService;
-use crate::images::spool::{MemoryBudget, SpoolLimits};
+use crate::images::spool::{self, MemoryBudget, SpoolLimits};
 use crate::instance_lock::{InstanceLock, InstanceLockError, lock_sqlite_database};
 use crate::maintenance::leader;
 use crate::maintenance::scrub::{self, ScrubOptions};
@@ -128,6 +128,7 @@ impl Application {
         let metadata = with_metadata_cache(settings, metadata).await?;
         let router = Arc::new(open_storage(settings, metadata.as_ref()).await?);
         let (images, variants) = image_services(settings, &metadata, &router)?;
+        remove_spool_leftovers(settings.server.spool_dir.as_deref());
         let limits = Arc::new(UploadLimits {
             spool: SpoolLimits {
                 max_bytes: settings.server.max_upload_bytes,
@@ -519,6 +520,17 @@ async fn open_s3_shard(name: &str, settings: &S3Settings) -> S3Store {
         tracing::warn!(shard = name, error = %crate::telemetry::error_chain(&error), "shard is not ready");
     }
     store
+}
+
+/// Removes the spool files that a process killed mid-request left behind (see
+/// [`spool::remove_leftovers`]). A directory that cannot be read is the first upload's error
+/// to report, not the start's.
+fn remove_spool_leftovers(dir: Option<&std::path::Path>) {
+    match spool::remove_leftovers(dir, spool::LEFTOVER_AGE) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "removed spool files left by a process stopped mid-request"),
+        Err(error) => tracing::warn!(%error, "could not look for spool files left by an earlier process"),
+    }
 }
 
 #[cfg(test)]

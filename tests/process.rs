@@ -254,6 +254,25 @@ fn fs_config(dir: &std::path::Path, shards: &[&str], extra: &str) -> String {
     text
 }
 
+/// A process killed mid-upload leaves its spool file behind (nothing ran to remove it): the
+/// next start removes such leftovers, and never a file young enough to be another instance's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_removes_the_spool_files_a_killed_process_left() {
+    let app = common::spawn_app_with(common::Backends::POSTGRES_S3, common::TestOptions::default()).await;
+    let spool = app.settings.server.spool_dir.clone().unwrap();
+    let (leftover, in_use) = (spool.join("chitram-upload-killed"), spool.join("chitram-upload-running"));
+    for path in [&leftover, &in_use] {
+        std::fs::write(path, vec![7u8; 4096]).unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::options().write(true).open(&leftover).unwrap().set_modified(two_hours_ago).unwrap();
+
+    let restarted = app.spawn_sibling(0).await;
+    assert!(!leftover.exists(), "the leftover is removed at start");
+    assert!(in_use.exists(), "a young spool file may be a live upload's: it stays");
+    restarted.upload_ok("after.png", png(3, 3, 77)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_commands_plan_move_and_check() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,9 @@
 //! it in memory only while it is small or the process-wide [`MemoryBudget`] has room for it
 //! (DESIGN invariant 8).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
@@ -33,6 +34,12 @@ const SPOOL_WRITE_BUFFER: usize = 64 * 1024;
 const SPOOL_WRITE_MAX: usize = 256 * 1024;
 /// The budget counts in KiB, so that a semaphore's permit count covers any sensible budget.
 const BUDGET_UNIT: u64 = 1024;
+/// Every spool file's name starts with this (uploads, and the copies and checks that spool).
+const SPOOL_PREFIX: &str = "chitram-upload-";
+/// How old a spool file must be before a starting instance takes it for the leftover of a
+/// process that was killed mid-request: far longer than any request, copy or check keeps its
+/// file, so the live files of another instance sharing the directory are never touched.
+pub const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct SpoolLimits {
@@ -192,12 +199,30 @@ where
     }
 }
 
+/// Removes the spool files older than `older_than` from `dir` (the system's temporary directory
+/// when `None`): the leftovers of a process killed mid-request, which would otherwise stay until
+/// someone cleans the directory (a spool file is removed when its request ends, and a killed
+/// process ends none). Returns how many were removed; a file that cannot be is left.
+pub fn remove_leftovers(dir: Option<&Path>, older_than: Duration) -> std::io::Result<u64> {
+    let dir = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        let is_spool_file = entry.file_name().to_string_lossy().starts_with(SPOOL_PREFIX)
+            && entry.file_type().is_ok_and(|kind| kind.is_file());
+        let modified = entry.metadata().and_then(|meta| meta.modified());
+        let old = modified.is_ok_and(|at| SystemTime::now().duration_since(at).unwrap_or_default() >= older_than);
+        if is_spool_file && old && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 async fn create_spool_file(limits: &SpoolLimits) -> std::io::Result<(tokio::io::BufWriter<tokio::fs::File>, TempPath)> {
     let dir = limits.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let named =
-        tokio::task::spawn_blocking(move || tempfile::Builder::new().prefix("chitram-upload-").tempfile_in(dir))
-            .await
-            .map_err(std::io::Error::other)??;
+    let named = tokio::task::spawn_blocking(move || tempfile::Builder::new().prefix(SPOOL_PREFIX).tempfile_in(dir))
+        .await
+        .map_err(std::io::Error::other)??;
     let (file, path) = named.into_parts();
     let mut file = tokio::fs::File::from_std(file);
     file.set_max_buf_size(SPOOL_WRITE_MAX);
@@ -226,6 +251,31 @@ mod tests {
 
     fn files_in(dir: &tempfile::TempDir) -> usize {
         std::fs::read_dir(dir.path()).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn only_old_spool_files_are_removed_as_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let aged = |name: &str, age: Duration| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"x").unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(SystemTime::now() - age).unwrap();
+            path
+        };
+        let day = Duration::from_secs(24 * 3600);
+        let leftover = aged("chitram-upload-dead", day);
+        let in_use = aged("chitram-upload-live", Duration::ZERO);
+        let someone_elses = aged("other-program-file", day);
+        // A spool file of a request in flight, made the way requests make them.
+        let spooled = spool_body(chunks(MEMORY_THRESHOLD + 1, 1000), &limits(&dir, u64::MAX), None).await.unwrap();
+        assert!(matches!(spooled.body, BlobBody::File { .. }));
+
+        assert_eq!(remove_leftovers(Some(dir.path()), LEFTOVER_AGE).unwrap(), 1);
+        assert!(!leftover.exists(), "a day-old spool file is a leftover");
+        assert!(in_use.exists() && someone_elses.exists(), "young files and other programs' files stay");
+        assert_eq!(files_in(&dir), 3, "the spooled body's file stays too");
+        assert!(remove_leftovers(Some(&dir.path().join("absent")), LEFTOVER_AGE).is_err());
     }
 
     #[tokio::test]
