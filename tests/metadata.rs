@@ -68,6 +68,7 @@ on_both_databases!(with_store:
     an_upload_never_downgrades_a_stored_copy,
     copies_are_counted_by_state,
     copies_below_target_are_found_without_counting,
+    a_copy_is_restored_from_missing_only_while_it_is_still_missing,
     a_dropped_guard_changes_nothing,
     a_copy_deletion_lock_holds_back_an_upload_of_its_blob,
     an_upload_lock_holds_back_the_deletion_of_a_copy,
@@ -692,6 +693,27 @@ async fn a_copy_deletion_forgets_the_tasks_of_its_copy(store: Arc<dyn MetadataSt
     }
     assert_eq!(stats(&*store).await, QueueStats::default());
     assert!(!blob_row_exists(&url, &blob(1)).await, "the blob goes with its last copy and task");
+}
+
+async fn a_copy_is_restored_from_missing_only_while_it_is_still_missing(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    upload(&*store, &image, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Stored)]).await;
+    let (a, gone) = (copy_ref(&blob(1), "a"), copy_ref(&blob(1), "c"));
+    assert!(!store.restore_missing_copy(&a).await.unwrap(), "a stored copy is left alone");
+
+    store.record_missing_copy(&a).await.unwrap();
+    assert_eq!(stats(&*store).await.copy_tasks, 1, "its repair is queued");
+    assert!(store.restore_missing_copy(&a).await.unwrap(), "its bytes verified");
+    assert_eq!(
+        replicas_of(&*store, image.id).await,
+        [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Stored)]
+    );
+    assert_eq!(stats(&*store).await.copy_tasks, 0, "and its repair is no longer needed");
+
+    // A copy removed since it was read (a rebalance's surplus) gets no row back.
+    assert!(!store.restore_missing_copy(&gone).await.unwrap());
+    assert!(!store.restore_missing_copy(&copy_ref(&blob(9), "a")).await.unwrap(), "nor does an unknown blob");
+    assert_eq!(replicas_of(&*store, image.id).await.len(), 2);
 }
 
 async fn a_missing_copy_is_queued_for_repair_once(store: Arc<dyn MetadataStore>, url: String) {

@@ -180,8 +180,11 @@ async fn check_blob(
         match check_copy(router, blob, &replica.shard, verify, options.spool_dir.clone()).await {
             CopyCheck::Good => {
                 if replica.state == ReplicaState::Missing {
-                    if options.repair {
-                        metadata.record_stored_copy(&copy).await?;
+                    // Not if the copy was removed or changed meanwhile (its bytes may be gone):
+                    // judged below from a fresh read.
+                    if options.repair && !metadata.restore_missing_copy(&copy).await? {
+                        stale = true;
+                        continue;
                     }
                     report.recovered.push(copy);
                 }

@@ -546,6 +546,12 @@ impl CopyStore for CachedMetadata {
         recorded
     }
 
+    async fn restore_missing_copy(&self, copy: &CopyRef) -> MetaResult<bool> {
+        let restored = self.inner.restore_missing_copy(copy).await;
+        self.invalidate(vec![self.cache.blob_key(&copy.blob)]).await;
+        restored
+    }
+
     async fn lock_surplus_copy(
         &self,
         copy: &CopyRef,

@@ -44,6 +44,12 @@ pub trait CopyStore: Send + Sync {
     /// it with) and `false` is returned: the object is an orphan for scrub.
     async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool>;
 
+    /// A copy marked `Missing` whose bytes have since verified is `Stored` again, and its `Copy`
+    /// task removed, under the blob's lock, but only while it is still `Missing`: a copy that
+    /// was removed meanwhile (a rebalance's surplus) or changed state is left as it is, since
+    /// the bytes that verified may be gone by now. Returns whether it was restored.
+    async fn restore_missing_copy(&self, copy: &CopyRef) -> MetaResult<bool>;
+
     /// Locks the blob's row to remove a surplus copy (one on a shard outside `keep`, the
     /// blob's current write set). Returns `None`, changing nothing, unless the copy is recorded,
     /// its shard is not in `keep`, `keep` is not empty, and every shard in `keep` holds a

@@ -132,10 +132,14 @@ async fn fetch_checked_copy(
     Err(format!("no source copy could be read: {}", problems.join("; ")))
 }
 
-/// A `missing` copy whose bytes verified is `stored` again; best effort (logged on failure).
+/// A `missing` copy whose bytes verified is `stored` again, if it is still marked missing;
+/// best effort (logged on failure).
 async fn restore_missing_copy(metadata: &dyn MetadataStore, copy: &CopyRef) {
-    match metadata.record_stored_copy(copy).await {
-        Ok(_) => tracing::info!(shard = %copy.shard, blob = %copy.blob, "a copy marked missing verified; stored again"),
+    match metadata.restore_missing_copy(copy).await {
+        Ok(true) => {
+            tracing::info!(shard = %copy.shard, blob = %copy.blob, "a copy marked missing verified; stored again")
+        }
+        Ok(false) => {}
         Err(error) => {
             tracing::warn!(shard = %copy.shard, blob = %copy.blob, %error, "could not restore a verified copy")
         }

@@ -89,6 +89,10 @@ static COPY_IS_STORED: Statement = Statement::new(
     "SELECT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND shard = $2 AND state = 'stored')",
 );
 
+static COPY_IS_MISSING: Statement = Statement::new(
+    "SELECT EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND shard = $2 AND state = 'missing')",
+);
+
 static SHARDS_IN_DOUBT: Statement =
     Statement::new("SELECT shard FROM replicas WHERE blob_checksum = $1 AND delete_in_doubt_until > {now}");
 
@@ -228,15 +232,8 @@ impl CopyStore for SqlStore<D> {
     }
 
     async fn lock_stored_copy(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn MissingCopyGuard>>> {
-        const CONTEXT: &str = "locking a suspect copy";
-        let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
-        let stored =
-            lock_blob(&mut tx, &copy.blob).await?.is_some() && copy_has_state(&mut tx, copy, &COPY_IS_STORED).await?;
-        if !stored {
-            tx.rollback().await.map_err(sql_error(CONTEXT))?;
-            return Ok(None);
-        }
-        Ok(Some(Box::new(SqlMissingCopyGuard { tx, copy: copy.clone() })))
+        let locked = self.lock_copy_in_state(copy, &COPY_IS_STORED, "locking a suspect copy").await?;
+        Ok(locked.map(|tx| Box::new(SqlMissingCopyGuard { tx, copy: copy.clone() }) as Box<dyn MissingCopyGuard>))
     }
 
     async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool> {
@@ -250,6 +247,17 @@ impl CopyStore for SqlStore<D> {
         record_written_copy(&mut tx, copy, referenced).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
         Ok(referenced)
+    }
+
+    async fn restore_missing_copy(&self, copy: &CopyRef) -> MetaResult<bool> {
+        const CONTEXT: &str = "restoring a copy marked missing";
+        let Some(mut tx) = self.lock_copy_in_state(copy, &COPY_IS_MISSING, CONTEXT).await? else {
+            return Ok(false);
+        };
+        // Missing copies belong to referenced blobs: a deletion marks every copy `deleting`.
+        record_written_copy(&mut tx, copy, true).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(true)
     }
 
     async fn lock_surplus_copy(
@@ -538,6 +546,24 @@ async fn record_copy(conn: &mut Connection, blob: &BlobKey, copy: &Replica) -> M
         .await
         .map_err(sql_error("recording a copy"))?;
     Ok(())
+}
+
+impl SqlStore<D> {
+    /// A write transaction holding the blob's lock, if the copy is recorded in the state
+    /// `statement` asks about; `None` (rolled back) if it is not, or the blob is not recorded.
+    async fn lock_copy_in_state(
+        &self,
+        copy: &CopyRef,
+        statement: &'static Statement,
+        context: &'static str,
+    ) -> MetaResult<Option<Transaction<'static, Db>>> {
+        let mut tx = D::begin_write(&self.pool, context).await?;
+        if lock_blob(&mut tx, &copy.blob).await?.is_some() && copy_has_state(&mut tx, copy, statement).await? {
+            return Ok(Some(tx));
+        }
+        tx.rollback().await.map_err(sql_error(context))?;
+        Ok(None)
+    }
 }
 
 /// Whether the copy is recorded in the state `statement` asks about.
