@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use chitram::blob::BlobKey;
 use chitram::placement::ring::{Ring, key_hash};
-use chitram::replication::backoff::RetryPolicy;
-use chitram::replication::worker::{Replicator, StepOutcome, WorkerSettings};
+use chitram::replication::worker::StepOutcome;
 use common::database::DbKind;
 use common::images::{large_png, png, sha256_hex};
 use common::s3::Faults;
@@ -41,6 +40,7 @@ on_both_databases!(
     a_late_confirmation_is_not_recorded_and_holds_no_lock,
     reads_hedge_around_a_late_holder,
     a_write_quorum_writes_its_copies_at_once,
+    a_client_gone_mid_delete_leaves_the_late_copy_fenced,
 );
 
 fn s3_on(db: DbKind) -> Backends {
@@ -229,13 +229,7 @@ async fn a_stalled_body_fails_the_copy_and_the_task_retries() {
     let holder = stored_on(&image).remove(0);
     app.shard_s3(&holder).misbehave(Faults { stall_after: Some(32 * 1024), ..Faults::default() }).await;
 
-    let settings = WorkerSettings {
-        lease: Duration::from_secs(30),
-        retry: RetryPolicy { min: Duration::from_millis(50), max: Duration::from_secs(1) },
-        idle_poll: Duration::from_millis(50),
-        spool_dir: app.settings.server.spool_dir.clone(),
-    };
-    let worker = Replicator::new(app.metadata.clone(), app.router.clone(), settings, "stall-test".into());
+    let worker = app.replicator("stall-test");
     let started = Instant::now();
     let step = tokio::time::timeout(Duration::from_secs(15), worker.try_run_next())
         .await
@@ -253,6 +247,58 @@ async fn a_stalled_body_fails_the_copy_and_the_task_retries() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         app.replicate_until_idle().await;
         stored_on(&app.image(&id).await).len() == 2
+    })
+    .await;
+}
+
+/// A client that hangs up during its DELETE does not cut the deletion of the copies short: a
+/// DELETE the shard has not answered is bounded by its deadline and its copy fenced, as if the
+/// client had waited. (Unfenced, the late DELETE could remove the copy of an upload of the same
+/// bytes recorded after it.)
+async fn a_client_gone_mid_delete_leaves_the_late_copy_fenced(db: DbKind) {
+    let app = spawn_app_with(s3_on(db), TestOptions::default()).await;
+    let bytes = images_with_primary(&app, "s0", true, 400_000, 1).remove(0);
+    let image = app.upload_ok("doomed.png", bytes).await;
+    assert!(stored_on(&image).contains(&"s0".to_owned()), "{image}");
+    let id = image["id"].as_str().unwrap();
+    let blob = BlobKey::parse(image["checksum"].as_str().unwrap()).unwrap();
+    let faults = Faults { late: Some(LATE), late_method: Some("DELETE"), ..Faults::default() };
+    app.shard_s3("s0").misbehave(faults).await;
+
+    // The client leaves long before the shard answers, and before the DELETE's deadline (1 s).
+    let request = app.client.delete(app.url(&format!("/api/v1/images/{id}"))).timeout(Duration::from_millis(200));
+    assert!(request.send().await.is_err(), "the client gave up");
+    let copy = chitram::metadata::CopyRef { blob, shard: "s0".to_owned() };
+    eventually(Duration::from_secs(5), "the copy whose DELETE is late is fenced", || async {
+        app.metadata.deletion_in_doubt(&copy).await.unwrap()
+    })
+    .await;
+    assert_eq!(app.get(&format!("/api/v1/images/{id}")).await.status(), StatusCode::NOT_FOUND);
+}
+
+/// The same for a replication worker that stops while its delete task waits on a late DELETE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_delete_leaves_the_late_copy_fenced() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, TestOptions::default()).await;
+    let bytes = images_with_primary(&app, "s0", true, 500_000, 1).remove(0);
+    let image = app.upload_ok("doomed.png", bytes).await;
+    let blob = BlobKey::parse(image["checksum"].as_str().unwrap()).unwrap();
+    app.shard_s3("s0").misbehave(Faults { late: Some(LATE), late_method: Some("DELETE"), ..Faults::default() }).await;
+    // The last reference goes; its copies' deletions are left to the queue.
+    app.metadata.delete_image(image["id"].as_str().unwrap().parse().unwrap()).await.unwrap();
+
+    let worker = app.replicator("stopping");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stopper.cancel();
+    });
+    // Steps until the stop: the delete task of s0 is cut short by it, the DELETE still in flight.
+    while !matches!(worker.run_next_until(&stop).await.unwrap(), StepOutcome::Stopped) {}
+    let copy = chitram::metadata::CopyRef { blob, shard: "s0".to_owned() };
+    eventually(Duration::from_secs(5), "the copy whose DELETE is late is fenced", || async {
+        app.metadata.deletion_in_doubt(&copy).await.unwrap()
     })
     .await;
 }

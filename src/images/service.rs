@@ -344,14 +344,31 @@ impl ImageService {
 
     /// Deletes the image. When it held the blob's last reference every copy is deleted now;
     /// copies on shards that are down stay `Deleting` until the background sweep removes them.
+    ///
+    /// The copies are deleted in a task of their own, which the request awaits: a client that
+    /// hangs up must not cut a DELETE short between sending it and fencing its copy (see
+    /// `maintenance/deletion.rs`), since the shard may still carry it out.
     pub async fn delete(&self, id: &str) -> Result<()> {
         let id = Uuid::try_parse(id).map_err(|_| ImageError::NotFound)?;
         let deleted = self.metadata.delete_image(id).await?.ok_or(ImageError::NotFound)?;
-        if deleted.blob_unreferenced {
-            deletion::delete_copies_of(self.metadata.as_ref(), &self.router, &deleted.blob).await;
+        let unreferenced: Vec<BlobKey> = deleted
+            .blob_unreferenced
+            .then_some(deleted.blob)
+            .into_iter()
+            .chain(deleted.unreferenced_variant_blobs)
+            .collect();
+        if unreferenced.is_empty() {
+            return Ok(());
         }
-        for blob in &deleted.unreferenced_variant_blobs {
-            deletion::delete_copies_of(self.metadata.as_ref(), &self.router, blob).await;
+        let (metadata, router) = (self.metadata.clone(), self.router.clone());
+        let deletion = tokio::spawn(async move {
+            for blob in &unreferenced {
+                deletion::delete_copies_of(metadata.as_ref(), &router, blob).await;
+            }
+        });
+        // A panic in it is the workers' to finish: the copies stay `deleting`, their tasks queued.
+        if let Err(error) = deletion.await {
+            tracing::warn!(%error, "deleting the copies stopped; they are left for the replication workers");
         }
         Ok(())
     }

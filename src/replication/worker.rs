@@ -146,12 +146,20 @@ impl Replicator {
     async fn execute(&self, task: &ReplicationTask) -> Result<Completion, TaskError> {
         match task.kind {
             TaskKind::Copy => self.copy(&task.copy).await,
-            TaskKind::Delete => match deletion::try_delete_copy(self.metadata.as_ref(), &self.router, &task.copy).await
-            {
+            TaskKind::Delete => match self.delete_detached(&task.copy).await {
                 DeletionOutcome::Deleted | DeletionOutcome::NoLongerWanted => Ok(Completion::Finished),
                 DeletionOutcome::Failed(reason) => Err(reason),
             },
         }
+    }
+
+    /// Deletes the copy in a task of its own: a worker that stops, or loses its claim, must not
+    /// cut a DELETE short between sending it and fencing its copy (see `maintenance/deletion.rs`),
+    /// since the shard may still carry it out. The lock and the router's deadline bound it.
+    async fn delete_detached(&self, copy: &CopyRef) -> DeletionOutcome {
+        let (metadata, router, copy) = (self.metadata.clone(), self.router.clone(), copy.clone());
+        let deletion = tokio::spawn(async move { deletion::try_delete_copy(metadata.as_ref(), &router, &copy).await });
+        deletion.await.unwrap_or_else(|error| DeletionOutcome::Failed(format!("the deletion stopped: {error}")))
     }
 
     /// Copies the blob to `target` from a stored holder, checking the bytes on the way.

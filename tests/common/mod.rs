@@ -442,15 +442,20 @@ impl TestApp {
         found
     }
 
-    /// Runs replication steps in the test's own task until no task is due.
-    pub async fn replicate_until_idle(&self) -> Vec<StepOutcome> {
+    /// A replication worker the test drives step by step, paced for tests.
+    pub fn replicator(&self, id: &str) -> Replicator {
         let settings = WorkerSettings {
             lease: Duration::from_secs(30),
             retry: RetryPolicy { min: Duration::from_millis(50), max: Duration::from_secs(1) },
             idle_poll: Duration::from_millis(50),
             spool_dir: self.settings.server.spool_dir.clone(),
         };
-        let replicator = Replicator::new(self.metadata.clone(), self.router.clone(), settings, "test-driver".into());
+        Replicator::new(self.metadata.clone(), self.router.clone(), settings, id.to_owned())
+    }
+
+    /// Runs replication steps in the test's own task until no task is due.
+    pub async fn replicate_until_idle(&self) -> Vec<StepOutcome> {
+        let replicator = self.replicator("test-driver");
         let mut outcomes = Vec::new();
         loop {
             match replicator.try_run_next().await.expect("the database answers") {
