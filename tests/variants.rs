@@ -195,7 +195,8 @@ async fn cover_fills_and_contain_fits_without_upscaling(b: Backends) {
     assert_eq!(wide["variants"]["thumb"]["width"], 256);
     assert_eq!(wide["variants"]["preview"]["width"], 1280);
     assert_eq!(wide["variants"]["preview"]["height"], 640);
-    assert_eq!(wide["variants"]["thumb"]["url"], variant_path(&wide, "thumb").as_str());
+    let url = wide["variants"]["thumb"]["url"].as_str().unwrap();
+    assert!(url.starts_with(&format!("{}?v=", variant_path(&wide, "thumb"))), "{url}");
 
     let (bytes, content_type) = fetch_variant(&app, &wide, "thumb").await;
     assert_eq!(content_type, "image/jpeg", "an opaque source gives a JPEG");
@@ -284,12 +285,22 @@ async fn concurrent_first_requests_generate_once(b: Backends) {
 async fn serving_has_caching_headers_and_clear_errors(b: Backends) {
     let app = spawn_app(b).await;
     let image = app.upload_ok("photo.jpg", halves_jpeg(640, 480)).await;
-    let path = variant_path(&image, "thumb");
+    // The URL the image's JSON gives carries the spec's version: cached for good under it.
+    let path = image["variants"]["thumb"]["url"].as_str().unwrap().to_owned();
+    assert!(path.starts_with(&format!("{}?v=", variant_path(&image, "thumb"))), "{path}");
     let head = app.client.head(app.url(&path)).send().await.unwrap();
     assert_eq!(head.status(), StatusCode::OK);
     let etag = head.headers()[header::ETAG].to_str().unwrap().to_owned();
     let length: usize = head.headers()[header::CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
     assert!(head.headers()[header::CACHE_CONTROL].to_str().unwrap().contains("immutable"));
+    // Without it, or with another spec's version, the same bytes are revalidated each time: a
+    // changed spec (size, quality) is not served stale from a cache.
+    for stale in [variant_path(&image, "thumb"), format!("{}?v=0123456789abcdef", variant_path(&image, "thumb"))] {
+        let response = app.get(&stale).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "public, no-cache", "{stale}");
+        assert_eq!(response.headers()[header::ETAG].to_str().unwrap(), etag);
+    }
 
     let got = app.get(&path).await;
     assert_eq!(got.headers()[header::ETAG].to_str().unwrap(), etag);

@@ -34,7 +34,7 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 pub(super) const CACHE_FOREVER: &str = "public, max-age=31536000, immutable";
 /// A private image is for its reader alone: no shared cache keeps it, and the reader's own
 /// revalidates (a cheap 304) so that losing access takes effect.
-const CACHE_PRIVATE: &str = "private, no-cache";
+pub(super) const CACHE_PRIVATE: &str = "private, no-cache";
 /// Longest value of the `visibility` form field read.
 const VISIBILITY_FIELD_MAX: usize = 16;
 

@@ -40,7 +40,8 @@ pub struct Image {
 /// A variant of an image, as the image's JSON shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct VariantJson {
-    /// Where the variant is served (made on demand if it is still pending).
+    /// Where the variant is served (made on demand if it is still pending), with the version of
+    /// its spec (`?v=`): under it a public variant may be cached for good.
     pub url: String,
     /// Its size once ready; while pending, the size it will have.
     pub width: u32,
@@ -55,7 +56,13 @@ pub struct VariantJson {
 impl From<VariantRecord> for VariantJson {
     fn from(variant: VariantRecord) -> Self {
         VariantJson {
-            url: format!("/api/v1/images/{}/variants/{}", variant.image, variant.name),
+            // The spec's version in the URL: a changed spec is a new URL, never stale in a cache.
+            url: format!(
+                "/api/v1/images/{}/variants/{}?v={}",
+                variant.image,
+                variant.name,
+                super::variants::version_tag(&variant.fingerprint)
+            ),
             width: variant.width,
             height: variant.height,
             state: variant.state,

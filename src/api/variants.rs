@@ -10,7 +10,7 @@ use axum::routing::get;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use super::images::{Access, cache_control, if_none_match, readable_by_id};
+use super::images::{Access, CACHE_FOREVER, CACHE_PRIVATE, if_none_match, readable_by_id};
 use super::json::ImageBytes;
 use crate::accounts::Caller;
 use crate::images::error::ImageError;
@@ -31,8 +31,41 @@ struct VariantPath {
     name: String,
 }
 
+/// The query of a variant's URL besides a signed URL's, as the OpenAPI document describes it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct VersionParam {
+    /// The version of the variant's spec, as the image's JSON gives it in the variant's `url`.
+    /// With the current one a public variant may be cached for good; without it, or with an
+    /// older one, it is revalidated (the ETag changes when the spec does).
+    #[param(nullable = false)]
+    v: Option<String>,
+}
+
+/// A public variant without the current version in its URL may be stored, but is checked
+/// again each time: its spec (size, quality) may change under the same path.
+const CACHE_REVALIDATE: &str = "public, no-cache";
+
+/// The version tag of a variant's spec, for its URL: a changed spec gives a new URL, so a
+/// variant can be cached for good under it.
+pub(super) fn version_tag(fingerprint: &str) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(fingerprint.as_bytes()))
+}
+
+/// How long the variant may be kept: for good only when public and asked for by the URL of
+/// the spec it was made with.
+fn cache_control(record: &VariantRecord, access: Access, query: &[(String, String)]) -> HeaderValue {
+    let asked = query.iter().rev().find(|(key, _)| key == "v").map(|(_, value)| value.as_str());
+    HeaderValue::from_static(match access {
+        Access::Private => CACHE_PRIVATE,
+        Access::Public if asked == Some(version_tag(&record.fingerprint).as_str()) => CACHE_FOREVER,
+        Access::Public => CACHE_REVALIDATE,
+    })
+}
+
 #[utoipa::path(
-    get, path = "/api/v1/images/{id}/variants/{name}", tag = "images", params(VariantPath, super::images::SignedParams),
+    get, path = "/api/v1/images/{id}/variants/{name}", tag = "images", params(VariantPath, VersionParam, super::images::SignedParams),
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The variant's bytes: JPEG for opaque images, PNG or WebP with transparency. Made now (once, however many ask) if it was not yet",
@@ -60,17 +93,17 @@ async fn variant(
     let (_, access) = readable_by_id(&state, &caller, &id, &query).await?;
     let record = ready(state.variants.find(&id, &name).await?)?;
     if if_none_match(&headers, &etag(&record)) {
-        return Ok(not_modified(&record, access));
+        return Ok(not_modified(&record, cache_control(&record, access, &query)));
     }
     let file = state.variants.open(record).await?;
     let mut response = Body::from_stream(file.stream).into_response();
-    *response.headers_mut() = variant_headers(&file.record, access);
+    *response.headers_mut() = variant_headers(&file.record, cache_control(&file.record, access, &query));
     Ok(response)
 }
 
 /// HEAD answers from metadata once the variant exists (it is made first if needed).
 #[utoipa::path(
-    head, path = "/api/v1/images/{id}/variants/{name}", tag = "images", params(VariantPath, super::images::SignedParams),
+    head, path = "/api/v1/images/{id}/variants/{name}", tag = "images", params(VariantPath, VersionParam, super::images::SignedParams),
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The headers of the variant: Content-Type, Content-Length, ETag; no body"),
@@ -96,10 +129,10 @@ async fn variant_head(
     let (_, access) = readable_by_id(&state, &caller, &id, &query).await?;
     let record = ready(state.variants.find(&id, &name).await?)?;
     if if_none_match(&headers, &etag(&record)) {
-        return Ok(not_modified(&record, access));
+        return Ok(not_modified(&record, cache_control(&record, access, &query)));
     }
     let mut response = StatusCode::OK.into_response();
-    *response.headers_mut() = variant_headers(&record, access);
+    *response.headers_mut() = variant_headers(&record, cache_control(&record, access, &query));
     Ok(response)
 }
 
@@ -122,19 +155,33 @@ fn etag(record: &VariantRecord) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{blob}\"")).expect("hex is a valid header value")
 }
 
-fn not_modified(record: &VariantRecord, access: Access) -> Response {
-    let headers = [(header::ETAG, etag(record)), (header::CACHE_CONTROL, cache_control(access))];
+fn not_modified(record: &VariantRecord, cache: HeaderValue) -> Response {
+    let headers = [(header::ETAG, etag(record)), (header::CACHE_CONTROL, cache)];
     (StatusCode::NOT_MODIFIED, headers).into_response()
 }
 
-fn variant_headers(record: &VariantRecord, access: Access) -> HeaderMap {
+fn variant_headers(record: &VariantRecord, cache: HeaderValue) -> HeaderMap {
     let mut headers = HeaderMap::new();
     let content_type =
         HeaderValue::from_str(&record.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(record.file_size));
     headers.insert(header::ETAG, etag(record));
-    headers.insert(header::CACHE_CONTROL, cache_control(access));
+    headers.insert(header::CACHE_CONTROL, cache);
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_spec_is_a_new_url() {
+        let (thumb, smaller) = ("v1:256x256:cover:q82:png", "v1:128x128:cover:q82:png");
+        assert_eq!(version_tag(thumb), version_tag(thumb), "stable");
+        assert_ne!(version_tag(thumb), version_tag(smaller));
+        assert_eq!(version_tag(thumb).len(), 16);
+        assert!(version_tag(thumb).bytes().all(|b| b.is_ascii_hexdigit()), "safe in a URL as it is");
+    }
 }
