@@ -748,6 +748,12 @@ async fn bad_account_input_is_refused_and_changes_nothing(b: Backends) {
     }
     let not_json = anonymous.post(app.url("/api/v1/auth/login")).body("username=alice").send().await.unwrap();
     assert_error(not_json, StatusCode::BAD_REQUEST, "INVALID_BODY").await;
+    // A name no account can have (Postgres refuses a NUL in text): refused like any other.
+    for username in ["a\u{0}b", "tab\there", &"x".repeat(10_000)] {
+        let login = json!({"username": username, "password": "a good password"});
+        let response = anonymous.post(app.url("/api/v1/auth/login")).json(&login).send().await.unwrap();
+        assert_error(response, StatusCode::UNAUTHORIZED, "INVALID_CREDENTIALS").await;
+    }
     let keys = app.url("/api/v1/auth/keys");
     for name in ["", "   ", "line\nbreak"] {
         let response = alice.client.post(&keys).json(&json!({"name": name})).send().await.unwrap();

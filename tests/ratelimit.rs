@@ -73,6 +73,52 @@ async fn each_caller_has_its_own_buckets() {
     assert!(retry_after <= 10);
 }
 
+/// Refused credentials are charged to the address, as anonymous requests are: a client
+/// sending bad keys meets the same limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_count_against_the_address() {
+    let app = limited_app(Backends::SQLITE_FS, None).await;
+    let bogus = client_with_key(Some("chm_not_a_key_of_anyone"));
+    for _ in 0..3 {
+        let response = get(&bogus, &app, "/api/v1/images").await;
+        assert_error(response, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+    }
+    assert_limited(get(&bogus, &app, "/api/v1/images").await).await;
+    assert_limited(get(&reqwest::Client::new(), &app, "/api/v1/images").await).await;
+    // Health checks stay unlimited, even with bad credentials.
+    assert_eq!(get(&bogus, &app, "/health/live").await.status(), StatusCode::UNAUTHORIZED);
+    // Another caller's key has its own bucket.
+    assert_eq!(get(&app.client, &app, "/api/v1/images").await.status(), StatusCode::OK);
+}
+
+fn tight_limits_behind_a_proxy(settings: &mut Settings) {
+    tight_limits(settings);
+    settings.rate_limits.trust_forwarded_for = true;
+}
+
+/// Behind a trusted proxy the client is the last `X-Forwarded-For` entry of the last header
+/// line: a proxy that adds a line of its own (HAProxy's `option forwardfor`) leaves the
+/// client's line first, and the client must not choose its bucket with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_forwarded_for_line_names_the_client() {
+    let options =
+        TestOptions { rate_limits: true, adjust: Some(tight_limits_behind_a_proxy), ..TestOptions::default() };
+    let app = spawn_app_with(Backends::SQLITE_FS, options).await;
+    let anonymous = reqwest::Client::new();
+    let from = |claimed: &str, proxy_says: &str| {
+        anonymous
+            .get(app.url("/openapi.json"))
+            .header("x-forwarded-for", claimed)
+            .header("x-forwarded-for", format!("10.9.9.9, {proxy_says}"))
+            .send()
+    };
+    for seed in 0..3 {
+        assert_eq!(from(&format!("10.0.0.{seed}"), "192.0.2.1").await.unwrap().status(), StatusCode::OK);
+    }
+    assert_limited(from("10.0.0.77", "192.0.2.1").await.unwrap()).await;
+    assert_eq!(from("10.0.0.77", "192.0.2.2").await.unwrap().status(), StatusCode::OK, "another client");
+}
+
 fn tight_login_limits(settings: &mut Settings) {
     tight_limits(settings);
     settings.rate_limits.request_burst = 10;

@@ -201,7 +201,9 @@ impl Accounts {
     /// A token for a username and password. An unknown user, a user without a password and a
     /// wrong password get the same answer after the same work (one Argon2 verification).
     pub async fn login(&self, username: &str, password: &str) -> Result<AccessToken, AuthError> {
-        let found = if password.len() <= 1024 { self.metadata.find_user_by_name(username).await? } else { None };
+        // No stored name holds a control character (Postgres refuses a NUL in text outright).
+        let lookup = password.len() <= 1024 && username.len() <= 256 && !username.chars().any(char::is_control);
+        let found = if lookup { self.metadata.find_user_by_name(username).await? } else { None };
         let hash = found.as_ref().and_then(|found| found.password_hash.clone());
         let matches = credentials::verify_password(password.to_owned(), hash).await?;
         match found {

@@ -9,7 +9,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use super::AppState;
 use super::error::ApiError;
@@ -30,7 +30,8 @@ impl std::fmt::Display for ClientAddress {
 
 /// Authenticates the request and records its caller and address for the handlers. Refused
 /// credentials end the request here (401), whatever the route: a client with a bad key learns
-/// it at once rather than being served as anonymous.
+/// it at once rather than being served as anonymous. The refusal is charged to the address's
+/// rate limit, as an anonymous request would be.
 pub async fn identify(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let address = client_address(&request, state.trust_forwarded_for);
     request.extensions_mut().insert(address);
@@ -43,7 +44,7 @@ pub async fn identify(State(state): State<AppState>, mut request: Request, next:
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
-        Err(error) => ApiError::from(error).into_response(),
+        Err(error) => super::ratelimit::refuse(&state, request.uri().path(), address, ApiError::from(error)).await,
     }
 }
 
@@ -63,10 +64,12 @@ fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
 }
 
 /// The peer's address, or behind a trusted proxy the last `X-Forwarded-For` entry (the one
-/// the proxy itself added; earlier entries are whatever the client sent).
+/// the proxy itself added; earlier entries are whatever the client sent). The last entry of the
+/// last header line: a proxy may append to the client's line or add a line of its own.
 fn client_address(request: &Request, trust_forwarded_for: bool) -> ClientAddress {
     if trust_forwarded_for
-        && let Some(forwarded) = request.headers().get("x-forwarded-for").and_then(|value| value.to_str().ok())
+        && let Some(forwarded) = request.headers().get_all("x-forwarded-for").iter().next_back()
+        && let Ok(forwarded) = forwarded.to_str()
         && let Some(last) = forwarded.rsplit(',').next()
         && let Ok(ip) = last.trim().parse::<IpAddr>()
     {

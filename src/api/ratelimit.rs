@@ -42,6 +42,29 @@ fn is_upload(request: &Request) -> bool {
     request.method() == Method::POST && matches!(request.uri().path(), "/api/v1/images/upload" | "/api/v1/images/batch")
 }
 
+/// Answers a request whose credentials were refused, after charging its address's bucket:
+/// otherwise a client sending bad keys (each a database lookup) would never meet a limit.
+pub async fn refuse(state: &AppState, path: &str, address: ClientAddress, refusal: ApiError) -> Response {
+    if UNLIMITED.contains(&path) {
+        return refusal.into_response();
+    }
+    let Some(decision) = state.limiter.check(Class::Request, &address_subject(address)).await else {
+        return refusal.into_response();
+    };
+    let mut response = if decision.allowed {
+        refusal.into_response()
+    } else {
+        metrics::counter!(names::RATE_LIMITED, "class" => Class::Request.as_str()).increment(1);
+        ApiError::RateLimited { retry_after_secs: whole_seconds(decision.retry_after) }.into_response()
+    };
+    add_headers(response.headers_mut(), &decision);
+    response
+}
+
+fn address_subject(address: ClientAddress) -> String {
+    format!("ip:{address}")
+}
+
 /// Whose bucket: the API key's, else the user's, else the client address's.
 fn subject(request: &Request) -> String {
     match request.extensions().get::<Caller>() {
@@ -49,10 +72,7 @@ fn subject(request: &Request) -> String {
             Some(key) => format!("key:{key}"),
             None => format!("user:{}", identity.user),
         },
-        _ => {
-            let address = request.extensions().get::<ClientAddress>().copied().unwrap_or(ClientAddress(None));
-            format!("ip:{address}")
-        }
+        _ => address_subject(request.extensions().get::<ClientAddress>().copied().unwrap_or(ClientAddress(None))),
     }
 }
 
