@@ -13,7 +13,7 @@ use chitram::metadata::{ReplicaState, VariantState};
 use chitram::replication::backoff::RetryPolicy;
 use chitram::variants::worker::{VariantStep, VariantWorker, VariantWorkerSettings};
 use common::database::{TaskQueue, claimed_tasks, slow_down_claim_commits};
-use common::images::png;
+use common::images::{png, png_of_depth};
 use common::{Backends, TestApp, TestOptions, assert_error, eventually, spawn_app, spawn_app_with};
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
@@ -243,6 +243,21 @@ async fn a_decompression_bomb_is_refused_without_a_large_allocation(b: Backends)
         LARGEST.load(Ordering::Relaxed)
     );
     assert_eq!(app.download(image["id"].as_str().unwrap()).await.bytes().await.unwrap().to_vec(), bomb);
+
+    // Within the pixel limit (100 MP), but 16 bits a channel: 800 MB to decode, twice what the
+    // limit allows for. Refused before its buffer is allocated.
+    let deep = png_of_depth(10_000, 10_000, 16, 8);
+    let image = app.upload_ok("deep.png", deep).await;
+    let response = app.get(&variant_path(&image, "thumb")).await;
+    assert_error(response, StatusCode::UNPROCESSABLE_ENTITY, "VARIANT_FAILED").await;
+    let shown = app.image(image["id"].as_str().unwrap()).await;
+    let reason = shown["variants"]["thumb"]["reason"].as_str().unwrap();
+    assert!(reason.to_lowercase().contains("limit"), "{reason}");
+    assert!(
+        LARGEST.load(Ordering::Relaxed) < 256 << 20,
+        "a decode allocated {} bytes",
+        LARGEST.load(Ordering::Relaxed)
+    );
 }
 
 async fn a_corrupt_image_is_marked_failed_and_its_original_still_served(b: Backends) {

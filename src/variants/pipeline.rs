@@ -145,8 +145,13 @@ impl Pipeline {
         }
         let mut limits = Limits::default();
         limits.max_alloc = Some(self.max_alloc());
-        reader.limits(limits);
+        reader.limits(limits.clone());
         let mut decoder = reader.into_decoder().map_err(decode_error)?;
+        // `from_decoder` does not count the image's own buffer against the limits (only
+        // `ImageReader::decode` does, which gives no access to the orientation): count it here,
+        // so that a 16-bit image within the pixel limit cannot allocate 8 bytes a pixel.
+        limits.reserve(decoder.total_bytes()).map_err(decode_error)?;
+        decoder.set_limits(limits).map_err(decode_error)?;
         let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
         let image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
         Ok(Decoded { image, orientation })

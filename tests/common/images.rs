@@ -15,9 +15,14 @@ pub fn png_chunk(bytes: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
 
 /// The signature, the IHDR of a `width × height` image, and a tEXt chunk holding `seed`.
 fn png_head(width: u32, height: u32, seed: u64) -> Vec<u8> {
+    png_head_of_depth(width, height, 8, seed)
+}
+
+/// As [`png_head`], RGBA of `depth` bits a channel.
+fn png_head_of_depth(width: u32, height: u32, depth: u8, seed: u64) -> Vec<u8> {
     let mut header = width.to_be_bytes().to_vec();
     header.extend_from_slice(&height.to_be_bytes());
-    header.extend_from_slice(&[8, 6, 0, 0, 0]);
+    header.extend_from_slice(&[depth, 6, 0, 0, 0]);
     let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
     png_chunk(&mut bytes, b"IHDR", &header);
     let mut text = b"seed\0".to_vec();
@@ -31,7 +36,12 @@ const CHUNK_FRAME: usize = 12;
 
 /// A complete PNG of `width × height` whose bytes depend on `seed`.
 pub fn png(width: u32, height: u32, seed: u64) -> Vec<u8> {
-    let mut bytes = png_head(width, height, seed);
+    png_of_depth(width, height, 8, seed)
+}
+
+/// As [`png`], of `depth` (8 or 16) bits a channel.
+pub fn png_of_depth(width: u32, height: u32, depth: u8, seed: u64) -> Vec<u8> {
+    let mut bytes = png_head_of_depth(width, height, depth, seed);
     png_chunk(&mut bytes, b"IDAT", b"\x78\x9c\x63\x00\x00\x00\x01\x00\x01");
     png_chunk(&mut bytes, b"IEND", b"");
     bytes
