@@ -7,6 +7,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use super::AuthError;
 
@@ -62,17 +63,31 @@ pub fn check_password_rules(password: &str) -> Result<(), AuthError> {
     if (8..=1024).contains(&password.len()) { Ok(()) } else { Err(AuthError::InvalidPassword) }
 }
 
+/// Argon2 runs (hashes and checks) at once in the process; the rest wait their turn. Each
+/// takes 19 MiB: without a bound, a burst of logins under different usernames (each has its
+/// own rate-limit bucket) would take that much memory apiece.
+const ARGON2_AT_ONCE: usize = 4;
+static ARGON2_SLOTS: Semaphore = Semaphore::const_new(ARGON2_AT_ONCE);
+
+/// Runs `work` (an Argon2 run) on the blocking pool once a slot is free.
+async fn run_argon2<T: Send + 'static>(
+    context: &'static str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AuthError> {
+    let _slot = ARGON2_SLOTS.acquire().await.expect("the slots are never closed");
+    tokio::task::spawn_blocking(work).await.map_err(|e| AuthError::Internal { context, source: Box::new(e) })
+}
+
 /// Argon2id (the crate's defaults: 19 MiB, two passes), off the async threads.
 pub async fn hash_password(password: String) -> Result<String, AuthError> {
-    let hashed = tokio::task::spawn_blocking(move || {
+    let hashed = run_argon2("hashing a password", move || {
         let salt = new_salt()?;
         Argon2::default()
             .hash_password(password.as_bytes(), &salt)
             .map(|hash| hash.to_string())
             .map_err(|e| e.to_string())
     })
-    .await
-    .map_err(|e| AuthError::Internal { context: "hashing a password", source: Box::new(e) })?;
+    .await?;
     hashed.map_err(|e| AuthError::Internal { context: "hashing a password", source: e.into() })
 }
 
@@ -89,7 +104,7 @@ static DECOY_HASH: LazyLock<String> = LazyLock::new(|| {
 /// Whether `password` matches `hash`. With no hash, the decoy is checked (and fails) in the
 /// same time.
 pub async fn verify_password(password: String, hash: Option<String>) -> Result<bool, AuthError> {
-    tokio::task::spawn_blocking(move || {
+    run_argon2("checking a password", move || {
         let known = hash.is_some();
         let stored = hash.unwrap_or_else(|| DECOY_HASH.clone());
         let matches = PasswordHash::new(&stored)
@@ -97,7 +112,6 @@ pub async fn verify_password(password: String, hash: Option<String>) -> Result<b
         known && matches
     })
     .await
-    .map_err(|e| AuthError::Internal { context: "checking a password", source: Box::new(e) })
 }
 
 /// Computes the decoy hash ahead of the first login, so that login is not the slow one.
@@ -129,6 +143,34 @@ mod tests {
         assert!(verify_password("correct horse".into(), Some(hash.clone())).await.unwrap());
         assert!(!verify_password("wrong horse".into(), Some(hash)).await.unwrap());
         assert!(!verify_password("decoy: this password is never anyone's".into(), None).await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_checks_runs_a_few_at_a_time_and_each_gets_its_answer() {
+        let hash = hash_password("correct horse".into()).await.unwrap();
+        let checks: Vec<_> = (0..12)
+            .map(|i| {
+                let (guess, hash) = (if i % 2 == 0 { "correct horse" } else { "wrong horse" }, hash.clone());
+                tokio::spawn(verify_password(guess.into(), Some(hash)))
+            })
+            .collect();
+        // While twelve wait on four slots, every slot is taken.
+        let taken = async {
+            while ARGON2_SLOTS.available_permits() != 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), taken).await.expect("the slots are taken");
+        for (i, check) in checks.into_iter().enumerate() {
+            assert_eq!(check.await.unwrap().unwrap(), i % 2 == 0);
+        }
+        // (Other tests of this process hash too: wait for theirs.)
+        let back = async {
+            while ARGON2_SLOTS.available_permits() != ARGON2_AT_ONCE {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), back).await.expect("all come back");
     }
 
     #[test]
