@@ -63,6 +63,13 @@ impl GenerateError {
 }
 
 /// What a request gets when generation fails: the image's absence is a 404, an outage a 503.
+/// Runs a render, a panic in it (a codec bug on this input) becoming a decode error: final,
+/// like any other, since a retry would panic again (and each request meanwhile would get 500).
+fn failing_on_panic<T>(render: impl FnOnce() -> Result<T, RenderError>) -> Result<T, RenderError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(render))
+        .unwrap_or_else(|_| Err(RenderError::Decode("the decoder failed on this image".to_owned())))
+}
+
 fn to_image_error(error: Arc<GenerateError>) -> ImageError {
     if matches!(*error, GenerateError::ImageGone) {
         return ImageError::NotFound;
@@ -216,8 +223,11 @@ impl VariantService {
         let source = self.read_original(image).await?;
         let (pipeline, job_spec) = (self.pipeline, spec.clone());
         self.renders.fetch_add(1, Ordering::Relaxed);
-        let rendered =
-            self.pool.run(move || pipeline.render(&source, &job_spec)).await.map_err(|_| GenerateError::PoolClosed)?;
+        let rendered = self
+            .pool
+            .run(move || failing_on_panic(|| pipeline.render(&source, &job_spec)))
+            .await
+            .map_err(|_| GenerateError::PoolClosed)?;
         let recorded = match rendered {
             Ok(rendered) => self.store(id, spec, fingerprint, rendered).await?,
             Err(error) => self.record_failure(id, spec, &fingerprint, &error).await?,
@@ -287,5 +297,20 @@ impl VariantService {
         tracing::warn!(%image, variant = %spec.name, %error, "the image cannot give this variant");
         let reason = error.to_string();
         Ok(self.metadata.record_variant_failure(image, spec.name.as_ref(), fingerprint, &reason).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_render_that_panics_is_a_final_decode_failure() {
+        let failed = failing_on_panic::<()>(|| panic!("a codec bug"));
+        assert!(
+            matches!(failed, Err(RenderError::Decode(ref reason)) if reason.contains("decoder failed")),
+            "{failed:?}"
+        );
+        assert!(matches!(failing_on_panic(|| Ok(7)), Ok(7)));
     }
 }
