@@ -211,11 +211,8 @@ impl EagerCopies {
     /// As a worker's copy does (`replication/copy.rs`). The bytes need no check: their
     /// SHA-256 is the blob's key.
     async fn write_unbounded(&self, copy: &CopyRef) -> Result<(), String> {
-        // A deletion of these bytes on that shard whose outcome is unknown could still remove
-        // the new copy: the worker retries once it has settled.
-        if self.metadata.deletion_in_doubt(copy).await.map_err(|e| error_chain(&e))? {
-            return Err("an earlier DELETE of this copy may still land".to_owned());
-        }
+        // The worker retries once a deletion in doubt has settled.
+        deletion::refuse_while_deletion_in_doubt(self.metadata.as_ref(), copy).await?;
         self.router.write_on(&copy.shard, &copy.blob, &self.body.body).await.map_err(|e| error_chain(&e))?;
         let written = self.router.fetch_len_on(&copy.shard, &copy.blob).await.map_err(|e| error_chain(&e))?;
         if written != self.body.len {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::blob::BlobKey;
 use crate::observability::names;
 use crate::storage::BlobBody;
+use crate::storage::fs::remove_files_older_than;
 
 /// Bodies up to this size always stay in memory; larger ones spool to a temporary file unless
 /// the [`MemoryBudget`] holds them.
@@ -202,20 +203,10 @@ where
 /// Removes the spool files older than `older_than` from `dir` (the system's temporary directory
 /// when `None`): the leftovers of a process killed mid-request, which would otherwise stay until
 /// someone cleans the directory (a spool file is removed when its request ends, and a killed
-/// process ends none). Returns how many were removed; a file that cannot be is left.
+/// process ends none). Returns how many were removed.
 pub fn remove_leftovers(dir: Option<&Path>, older_than: Duration) -> std::io::Result<u64> {
     let dir = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
-    let mut removed = 0;
-    for entry in std::fs::read_dir(&dir)?.flatten() {
-        let is_spool_file = entry.file_name().to_string_lossy().starts_with(SPOOL_PREFIX)
-            && entry.file_type().is_ok_and(|kind| kind.is_file());
-        let modified = entry.metadata().and_then(|meta| meta.modified());
-        let old = modified.is_ok_and(|at| SystemTime::now().duration_since(at).unwrap_or_default() >= older_than);
-        if is_spool_file && old && std::fs::remove_file(entry.path()).is_ok() {
-            removed += 1;
-        }
-    }
-    Ok(removed)
+    remove_files_older_than(&dir, older_than, |name| name.starts_with(SPOOL_PREFIX))
 }
 
 async fn create_spool_file(limits: &SpoolLimits) -> std::io::Result<(tokio::io::BufWriter<tokio::fs::File>, TempPath)> {
@@ -260,7 +251,7 @@ mod tests {
             let path = dir.path().join(name);
             std::fs::write(&path, b"x").unwrap();
             let file = std::fs::File::options().write(true).open(&path).unwrap();
-            file.set_modified(SystemTime::now() - age).unwrap();
+            file.set_modified(std::time::SystemTime::now() - age).unwrap();
             path
         };
         let day = Duration::from_secs(24 * 3600);

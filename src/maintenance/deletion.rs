@@ -37,6 +37,21 @@ pub enum DeletionOutcome {
     Failed(String),
 }
 
+/// Refuses a copy onto `copy.shard` while a deletion of the same bytes whose DELETE did not
+/// answer in time may still land there (see the module documentation): a copy written and
+/// recorded now could vanish when it does. Every writer of a copy other than an upload (which
+/// writes elsewhere instead) asks this first: replication, eager copies, rebalance and scrub's
+/// restores.
+pub async fn refuse_while_deletion_in_doubt(metadata: &dyn MetadataStore, copy: &CopyRef) -> Result<(), String> {
+    if metadata.deletion_in_doubt(copy).await.map_err(|e| error_chain(&e))? {
+        return Err(format!(
+            "an earlier DELETE of this copy on {} may still land; copying once it has settled",
+            copy.shard
+        ));
+    }
+    Ok(())
+}
+
 /// Deletes one copy: lock, delete the object, forget the copy, commit.
 pub async fn try_delete_copy(metadata: &dyn MetadataStore, router: &StorageRouter, copy: &CopyRef) -> DeletionOutcome {
     match metadata.deletion_in_doubt(copy).await {

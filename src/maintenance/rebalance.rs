@@ -18,13 +18,14 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::deletion::delete_locked_copy;
+use super::deletion::refuse_while_deletion_in_doubt;
 use super::progress::Progress;
 use super::suspicion::{Finding, report_bad_copy};
 use crate::blob::BlobKey;
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, ReplicaState};
 use crate::placement::plan::{Move, moves_for, write_set_names};
 use crate::placement::ring::{Ring, key_hash};
-use crate::replication::copy::{copy_blob, refuse_while_deletion_in_doubt};
+use crate::replication::copy::copy_blob;
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 

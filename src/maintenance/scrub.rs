@@ -26,11 +26,12 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::deletion::delete_unrecorded_object;
+use super::deletion::refuse_while_deletion_in_doubt;
 use super::progress::Progress;
 use super::suspicion::{Verdict, recheck_copy};
 use crate::blob::BlobKey;
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, Replica, ReplicaState};
-use crate::replication::copy::{CopyCheck, check_copy, copy_blob, refuse_while_deletion_in_doubt};
+use crate::replication::copy::{CopyCheck, check_copy, copy_blob};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 

@@ -51,20 +51,6 @@ pub async fn check_copy(
     }
 }
 
-/// Refuses a copy onto `copy.shard` while a deletion of the same bytes whose DELETE did not
-/// answer in time may still land there (see `maintenance/deletion.rs`): a copy written and
-/// recorded now could vanish when it does. Every writer of a copy other than an upload (which
-/// writes elsewhere instead) asks this first: replication, rebalance and scrub's restores.
-pub async fn refuse_while_deletion_in_doubt(metadata: &dyn MetadataStore, copy: &CopyRef) -> Result<(), String> {
-    if metadata.deletion_in_doubt(copy).await.map_err(|e| error_chain(&e))? {
-        return Err(format!(
-            "an earlier DELETE of this copy on {} may still land; copying once it has settled",
-            copy.shard
-        ));
-    }
-    Ok(())
-}
-
 /// Copies `blob` onto `target` from the first holder (other than `target`) whose bytes match
 /// the blob's SHA-256 and size, spooling through `spool_dir` so memory stays bounded. `stored`
 /// holders are tried first; when none serves, `missing` ones are, since a mark is a suspicion

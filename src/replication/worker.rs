@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::backoff::RetryPolicy;
-use super::copy::{CopyCheck, check_copy, copy_blob, refuse_while_deletion_in_doubt};
+use super::copy::{CopyCheck, check_copy, copy_blob};
 use crate::maintenance::deletion::{self, DeletionOutcome};
 use crate::metadata::{CopyRef, MetadataError, MetadataStore, ReplicaState, ReplicationTask, TaskKind};
 use crate::observability::names;
@@ -173,7 +173,7 @@ impl Replicator {
         if blob.ref_count == 0 {
             return Ok(Completion::Finished); // Being deleted: its delete tasks handle it.
         }
-        refuse_while_deletion_in_doubt(self.metadata.as_ref(), target).await?;
+        deletion::refuse_while_deletion_in_doubt(self.metadata.as_ref(), target).await?;
         let spool_dir = self.settings.spool_dir.clone();
         // A copy marked missing may have been right all along (a disk that came back): bytes
         // that verify need no copying.

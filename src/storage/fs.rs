@@ -311,7 +311,7 @@ impl BlobStore for FsStore {
         let store = self.clone();
         run_blocking(move || {
             store.check_root()?;
-            remove_files_older_than(&store.root.join(TEMP_DIR), grace).map_err(|err| {
+            remove_files_older_than(&store.root.join(TEMP_DIR), grace, |_| true).map_err(|err| {
                 StorageError::other(format!("removing stale temporary files under {}", store.root.display()), err)
             })
         })
@@ -347,11 +347,15 @@ fn sync_directory(directory: &Path) -> io::Result<()> {
     File::open(directory)?.sync_all()
 }
 
-/// Removes the files in `temp_dir` last modified more than `grace` ago: writes a crash cut short.
-fn remove_files_older_than(temp_dir: &Path, grace: Duration) -> io::Result<u64> {
+/// Removes the files in `dir` whose name is `ours` and that were last modified more than
+/// `grace` ago: writes a crash cut short (a shard's temporary files, the upload spool's).
+pub(crate) fn remove_files_older_than(dir: &Path, grace: Duration, ours: impl Fn(&str) -> bool) -> io::Result<u64> {
     let mut removed = 0;
-    for entry in fs::read_dir(temp_dir)? {
+    for entry in fs::read_dir(dir)? {
         let entry = entry?;
+        if !ours(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
         let modified = entry.metadata()?.modified()?;
         let age = SystemTime::now().duration_since(modified).unwrap_or_default();
         if age > grace && entry.file_type()?.is_file() {
