@@ -160,10 +160,12 @@ impl Application {
             limits,
             replication_workers: workers.scaling.always,
             replica_counts: Arc::default(),
+            component_checks: Arc::default(),
             pending_overdue: Duration::from_secs(settings.replication.pending_overdue_secs),
             accounts,
             limiter,
             trust_forwarded_for: settings.rate_limits.trust_forwarded_for,
+            local_only: !settings.auth.enabled && !settings.auth.allow_anonymous_network,
             readiness: Arc::new(api::health::Readiness::new(settings.placement.write_quorum)),
             metrics,
         };
@@ -241,6 +243,7 @@ impl Application {
             }
         });
         let eager = self.state.images.eager_replication().cloned();
+        let (router, metadata) = (self.state.router.clone(), self.state.metadata.clone());
         // The peer's address keys anonymous rate limits.
         let service = api::app(self.state).into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(listener, service).with_graceful_shutdown(shutdown);
@@ -261,6 +264,10 @@ impl Application {
         for task in [scrubber, refresher, internal].into_iter().flatten() {
             let _ = task.await;
         }
+        // A deletion whose caller stopped (a worker, a request) ends answered or fenced within
+        // the control deadline: the process stays for it.
+        router.wait_for_detached(router.deadlines().control + Duration::from_secs(1)).await;
+        metadata.before_exit().await;
         served
     }
 
@@ -357,8 +364,7 @@ pub fn image_services(
     }
     let images = Arc::new(images);
     let pool = DecodePool::start(settings.variants.decode_threads);
-    let variants =
-        Arc::new(VariantService::new(metadata.clone(), images.clone(), catalog, settings.variants.max_pixels, pool));
+    let variants = Arc::new(VariantService::new(metadata.clone(), images.clone(), catalog, pool));
     Ok((images, variants))
 }
 

@@ -174,8 +174,8 @@ fn stop_on_ctrl_c() -> CancellationToken {
     stop
 }
 
-/// `chitram rebalance [--dry-run]`.
-pub async fn rebalance(settings: &Settings, dry_run: bool) -> Result<Outcome, CommandError> {
+/// `chitram rebalance [--dry-run] [--verify]`.
+pub async fn rebalance(settings: &Settings, dry_run: bool, verify: bool) -> Result<Outcome, CommandError> {
     let mut out = String::new();
     let (metadata, router) = open_for_job(settings, &mut out).await?;
     let plan = rebalance::plan(metadata.as_ref(), router.ring(), settings.placement.replication_factor).await?;
@@ -191,9 +191,11 @@ pub async fn rebalance(settings: &Settings, dry_run: bool) -> Result<Outcome, Co
         bytes_per_sec: (maintenance.rebalance_mib_per_sec > 0)
             .then_some(maintenance.rebalance_mib_per_sec * 1024 * 1024),
         spool_dir: settings.server.spool_dir.clone(),
+        verify_kept: verify,
         stop: stop_on_ctrl_c(),
     };
-    let summary = rebalance::execute(metadata, router, plan, &options, &TerminalProgress::new()).await;
+    let summary = rebalance::execute(metadata.clone(), router, plan, &options, &TerminalProgress::new()).await;
+    metadata.before_exit().await;
     write_summary(&mut out, &summary);
     Ok(Outcome { report: out, ok: summary.failures.is_empty() && !summary.interrupted })
 }
@@ -225,7 +227,9 @@ pub async fn variants_backfill(settings: &Settings) -> Result<Outcome, CommandEr
     eprint!("{out}");
     out.clear();
     let (_, variants) = app::image_services(settings, &metadata, &router)?;
-    let summary = crate::variants::backfill::backfill(&variants, &TerminalProgress::new(), &stop_on_ctrl_c()).await?;
+    let summary = crate::variants::backfill::backfill(&variants, &TerminalProgress::new(), &stop_on_ctrl_c()).await;
+    metadata.before_exit().await;
+    let summary = summary?;
     let _ = writeln!(
         out,
         "variants backfill {}: {} images, {} variants made, {} already current, {} failed (cannot be decoded), {} not made (an outage: run again)",
@@ -252,8 +256,9 @@ pub async fn scrub(settings: &Settings, repair: bool, verify_checksums: bool) ->
         resume: false,
         stop: stop_on_ctrl_c(),
     };
-    let report = scrub::scrub(metadata.as_ref(), &router, &options, &TerminalProgress::new()).await?;
-    let ok = write_scrub_report(&mut out, &report, repair);
+    let report = scrub::scrub(metadata.as_ref(), &router, &options, &TerminalProgress::new()).await;
+    metadata.before_exit().await;
+    let ok = write_scrub_report(&mut out, &report?, repair);
     Ok(Outcome { report: out, ok })
 }
 

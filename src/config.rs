@@ -571,7 +571,8 @@ impl ShardSettings {
         if let Some(endpoint) = &self.endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
-            return Err(invalid(key("endpoint"), format!("{endpoint:?} must start with http:// or https://")));
+            let shown = redact_url(endpoint);
+            return Err(invalid(key("endpoint"), format!("{shown:?} must start with http:// or https://")));
         }
         let credentials = match (&self.access_key_id, &self.secret_access_key) {
             (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
@@ -695,7 +696,7 @@ impl VariantsSettings {
 
     /// The catalog the service runs with.
     pub fn catalog(&self) -> Result<crate::variants::Catalog, ConfigError> {
-        Ok(crate::variants::Catalog::new(self.specs()?, self.encoding()))
+        Ok(crate::variants::Catalog::new(self.specs()?, self.encoding(), self.max_pixels))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -736,6 +737,11 @@ const ENV_SEPARATOR: &str = "__";
 fn from_figment(error: figment::Error) -> ConfigError {
     use figment::error::{Kind, OneOf};
     let mut path = error.path.clone();
+    // A value given to a secret key is not repeated, even to say its type was wrong.
+    let secret = path.last().is_some_and(|key| is_secret_key(key));
+    let found = |found: &dyn std::fmt::Display| {
+        if secret { "a value not shown (the key holds a secret)".to_owned() } else { redact_url(&found.to_string()) }
+    };
     // Unknown keys come with their own name at the end of the path; missing ones without it.
     let mut name_key = |field: &str| {
         if path.last().is_none_or(|last| last != field) {
@@ -743,8 +749,8 @@ fn from_figment(error: figment::Error) -> ConfigError {
         }
     };
     let problem = match &error.kind {
-        Kind::InvalidType(found, expected) => format!("expected {expected}, found {found}"),
-        Kind::InvalidValue(found, expected) => format!("expected {expected}, found {found}"),
+        Kind::InvalidType(actual, expected) => format!("expected {expected}, found {}", found(actual)),
+        Kind::InvalidValue(actual, expected) => format!("expected {expected}, found {}", found(actual)),
         Kind::UnknownField(field, expected) => {
             name_key(field);
             format!("unknown key (expected {})", OneOf(expected))
@@ -754,7 +760,7 @@ fn from_figment(error: figment::Error) -> ConfigError {
             name_key(field);
             "is required".to_owned()
         }
-        other => other.to_string(),
+        other => hide_quoted_values(&other.to_string()),
     };
     let source = error.metadata.as_ref().and_then(|metadata| metadata.source.as_ref());
     let from_env = error.metadata.as_ref().is_some_and(|metadata| metadata.name.contains(ENV_PREFIX));
@@ -769,6 +775,23 @@ fn from_figment(error: figment::Error) -> ConfigError {
         _ => (dotted_key(&path), String::new()),
     };
     invalid(key, format!("{problem}{place}"))
+}
+
+/// A TOML syntax error quotes the line it failed on (`3 | url = postgres://u:hunter2@db/x`), and
+/// the commonest syntax error is a value left unquoted, which may be a password or a URL that
+/// holds one: the quoted line keeps its key and loses its value.
+fn hide_quoted_values(message: &str) -> String {
+    let hide = |line: &str| {
+        let Some((number, quoted)) = line.split_once(" | ") else { return line.to_owned() };
+        if number.trim().is_empty() || !number.trim().bytes().all(|b| b.is_ascii_digit()) {
+            return line.to_owned(); // The caret line under the quote, or not a quote at all.
+        }
+        match quoted.split_once('=') {
+            Some((key, _)) => format!("{number} | {key}= {MASK}"),
+            None => format!("{number} | {MASK}"),
+        }
+    };
+    message.lines().map(hide).collect::<Vec<_>>().join("\n")
 }
 
 /// `shards[1].name` from `["shards", "1", "name"]`.
@@ -1180,6 +1203,25 @@ mod tests {
         );
         let in_a_shard = error_of("[[shards]]\nname = \"a\"\nkind = \"fs\"\npath = \"a\"\nweight = \"x\"\n");
         assert_eq!(in_a_shard, "invalid configuration: shards[0].weight: expected u32, found string \"x\"");
+    }
+
+    #[test]
+    fn a_mistyped_secret_is_not_repeated_in_the_error() {
+        let unquoted_url = "[database]\nurl = postgres://chitram:hunter2@db/chitram\n";
+        let message = error_of(unquoted_url);
+        assert!(message.contains("url = ***") && !message.contains("hunter2"), "{message}");
+        let unquoted_secret = "[[shards]]\nname = \"a\"\nkind = \"s3\"\nsecret_access_key = minio-secret\n";
+        let message = error_of(unquoted_secret);
+        assert!(message.contains("secret_access_key = ***") && !message.contains("minio-secret"), "{message}");
+        let number = "[[shards]]\nname = \"a\"\nkind = \"s3\"\nbucket = \"b\"\nsecret_access_key = 12345678\n";
+        let message = error_of(number);
+        assert!(
+            message.contains("shards[0].secret_access_key: expected") && !message.contains("12345678"),
+            "{message}"
+        );
+        let url_in_the_wrong_key = "[server]\nmax_upload_bytes = \"postgres://chitram:hunter2@db/chitram\"\n";
+        let message = error_of(url_in_the_wrong_key);
+        assert!(message.contains("postgres://chitram:***@db") && !message.contains("hunter2"), "{message}");
     }
 
     #[test]

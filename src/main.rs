@@ -45,6 +45,10 @@ enum Command {
         /// Print the plan only.
         #[arg(long)]
         dry_run: bool,
+        /// Before removing a surplus copy, read the copies that stay and check their SHA-256
+        /// (slower: reads what it keeps), not just their size.
+        #[arg(long)]
+        verify: bool,
     },
     /// Check every recorded copy, restore blobs below the replication factor, and find orphans.
     Scrub {
@@ -87,7 +91,8 @@ enum UsersCommand {
     /// List users with their usage and quota.
     List,
     /// Set a user's own quota: a number of bytes (KiB, MiB, GiB, TiB allowed) or images,
-    /// `unlimited`, or `default` to follow auth.default_quota_*.
+    /// `unlimited`, or `default` to follow auth.default_quota_*. At least one of the two.
+    #[command(group(clap::ArgGroup::new("limit").required(true).multiple(true).args(["bytes", "images"])))]
     SetQuota {
         name: String,
         #[arg(long)]
@@ -172,7 +177,9 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
             let new = compare.map(|path| Settings::load(Some(&path))).transpose()?;
             return finish(commands::ring(&settings, new.as_ref()).await?);
         }
-        Command::Rebalance { dry_run } => return finish(commands::rebalance(&settings, dry_run).await?),
+        Command::Rebalance { dry_run, verify } => {
+            return finish(commands::rebalance(&settings, dry_run, verify).await?);
+        }
         Command::Scrub { repair, checksums } => return finish(commands::scrub(&settings, repair, checksums).await?),
         Command::Users { command } => return finish(users(command, &settings).await?),
         Command::Keys { command } => return finish(keys(command, &settings).await?),

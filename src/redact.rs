@@ -10,6 +10,9 @@ const SECRET_PARAMETERS: &[&str] = &["pass", "secret", "key", "token"];
 /// parameters replaced by `***`. Works on mistyped URLs too (`postgress://…`, `postgres//…`,
 /// no scheme at all): whatever could be a password before the last `@` is masked.
 pub fn redact_url(url: &str) -> String {
+    if is_keyword_connection_string(url) {
+        return redact_keywords(url);
+    }
     // The last `@` ends the user-info even when the password holds `@`, `/` or `?`.
     let shown = match url.rfind('@') {
         Some(at) => format!("{}{}", redact_user_info(&url[..at]), &url[at..]),
@@ -36,6 +39,49 @@ fn redact_user_info(before_at: &str) -> String {
     // Mistyped: keep what looks like a scheme, so the typo stays visible, and mask the rest.
     let scheme = before_at.find(|c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '.' && c != '-');
     format!("{}{MASK}", &before_at[..scheme.unwrap_or(0)])
+}
+
+/// libpq's other form, `host=db user=u password=s3cret dbname=x`: keyword/value pairs, no
+/// scheme.
+fn is_keyword_connection_string(text: &str) -> bool {
+    !text.contains("://") && text.split_whitespace().next().is_some_and(|first| first.contains('='))
+}
+
+/// Masks the values of secret keywords; a value may be quoted (`password='a b'`, with `\'`
+/// for a quote inside).
+fn redact_keywords(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(equals) = rest.find('=') {
+        let keyword = rest[..equals].rsplit(char::is_whitespace).next().unwrap_or("");
+        shown.push_str(&rest[..=equals]);
+        rest = &rest[equals + 1..];
+        let value_end = value_length(rest);
+        if is_secret_parameter(keyword.trim()) {
+            shown.push_str(MASK);
+        } else {
+            shown.push_str(&rest[..value_end]);
+        }
+        rest = &rest[value_end..];
+    }
+    shown.push_str(rest);
+    shown
+}
+
+/// The length of the value at the start of `text`: to the closing quote, or the next space.
+fn value_length(text: &str) -> usize {
+    let Some(quoted) = text.strip_prefix('\'') else {
+        return text.find(char::is_whitespace).unwrap_or(text.len());
+    };
+    let mut escaped = false;
+    for (at, c) in quoted.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            '\'' if !escaped => return at + 2,
+            _ => escaped = false,
+        }
+    }
+    text.len()
 }
 
 fn redact_query(query: &str) -> String {
@@ -84,5 +130,13 @@ mod tests {
         assert_eq!(redact_url("postgres://h/db?sslmode=require"), "postgres://h/db?sslmode=require");
         assert_eq!(redact_url("postgress://u:s3cret@h/db"), "postgress://u:***@h/db");
         assert_eq!(redact_url("postgres//u:s3cret@h/db"), "postgres***@h/db");
+    }
+
+    #[test]
+    fn masks_passwords_in_keyword_connection_strings() {
+        assert_eq!(redact_url("host=db user=u password=s3cret dbname=x"), "host=db user=u password=*** dbname=x");
+        assert_eq!(redact_url("password='s3 cr\\'et' host=db"), "password=*** host=db");
+        assert_eq!(redact_url("host=db sslpassword=s3cret"), "host=db sslpassword=***");
+        assert_eq!(redact_url("host=db dbname=x"), "host=db dbname=x");
     }
 }

@@ -65,6 +65,17 @@ impl RedisLink {
         }
     }
 
+    /// The open connection, or a new one even while Redis is being left alone after a
+    /// failure: for a last attempt before the process exits.
+    pub async fn connection_now(&self) -> Option<ConnectionManager> {
+        if let Connection::Open(connection) = &*self.state.lock().expect("never poisoned") {
+            return Some(connection.clone());
+        }
+        let connection = self.call(ConnectionManager::new(self.client.clone())).await.ok()?;
+        *self.state.lock().expect("never poisoned") = Connection::Open(connection.clone());
+        Some(connection)
+    }
+
     /// Runs one call to Redis within [`CALL_TIMEOUT`]; a failure marks Redis down.
     pub async fn call<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, RedisCallError> {
         match tokio::time::timeout(CALL_TIMEOUT, call).await {

@@ -873,6 +873,41 @@ async fn accounts_off_keeps_every_route_open() {
     assert_error(register.send().await.unwrap(), StatusCode::FORBIDDEN, "REGISTRATION_CLOSED").await;
 }
 
+/// With accounts off, the open routes are open to this machine only: a request for another
+/// host name (DNS rebinding) and a write from another site's page (a forged form) are refused
+/// with nothing changed; its own pages and clients that are not browsers pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_off_serves_this_machine_and_its_own_pages_only() {
+    let app = spawn_app_with(Backends::SQLITE_FS, TestOptions { auth: false, ..TestOptions::default() }).await;
+    let image = app.upload_ok("local.png", png(8, 8, 2)).await;
+    let id = image["id"].as_str().unwrap();
+    let anonymous = reqwest::Client::new();
+    let rebound = anonymous.get(app.url("/api/v1/images")).header(reqwest::header::HOST, "attacker.example:8000");
+    assert_error(rebound.send().await.unwrap(), StatusCode::FORBIDDEN, "LOCAL_ONLY").await;
+    let rebound_delete =
+        anonymous.delete(app.url(&format!("/api/v1/images/{id}"))).header(reqwest::header::HOST, "attacker.example");
+    assert_error(rebound_delete.send().await.unwrap(), StatusCode::FORBIDDEN, "LOCAL_ONLY").await;
+    let forged = anonymous
+        .delete(app.url(&format!("/api/v1/images/{id}")))
+        .header(reqwest::header::ORIGIN, "https://attacker.example");
+    assert_error(forged.send().await.unwrap(), StatusCode::FORBIDDEN, "LOCAL_ONLY").await;
+    let part = reqwest::multipart::Part::bytes(png(8, 8, 3)).file_name("forged.png");
+    let forged_upload = anonymous
+        .post(app.url("/api/v1/images/upload"))
+        .header(reqwest::header::ORIGIN, "https://attacker.example")
+        .multipart(reqwest::multipart::Form::new().part("file", part));
+    assert_error(forged_upload.send().await.unwrap(), StatusCode::FORBIDDEN, "LOCAL_ONLY").await;
+    assert_eq!(app.image_count().await, 1, "nothing changed");
+
+    let own_origin = app.url("").trim_end_matches('/').to_owned();
+    let from_own_page =
+        anonymous.get(app.url(&format!("/api/v1/images/{id}"))).header(reqwest::header::ORIGIN, own_origin);
+    assert_eq!(status(from_own_page).await, StatusCode::OK);
+    let by_name = anonymous.get(app.url("/api/v1/images")).header(reqwest::header::HOST, "localhost");
+    assert_eq!(status(by_name).await, StatusCode::OK);
+    assert_eq!(status(anonymous.delete(app.url(&format!("/api/v1/images/{id}")))).await, StatusCode::NO_CONTENT);
+}
+
 mod cli {
     use std::io::Write;
     use std::process::{Command, Stdio};
@@ -934,6 +969,8 @@ mod cli {
         assert!(ok && output.contains("1048576 bytes and 5 images"), "{output}");
         let (ok, output) = chitram(&config, &["users", "set-quota", "nobody", "--bytes", "1"], None);
         assert!(!ok && output.contains("no user"), "{output}");
+        let (ok, output) = chitram(&config, &["users", "set-quota", "alice"], None);
+        assert!(!ok && output.contains("--bytes") && output.contains("--images"), "a change is required: {output}");
         let (ok, output) = chitram(&config, &["users", "set-quota", "alice", "--bytes", "lots"], None);
         assert!(!ok && output.contains("lots"), "{output}");
 

@@ -372,3 +372,28 @@ async fn the_openapi_document_names_file_types_and_error_codes() {
         assert!(upload[status]["description"].as_str().unwrap().contains(code), "{status}: {}", upload[status]);
     }
 }
+
+/// Anonymous probes share one check of the components a second (they are unlimited, and each
+/// check is a request to every shard); an admin's is fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_probes_share_one_check_a_second() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, TestOptions::default()).await;
+    let anonymous = reqwest::Client::new();
+    let ready = |client: reqwest::Client| {
+        let url = app.url("/health/ready");
+        async move { client.get(url).send().await.unwrap().status() }
+    };
+    let checked_at = std::time::Instant::now();
+    assert_eq!(ready(anonymous.clone()).await, StatusCode::OK);
+    for shard in ["s0", "s1", "s2"] {
+        app.take_shard_offline(shard).await;
+    }
+    let answers = futures::future::join_all((0..20).map(|_| ready(anonymous.clone()))).await;
+    // (Only if the machine was not so slow that the shared check aged out meanwhile.)
+    if checked_at.elapsed() < Duration::from_millis(900) {
+        assert!(answers.iter().all(|status| *status == StatusCode::OK), "the shared check: {answers:?}");
+    }
+    assert_eq!(ready(app.client.clone()).await, StatusCode::SERVICE_UNAVAILABLE, "an admin's check is fresh");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(ready(anonymous).await, StatusCode::SERVICE_UNAVAILABLE, "and the shared one a second old at most");
+}

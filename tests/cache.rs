@@ -268,3 +268,26 @@ async fn an_undelivered_invalidation_is_delivered_when_redis_answers_again() {
     assert!(!cache.has_pending_invalidations());
     assert!(matches!(reader.lookup_image(image.id).await, Lookup::Miss));
 }
+
+/// A process that exits holding undelivered invalidations (an operator command that moved
+/// copies, a `serve` stopping) delivers them first, even within the 5 s Redis is otherwise
+/// left alone after a failure: nothing else would, and other instances would serve the old
+/// entries until their TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exiting_process_delivers_its_invalidations_first() {
+    let redis = PrivateRedis::start();
+    let reader = RedisCache::new(&redis.url, "exit", Duration::from_secs(30)).unwrap();
+    let image = record(&BlobKey::from_digest(&[7; 32]), ReplicaState::Stored);
+    reader.fill_image(&image, Instant::now()).await;
+
+    let cache = RedisCache::new(&redis.url, "exit", Duration::from_secs(30)).unwrap();
+    redis.pause();
+    cache.invalidate(vec![cache.image_key(image.id)]).await;
+    assert!(cache.has_pending_invalidations());
+    redis.resume();
+    assert!(matches!(cache.lookup_image(image.id).await, Lookup::Unavailable), "still leaving Redis alone");
+
+    assert!(cache.deliver_before_exit(Duration::from_secs(2)).await);
+    assert!(!cache.has_pending_invalidations());
+    assert!(matches!(reader.lookup_image(image.id).await, Lookup::Miss));
+}

@@ -91,6 +91,9 @@ on_both_databases!(with_store:
     job_cursors_round_trip,
     blob_copies_are_listed_in_key_order,
     a_deletion_in_doubt_fences_its_copy_until_it_expires,
+    an_unrecorded_object_whose_deletion_is_in_doubt_is_fenced_then_deleted_again,
+    a_fenced_copy_left_by_an_upload_keeps_its_task_and_is_forgotten_once_settled,
+    a_copy_written_onto_a_fenced_shard_is_recorded_missing,
     a_suspect_copy_is_locked_only_while_it_is_stored,
     the_store_id_is_made_once_and_kept,
 );
@@ -161,6 +164,70 @@ async fn a_deletion_in_doubt_fences_its_copy_until_it_expires(store: Arc<dyn Met
     tokio::time::sleep(EXPIRY).await;
     assert!(!store.deletion_in_doubt(&copy_ref(&blob(2), "a")).await.unwrap());
     assert!(store.lock_blob_for_upload(&blob(2), 1234).await.unwrap().shards_in_doubt().is_empty());
+}
+
+async fn an_unrecorded_object_whose_deletion_is_in_doubt_is_fenced_then_deleted_again(store: Arc<dyn MetadataStore>) {
+    // Bytes no row knew (a refused upload's copy): the blob's row is made, unreferenced.
+    let guard = store.lock_blob_for_upload(&blob(3), 1234).await.unwrap();
+    guard.fence_unrecorded_deletion("a", LEASE).await.unwrap();
+    let fenced = copy_ref(&blob(3), "a");
+    assert!(store.deletion_in_doubt(&fenced).await.unwrap());
+    let copies = store.find_blob_copies(&blob(3)).await.unwrap().expect("recorded");
+    assert_eq!((copies.ref_count, copies.replicas), (0, vec![copy("a", ReplicaState::Deleting)]));
+    assert_eq!(store.lock_blob_for_upload(&blob(3), 1234).await.unwrap().shards_in_doubt(), ["a".to_owned()]);
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [delete_task(&blob(3), "a")], "deleted again once settled");
+
+    // Settled: the task deletes the object like any copy's, and the blob goes with it.
+    let settled = store.lock_blob_for_upload(&blob(4), 1234).await.unwrap();
+    settled.fence_unrecorded_deletion("b", Duration::ZERO).await.unwrap();
+    tokio::time::sleep(EXPIRY).await;
+    let guard = store.lock_copy_for_deletion(&copy_ref(&blob(4), "b")).await.unwrap().expect("awaits deletion");
+    guard.commit().await.unwrap();
+    assert!(store.find_blob_copies(&blob(4)).await.unwrap().is_none());
+}
+
+async fn a_fenced_copy_left_by_an_upload_keeps_its_task_and_is_forgotten_once_settled(store: Arc<dyn MetadataStore>) {
+    let first = new_image(&blob(1), now());
+    upload(&*store, &first, &[copy("a", ReplicaState::Stored), copy("b", ReplicaState::Stored)]).await;
+    store.delete_image(first.id).await.unwrap();
+    let guard = store.lock_copy_for_deletion(&copy_ref(&blob(1), "a")).await.unwrap().expect("a awaits deletion");
+    let fence = Duration::from_secs(2);
+    guard.leave_in_doubt(fence).await.unwrap();
+    // Uploaded again onto c alone: b's settled deletion is forgotten with its task; a is
+    // fenced at that moment, so its row and its task stay.
+    let guard = store.lock_blob_for_upload(&blob(1), 1234).await.unwrap();
+    assert_eq!(guard.shards_in_doubt(), ["a".to_owned()]);
+    let second = new_image(&blob(1), now());
+    guard.commit(&second, &[copy("c", ReplicaState::Stored)]).await.unwrap();
+    assert_eq!(awaiting_deletion(&*store).await, [copy_ref(&blob(1), "a")]);
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [delete_task(&blob(1), "a")], "a's task is kept, b's is gone");
+    assert!(store.lock_copy_for_deletion(&copy_ref(&blob(1), "a")).await.unwrap().is_none(), "fenced");
+    assert_eq!(awaiting_deletion(&*store).await, [copy_ref(&blob(1), "a")], "and kept while fenced");
+    tokio::time::sleep(fence + EXPIRY).await;
+    // Settled, on a referenced blob: forgotten (its object, if any, is scrub's), not deleted.
+    assert!(store.lock_copy_for_deletion(&copy_ref(&blob(1), "a")).await.unwrap().is_none());
+    assert!(awaiting_deletion(&*store).await.is_empty());
+    assert_eq!(replicas_of(&*store, second.id).await, [copy("c", ReplicaState::Stored)]);
+    assert_eq!(stats(&*store).await, QueueStats::default(), "no task is left behind");
+}
+
+async fn a_copy_written_onto_a_fenced_shard_is_recorded_missing(store: Arc<dyn MetadataStore>) {
+    let image = new_image(&blob(1), now());
+    let copies = [copy("a", ReplicaState::Stored), copy("b", ReplicaState::Pending), copy("c", ReplicaState::Stored)];
+    upload(&*store, &image, &copies).await;
+    let task = claim(&*store, "w").await.expect("the task for b");
+    // While b was being written, a rebalance's DELETE of b as a surplus copy timed out.
+    let guard = store.lock_surplus_copy(&copy_ref(&blob(1), "b"), &shards(&["a", "c"])).await.unwrap();
+    guard.expect("b is surplus").leave_in_doubt(LEASE).await.unwrap();
+
+    assert!(store.complete_copy_task(&task, "w").await.unwrap());
+    let recorded = replicas_of(&*store, image.id).await;
+    assert_eq!(recorded[1], copy("b", ReplicaState::Missing), "the late DELETE may yet remove it: {recorded:?}");
+    let tasks = claim_all(&*store, "w").await;
+    assert_eq!(targets(&tasks), [copy_task(&blob(1), "b")], "its repair is queued");
+    assert!(!store.restore_missing_copy(&copy_ref(&blob(1), "b")).await.unwrap(), "not while fenced");
 }
 
 async fn a_suspect_copy_is_locked_only_while_it_is_stored(store: Arc<dyn MetadataStore>) {
@@ -1261,4 +1328,123 @@ async fn a_failed_variant_keeps_its_reason_and_a_deleted_image_records_nothing(s
         guard.commit_variant(&new_variant(image.id, "thumb", &thumb), &[copy("a", ReplicaState::Stored)]).await;
     assert_eq!(recorded.unwrap(), VariantRecorded::ImageGone);
     assert!(store.find_blob_copies(&thumb).await.unwrap().is_none(), "rolled back: no blob row, no copy");
+}
+
+/// Deadlocks Postgres would break by failing one side. Each test holds a row lock from a
+/// connection of its own so that two operations meet where the old lock orders crossed,
+/// and then expects both to finish. (SQLite serializes writers: nothing to cross.)
+mod lock_order {
+    use super::*;
+    use chitram::metadata::{ImageOwner, NewUser, Quota, Role, VariantRecorded};
+    use sqlx::PgConnection;
+
+    /// A deletion waits on the variant row `lock` holds while it holds the image; a variant
+    /// of the same image, over the blob the image's thumb already uses, is then recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deletion_and_a_variant_over_a_shared_blob_both_finish() {
+        let db = TestDatabase::create(DbKind::Postgres).await;
+        let store = open_store(&db).await;
+        let names = vec!["thumb".to_owned(), "preview".to_owned()];
+        let image = NewImage { variants: names, ..new_image(&blob(1), now()) };
+        upload(&*store, &image, &[copy("a", ReplicaState::Stored)]).await;
+        let thumb = blob(9);
+        let guard = store.lock_blob_for_upload(&thumb, 1234).await.unwrap();
+        let stored = [copy("a", ReplicaState::Stored)];
+        guard.commit_variant(&new_variant(image.id, "thumb", &thumb), &stored).await.unwrap();
+
+        let mut lock = PgConnection::connect(&db.url).await.unwrap();
+        // Watched from a connection of its own: inside a transaction, `pg_stat_activity` is a
+        // snapshot taken at its first read.
+        let mut observer = PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+        sqlx::query("SELECT 1 FROM image_variants WHERE image_id = $1 AND name = 'thumb' FOR UPDATE")
+            .bind(image.id)
+            .execute(&mut lock)
+            .await
+            .unwrap();
+        let deleting = tokio::spawn({
+            let store = store.clone();
+            async move { store.delete_image(image.id).await }
+        });
+        assert!(wait_for_lock_waiters(&mut observer, 1).await, "the deletion waits");
+        let recording = tokio::spawn({
+            let (store, preview) = (store.clone(), new_variant(image.id, "preview", &thumb));
+            async move { store.record_variant_for_live_blob(&preview).await }
+        });
+        assert!(wait_for_lock_waiters(&mut observer, 2).await, "the recording waits");
+        sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+
+        let deleted = deleting.await.unwrap().expect("the deletion finishes").expect("the image existed");
+        assert_eq!(deleted.unreferenced_variant_blobs, vec![thumb.clone()]);
+        let recorded = recording.await.unwrap().expect("the variant's recording finishes");
+        assert_eq!(recorded, VariantRecorded::ImageGone);
+        let copies = store.find_blob_copies(&thumb).await.unwrap().unwrap();
+        assert_eq!(copies.ref_count, 0, "{copies:?}");
+        assert!(copies.replicas.iter().all(|r| r.state == ReplicaState::Deleting), "{copies:?}");
+    }
+
+    /// An owner deletes an image while uploading the same bytes again: the deletion waits for
+    /// the owner's row `lock` holds (its refund), then the upload takes the blob and waits for
+    /// the owner's row too (its charge).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deletion_and_an_upload_of_the_same_bytes_by_the_same_owner_both_finish() {
+        let db = TestDatabase::create(DbKind::Postgres).await;
+        let store = open_store(&db).await;
+        let user = NewUser {
+            id: Uuid::new_v4(),
+            username: "ada".into(),
+            password_hash: None,
+            role: Role::User,
+            external_subject: None,
+            created_at: now(),
+        };
+        store.create_user(&user).await.unwrap().expect("a new user");
+        let owner = ImageOwner { user: user.id, default_quota: Quota { bytes: None, images: None }, unlimited: false };
+        let first = NewImage { owner: Some(owner), ..new_image(&blob(1), now()) };
+        upload(&*store, &first, &[copy("a", ReplicaState::Stored)]).await;
+
+        let mut lock = PgConnection::connect(&db.url).await.unwrap();
+        // Watched from a connection of its own: inside a transaction, `pg_stat_activity` is a
+        // snapshot taken at its first read.
+        let mut observer = PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").bind(user.id).execute(&mut lock).await.unwrap();
+        let deleting = tokio::spawn({
+            let store = store.clone();
+            async move { store.delete_image(first.id).await }
+        });
+        assert!(wait_for_lock_waiters(&mut observer, 1).await, "the deletion waits");
+        let second = NewImage { owner: Some(owner), ..new_image(&blob(1), now()) };
+        let uploading = tokio::spawn({
+            let (store, second) = (store.clone(), second.clone());
+            async move { store.insert_image_for_live_blob(&second).await }
+        });
+        assert!(wait_for_lock_waiters(&mut observer, 2).await, "the upload waits");
+        sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+
+        let deleted = deleting.await.unwrap().expect("the deletion finishes").expect("the image existed");
+        assert!(deleted.blob_unreferenced, "its last reference");
+        let uploaded = uploading.await.unwrap().expect("the upload finishes");
+        assert_eq!(uploaded, None, "the blob went first: the upload stores its bytes anew");
+        let usage = store.find_user(user.id).await.unwrap().expect("the user").usage;
+        assert_eq!((usage.bytes, usage.images), (0, 0), "refunded, and not charged for an image not made");
+    }
+
+    /// Waits until `count` sessions of this database wait for a lock; false after 10 s.
+    async fn wait_for_lock_waiters(conn: &mut PgConnection, count: i64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            if waiting >= count {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
 }

@@ -23,7 +23,7 @@ use common::{BUCKET, Backends, TestApp, TestOptions, spawn_app_with};
 use tokio_util::sync::CancellationToken;
 
 fn options(stop: CancellationToken) -> RebalanceOptions {
-    RebalanceOptions { concurrency: 4, bytes_per_sec: None, spool_dir: None, stop }
+    RebalanceOptions { concurrency: 4, bytes_per_sec: None, spool_dir: None, verify_kept: false, stop }
 }
 
 async fn upload_many(app: &TestApp, count: u64, seed: u64) -> Vec<(String, Vec<u8>)> {
@@ -364,4 +364,47 @@ async fn an_interrupted_background_scrub_resumes_at_once_after_a_restart() {
     .await;
     stop.cancel();
     scrubber.await.unwrap();
+}
+
+/// A copy that stays rotted at the right size: the size check under the lock passes it, so a
+/// plain rebalance removes the surplus copy, the blob's last good one. `verify_kept`
+/// (`chitram rebalance --verify`) reads the kept copies first: the surplus copy stays, the bad
+/// copy is recorded `missing` for repair, and once it is repaired a rebalance removes the surplus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_keeps_the_surplus_copy_while_a_kept_copy_is_rotten() {
+    let app =
+        spawn_app_with(Backends::SQLITE_FS, TestOptions { replication_factor: 3, ..TestOptions::default() }).await;
+    let bytes = png(64, 64, 700_000);
+    let image = app.upload_ok("rot.png", bytes.clone()).await;
+    app.replicate_until_idle().await;
+    let blob = BlobKey::parse(image["checksum"].as_str().unwrap()).unwrap();
+    let router = Arc::new(open_storage(&app.settings, app.metadata.as_ref()).await.unwrap());
+    // Two copies wanted now: one is surplus.
+    let plan = rebalance::plan(app.metadata.as_ref(), router.ring(), 2).await.unwrap();
+    assert_eq!(plan.work.len(), 1);
+    let (kept, surplus) = (plan.work[0].wanted[0].clone(), plan.work[0].surplus.clone());
+    assert_eq!(surplus.len(), 1);
+    let rotten = app.object_path(&kept, blob.as_str());
+    let mut rotted = std::fs::read(&rotten).unwrap();
+    let last = rotted.len() - 1;
+    rotted[last] ^= 0xFF;
+    std::fs::write(&rotten, rotted).unwrap();
+
+    let verified = RebalanceOptions { verify_kept: true, ..options(CancellationToken::new()) };
+    let summary = rebalance::execute(app.metadata.clone(), router.clone(), plan, &verified, &Silent).await;
+    assert_eq!((summary.copies_removed, summary.copies_kept), (0, 1));
+    assert!(summary.failures[0].1.contains(&format!("the kept copy on {kept} is bad")), "{:?}", summary.failures);
+    assert!(app.object_path(&surplus[0], blob.as_str()).exists(), "the surplus copy stays");
+    let copies = app.metadata.find_blob_copies(&blob).await.unwrap().unwrap();
+    let state_on = |shard: &str| copies.replicas.iter().find(|r| r.shard == shard).map(|r| r.state);
+    assert_eq!(state_on(&kept), Some(ReplicaState::Missing), "{copies:?}");
+
+    app.replicate_until_idle().await; // Repairs the rotten copy from a good one.
+    let again = rebalance::plan(app.metadata.as_ref(), router.ring(), 2).await.unwrap();
+    let summary = rebalance::execute(app.metadata.clone(), router, again, &verified, &Silent).await;
+    assert!(summary.failures.is_empty(), "{:?}", summary.failures);
+    assert_eq!(summary.copies_removed, 1);
+    let download = app.download(image["id"].as_str().unwrap()).await;
+    assert_eq!(download.bytes().await.unwrap().to_vec(), bytes);
+    assert_eq!(sha256_hex(&std::fs::read(&rotten).unwrap()), blob.as_str(), "repaired in place");
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::database::{DbKind, TestDatabase};
 use common::half_sent::HalfSentUpload;
 use common::images::{jpeg, large_png, png, sha256_hex};
-use common::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
+use common::s3::{ACCESS_KEY, Faults, S3Server, SECRET_KEY};
 use common::{BUCKET, eventually, replica_states};
 use reqwest::StatusCode;
 use reqwest::multipart::{Form, Part};
@@ -229,6 +229,40 @@ async fn sigterm_finishes_requests_in_flight_and_leaves_tasks_queued() {
     assert_eq!(claimed, 0, "and are free for the next instance at once");
 }
 
+/// SIGTERM while a worker's DELETE waits on a late shard: the process stays until the DELETE is
+/// answered or its copy fenced (the control deadline, 1 s), rather than exit with it in flight
+/// and unfenced, where it could later remove a copy of the same bytes uploaded after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_a_late_delete_leaves_its_copy_fenced() {
+    let deployment = Deployment::new().await;
+    let mut server = deployment.start().await;
+    let image = deployment.upload(&server, png(8, 8, 81_000)).await;
+    let id = image["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(20), "both copies are stored", || {
+        deployment.converged(&server, std::slice::from_ref(&id))
+    })
+    .await;
+    let image = deployment.get(&server, &format!("/api/v1/images/{id}")).await;
+    let holder: usize = replica_states(&image)[0].0[1..].parse().unwrap();
+    // Down when the image is deleted, so its copy there is left to a worker's delete task;
+    // then back, answering DELETEs late.
+    deployment.servers[holder].stop().await;
+    let deleted = deployment.client.delete(format!("{}/api/v1/images/{id}", server.address)).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let late = Faults { late: Some(Duration::from_secs(20)), late_method: Some("DELETE"), ..Faults::default() };
+    deployment.servers[holder].misbehave(late).await;
+    eventually(Duration::from_secs(20), "a worker sends the DELETE", || async {
+        deployment.servers[holder].faults.delayed() >= 1
+    })
+    .await;
+
+    server.signal("-TERM");
+    let status = server.wait_for_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "a clean exit: {status:?}\n{}", server.log_text());
+    let fenced = deployment.count("SELECT count(*) FROM replicas WHERE delete_in_doubt_until > now()").await;
+    assert_eq!(fenced, 1, "the copy whose DELETE was in flight is fenced\n{}", server.log_text());
+}
+
 /// Runs the binary with a config and returns (success, stdout, stderr).
 fn run_cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_chitram")).arg("--config").arg(config).args(args).output().unwrap();
@@ -367,7 +401,7 @@ async fn the_operator_commands_plan_move_and_check() {
     std::fs::write(&drain, fs_config(dir.path(), &["a", "b", "c", "d"], "draining = true\n")).unwrap();
     let (ok, ring, _) = run_cli(&drain, &["ring"]);
     assert!(ok && ring.lines().any(|line| line.starts_with("d ") && line.contains("draining")), "{ring}");
-    let (ok, moved, stderr) = run_cli(&drain, &["rebalance"]);
+    let (ok, moved, stderr) = run_cli(&drain, &["rebalance", "--verify"]);
     assert!(ok, "{moved}{stderr}");
     let (ok, ring, _) = run_cli(&drain, &["ring"]);
     let emptied = ring.lines().any(|line| line.split_whitespace().collect::<Vec<_>>() == ["d", "draining", "0", "0"]);

@@ -332,7 +332,7 @@ async fn a_late_delete_cannot_remove_a_copy_uploaded_after_it(b: Backends) {
     // Nor by the operator's commands: scrub's restores and rebalance's moves wait it out too.
     let scrubbed = chitram::commands::scrub(&app.settings, true, false).await.unwrap();
     assert!(scrubbed.report.contains("may still land"), "the restore waits, and says why: {}", scrubbed.report);
-    let rebalanced = chitram::commands::rebalance(&app.settings, false).await.unwrap();
+    let rebalanced = chitram::commands::rebalance(&app.settings, false, false).await.unwrap();
     assert!(!replica_states(&app.image(new_id).await).contains(&fenced_copy), "{}", rebalanced.report);
     assert_eq!(app.download(new_id).await.bytes().await.unwrap().to_vec(), *bytes);
 }

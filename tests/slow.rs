@@ -11,7 +11,7 @@ use chitram::blob::BlobKey;
 use chitram::placement::ring::{Ring, key_hash};
 use chitram::replication::worker::StepOutcome;
 use common::database::DbKind;
-use common::images::{large_png, png, sha256_hex};
+use common::images::{decodable_jpeg, large_png, png, sha256_hex};
 use common::s3::Faults;
 use common::{Backends, StorageKind, TestApp, TestOptions, eventually, replica_states, spawn_app_with};
 use reqwest::StatusCode;
@@ -41,6 +41,7 @@ on_both_databases!(
     reads_hedge_around_a_late_holder,
     a_write_quorum_writes_its_copies_at_once,
     a_client_gone_mid_delete_leaves_the_late_copy_fenced,
+    a_variant_whose_image_goes_while_it_is_written_leaves_no_object,
 );
 
 fn s3_on(db: DbKind) -> Backends {
@@ -251,6 +252,28 @@ async fn a_stalled_body_fails_the_copy_and_the_task_retries() {
     .await;
 }
 
+/// A worker's copy onto a shard that takes a write and never answers fails at the write deadline
+/// (here 1 s) instead of holding its task, claim renewed, for as long as the shard hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_onto_a_shard_that_never_answers_fails_at_the_write_deadline() {
+    let options =
+        TestOptions { adjust: Some(|settings| settings.latency.write_deadline_ms = 1_000), ..TestOptions::default() };
+    let app = spawn_app_with(Backends::POSTGRES_S3, options).await;
+    let image = app.upload_ok("target.png", png(64, 64, 800_000)).await;
+    let pending = replica_states(&image).into_iter().find(|(_, state)| state == "pending").expect("a pending copy").0;
+    let late_puts = Faults { late: Some(LATE), late_method: Some("PUT"), ..Faults::default() };
+    app.shard_s3(&pending).misbehave(late_puts).await;
+
+    let worker = app.replicator("hung-target");
+    let step = tokio::time::timeout(LATE / 2, worker.try_run_next())
+        .await
+        .expect("the step ends at the write deadline, not when the shard answers")
+        .unwrap();
+    let StepOutcome::Failed { error, .. } = step else { panic!("the copy should fail: {step:?}") };
+    assert!(error.contains("no answer from the shard within 1000 ms (write)"), "{error}");
+    assert_eq!(app.shard_s3(&pending).faults.delayed(), 1, "the PUT really was held");
+}
+
 /// A client that hangs up during its DELETE does not cut the deletion of the copies short: a
 /// DELETE the shard has not answered is bounded by its deadline and its copy fenced, as if the
 /// client had waited. (Unfenced, the late DELETE could remove the copy of an upload of the same
@@ -301,4 +324,31 @@ async fn a_worker_stopped_mid_delete_leaves_the_late_copy_fenced() {
         app.metadata.deletion_in_doubt(&copy).await.unwrap()
     })
     .await;
+}
+
+/// A variant whose image is deleted while the variant's bytes are on their way to a late shard
+/// is not recorded, and the copy it wrote is removed at once: before, it stayed an orphan until
+/// scrub's grace and next run.
+async fn a_variant_whose_image_goes_while_it_is_written_leaves_no_object(db: DbKind) {
+    let app = spawn_app_with(s3_on(db), TestOptions::default()).await;
+    let image = app.upload_ok("doomed.jpg", decodable_jpeg(640, 480, 600_000)).await;
+    let id = image["id"].as_str().unwrap().to_owned();
+    app.replicate_until_idle().await; // No PUT of the original's is left to be late.
+    let late_puts = Faults { late: Some(Duration::from_millis(1500)), late_method: Some("PUT"), ..Faults::default() };
+    for shard in 0..app.shards.len() {
+        app.shard_s3(&common::shard_name(shard)).misbehave(late_puts.clone()).await;
+    }
+    let delayed =
+        || (0..app.shards.len()).map(|i| app.shard_s3(&common::shard_name(i)).faults.delayed()).sum::<usize>();
+
+    let thumb_path = format!("/api/v1/images/{id}/variants/thumb");
+    let thumb = app.get(&thumb_path);
+    let delete = async {
+        eventually(Duration::from_secs(10), "the variant's PUT is on its way", || async { delayed() >= 1 }).await;
+        app.delete(&id).await.status()
+    };
+    let (thumb, deleted) = futures::future::join(thumb, delete).await;
+    assert_eq!(deleted, StatusCode::NO_CONTENT);
+    assert_eq!(thumb.status(), StatusCode::NOT_FOUND, "the image went before its variant was recorded");
+    assert!(app.all_objects().is_empty(), "left behind: {:?}", app.all_objects());
 }

@@ -28,6 +28,7 @@ behaviours!(
     alpha_is_preserved,
     a_decompression_bomb_is_refused_without_a_large_allocation,
     a_corrupt_image_is_marked_failed_and_its_original_still_served,
+    a_variant_too_large_for_the_pixel_limit_is_made_once_the_limit_is_raised,
     concurrent_first_requests_generate_once,
     serving_has_caching_headers_and_clear_errors,
     a_variant_survives_the_loss_of_one_shard,
@@ -278,6 +279,30 @@ async fn a_corrupt_image_is_marked_failed_and_its_original_still_served(b: Backe
     let renders = app.variants.renders();
     app.get(&variant_path(&image, "thumb")).await;
     assert_eq!(app.variants.renders(), renders, "a failure is recorded, not retried on every request");
+}
+
+/// A failure records the pixel limit it failed under: an instance with a higher limit makes
+/// the variant (before, it stayed `failed` until a backfill was run by hand).
+async fn a_variant_too_large_for_the_pixel_limit_is_made_once_the_limit_is_raised(b: Backends) {
+    let low_limit = |settings: &mut chitram::config::Settings| settings.variants.max_pixels = 100_000;
+    let mut app = spawn_app_with(b, TestOptions { adjust: Some(low_limit), ..TestOptions::default() }).await;
+    let image = app.upload_ok("photo.jpg", halves_jpeg(640, 480)).await;
+    let path = variant_path(&image, "thumb");
+    assert_error(app.get(&path).await, StatusCode::UNPROCESSABLE_ENTITY, "VARIANT_FAILED").await;
+    let renders = app.variants.renders();
+    assert_error(app.get(&path).await, StatusCode::UNPROCESSABLE_ENTITY, "VARIANT_FAILED").await;
+    assert_eq!(app.variants.renders(), renders, "under the same limit the failure stands");
+
+    // The instance restarted with a higher limit (one `serve` per SQLite file at a time).
+    app.stop_serving().await;
+    let raised = app.spawn_sibling_adjusted(0, |settings| settings.variants.max_pixels = 1_000_000).await;
+    let response = raised.get(&path).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let thumb = decode(&response.bytes().await.unwrap());
+    assert_eq!(thumb.dimensions(), (256, 256));
+    let shown: Value =
+        raised.get(&format!("/api/v1/images/{}", image["id"].as_str().unwrap())).await.json().await.unwrap();
+    assert_eq!(shown["variants"]["thumb"]["state"], "ready");
 }
 
 async fn concurrent_first_requests_generate_once(b: Backends) {

@@ -43,11 +43,20 @@ struct Claims {
     exp: i64,
 }
 
-/// A token as login returns it.
-#[derive(Debug, Clone)]
+/// A token as login returns it. Its `Debug` does not show the token.
+#[derive(Clone)]
 pub struct AccessToken {
     pub token: String,
     pub expires_in: Duration,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token", &crate::redact::MASK)
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
 }
 
 /// Issues and checks this store's tokens.

@@ -47,6 +47,58 @@ impl ReplicaCountsCache {
     }
 }
 
+/// How long the components' check (a database ping and one check per shard) is reused for
+/// callers who are not admins. `/health` and `/health/ready` answer anyone, without a rate
+/// limit, and each check is a database round trip and a request to every shard (a HeadBucket
+/// on S3, billed and throttled, and counted by the shard's breaker): a flood of probes would
+/// otherwise become a flood on the shards. Admins get a fresh check.
+const SHARED_CHECK_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// What one check of the components found.
+#[derive(Debug, Clone)]
+struct Checked {
+    database: ComponentHealth,
+    shards: Vec<ComponentHealth>,
+    /// Copies below the replication factor for too long (false when the database is down).
+    under_replicated: bool,
+}
+
+/// The last check, shared by the callers who are not admins for [`SHARED_CHECK_MAX_AGE`];
+/// concurrent checks wait for one instead of each running their own.
+#[derive(Debug, Default)]
+pub struct ComponentChecks {
+    last: tokio::sync::Mutex<Option<(Instant, Checked)>>,
+}
+
+impl ComponentChecks {
+    async fn get(&self, state: &AppState, fresh: bool) -> Checked {
+        let mut last = self.last.lock().await;
+        if let Some((at, checked)) = &*last
+            && !fresh
+            && at.elapsed() < SHARED_CHECK_MAX_AGE
+        {
+            return checked.clone();
+        }
+        let checked = check_components(state).await;
+        *last = Some((Instant::now(), checked.clone()));
+        checked
+    }
+}
+
+async fn check_components(state: &AppState) -> Checked {
+    let (database, shards) = tokio::join!(check_database(state), state.router.check_health(CHECK_TIMEOUT));
+    let shards = shards
+        .into_iter()
+        .map(|shard| ComponentHealth {
+            circuit: Some(shard.circuit.state),
+            ..component(shard.name, shard.backend, shard.latency, shard.result.err().map(|e| error_chain(&e)))
+        })
+        .collect();
+    let under_replicated =
+        database.error.is_none() && state.metadata.any_copy_overdue(state.pending_overdue).await.unwrap_or(false);
+    Checked { database, shards, under_replicated }
+}
+
 pub fn router() -> Router<AppState> {
     Router::new().route("/health", get(health)).route("/health/live", get(live)).route("/health/ready", get(ready))
 }
@@ -97,13 +149,13 @@ async fn live() -> Json<Probe> {
         (status = 503, description = "Not ready (`not_ready`), or shutting down (`stopping`)", body = Probe),
     )
 )]
-async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Probe>) {
+async fn ready(State(state): State<AppState>, caller: Caller) -> (StatusCode, Json<Probe>) {
     let not_ready = |status| (StatusCode::SERVICE_UNAVAILABLE, Json(Probe { status }));
     if !state.readiness.is_accepting() {
         return not_ready("stopping");
     }
-    let (database, shards) = tokio::join!(check_database(&state), state.router.check_health(CHECK_TIMEOUT));
-    let shards_up = shards.iter().filter(|shard| shard.result.is_ok()).count();
+    let Checked { database, shards, .. } = state.component_checks.get(&state, caller.is_admin()).await;
+    let shards_up = shards.iter().filter(|shard| shard.error.is_none()).count();
     if database.error.is_some() || shards_up < state.readiness.min_shards.max(1) {
         return not_ready("not_ready");
     }
@@ -139,7 +191,7 @@ pub struct AccountsInfo {
     pub open_registration: bool,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ComponentHealth {
     pub name: String,
     /// `fs:/path`, `postgres`, …
@@ -172,21 +224,11 @@ pub struct ReplicaSummary {
     )
 )]
 async fn health(State(state): State<AppState>, caller: Caller) -> (StatusCode, Json<Health>) {
-    let (database, shards) = tokio::join!(check_database(&state), state.router.check_health(CHECK_TIMEOUT));
-    let shards: Vec<ComponentHealth> = shards
-        .into_iter()
-        .map(|shard| ComponentHealth {
-            circuit: Some(shard.circuit.state),
-            ..component(shard.name, shard.backend, shard.latency, shard.result.err().map(|e| error_chain(&e)))
-        })
-        .collect();
+    let Checked { database, shards, under_replicated } = state.component_checks.get(&state, caller.is_admin()).await;
     let database_up = database.error.is_none();
-    let (replicas, under_replicated) = if database_up {
-        let counts = state.replica_counts.get(state.metadata.as_ref()).await;
-        (counts, state.metadata.any_copy_overdue(state.pending_overdue).await.unwrap_or(false))
-    } else {
-        (None, false)
-    };
+    // Counted only for the admins who see them.
+    let replicas =
+        if database_up && caller.is_admin() { state.replica_counts.get(state.metadata.as_ref()).await } else { None };
     let shards_up = shards.iter().filter(|shard| shard.error.is_none()).count();
     let circuit_open = shards.iter().any(|shard| shard.circuit != Some(CircuitState::Closed));
     let (code, status) = match (database_up, shards_up) {

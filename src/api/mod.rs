@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod images;
 pub mod json;
+pub mod local_only;
 pub mod metrics;
 pub mod multipart;
 pub mod ratelimit;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub replication_workers: usize,
     /// The copy counts `/health` shows, refreshed at most every few seconds.
     pub replica_counts: Arc<health::ReplicaCountsCache>,
+    /// The components' last check, shared by the probes of callers who are not admins.
+    pub component_checks: Arc<health::ComponentChecks>,
     /// How long a copy may stay pending before `/health` says `degraded`
     /// (`replication.pending_overdue_secs`).
     pub pending_overdue: std::time::Duration,
@@ -52,6 +55,9 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// Whether the client's address is the last `X-Forwarded-For` entry (behind a proxy).
     pub trust_forwarded_for: bool,
+    /// Accounts off on a loopback bind: only requests for localhost, and no write from another
+    /// site's page (`local_only`).
+    pub local_only: bool,
     /// Renders `/metrics`; `None` when metrics are off.
     pub metrics: Option<PrometheusHandle>,
     /// What `/health/ready` answers from.
@@ -65,8 +71,8 @@ pub struct UploadLimits {
     pub max_batch_files: usize,
 }
 
-/// The whole HTTP surface. Every request is identified (`caller`), then rate limited
-/// (`ratelimit`), then routed.
+/// The whole HTTP surface. Every request is checked for where it comes from when accounts are
+/// off (`local_only`), identified (`caller`), then rate limited (`ratelimit`), then routed.
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(images::router())
@@ -83,6 +89,7 @@ pub fn app(state: AppState) -> Router {
         // The last layer added runs first.
         .layer(from_fn_with_state(state.clone(), ratelimit::limit))
         .layer(from_fn_with_state(state.clone(), caller::identify))
+        .layer(from_fn_with_state(state.clone(), local_only::guard))
         .with_state(state)
         // Layers apply to each route after routing (so the route template is known), the
         // last added outermost: the id is checked, set, traced, echoed, then in scope.

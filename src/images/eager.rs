@@ -269,11 +269,12 @@ impl EagerCopies {
         if !unwanted {
             return;
         }
-        let removed = deletion::delete_unrecorded_object(
-            self.metadata.as_ref(),
-            &self.router,
-            &copy.shard,
-            &copy.blob,
+        let (metadata, router) = (self.metadata.clone(), self.router.clone());
+        let removed = deletion::delete_unrecorded_object_detached(
+            metadata,
+            router,
+            copy.shard.clone(),
+            copy.blob.clone(),
             self.body.len,
         )
         .await;

@@ -361,7 +361,7 @@ impl ImageService {
             return Ok(());
         }
         let (metadata, router) = (self.metadata.clone(), self.router.clone());
-        let deletion = tokio::spawn(async move {
+        let deletion = self.router.spawn_detached(async move {
             for blob in &unreferenced {
                 deletion::delete_copies_of(metadata.as_ref(), &router, blob).await;
             }

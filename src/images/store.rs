@@ -11,7 +11,9 @@ use super::cut_through::{CUT_THROUGH_MIN, PendingWrite};
 use super::error::{ImageError, Result};
 use crate::blob::BlobKey;
 use crate::maintenance::deletion;
-use crate::metadata::{MetaResult, MetadataError, MetadataStore, Replica, ReplicaState, UploadGuard};
+use crate::metadata::{
+    ImageRecord, MetaResult, MetadataError, MetadataStore, Replica, ReplicaState, UploadGuard, VariantRecorded,
+};
 use crate::observability::stages::{Purpose, Stage, StageClock};
 use crate::storage::BlobBody;
 use crate::storage::StorageError;
@@ -24,6 +26,26 @@ const STORE_ATTEMPTS: usize = 3;
 /// The commit of a blob's new bytes: given the held lock and the copies to record, records
 /// them with whatever refers to the blob, and commits.
 pub type Commit<T> = Box<dyn FnMut(Box<dyn UploadGuard>, Vec<Replica>) -> BoxFuture<'static, MetaResult<T>> + Send>;
+
+/// What a commit tells the writer: whether it recorded the bytes. One that did not (the image
+/// a variant was made for was deleted while the variant's bytes were written) leaves the
+/// copies just written unrecorded, and the writer removes them at once rather than leave them
+/// to scrub as orphans.
+pub trait CommitOutcome {
+    fn recorded_the_bytes(&self) -> bool;
+}
+
+impl CommitOutcome for ImageRecord {
+    fn recorded_the_bytes(&self) -> bool {
+        true
+    }
+}
+
+impl CommitOutcome for VariantRecorded {
+    fn recorded_the_bytes(&self) -> bool {
+        *self == VariantRecorded::Recorded
+    }
+}
 
 #[derive(Clone)]
 pub struct BlobWriter {
@@ -80,7 +102,7 @@ impl BlobWriter {
     /// written from `body`.
     ///
     /// Each stage's time is recorded under `purpose` (see [`crate::observability::stages`]).
-    pub async fn store<T>(
+    pub async fn store<T: CommitOutcome>(
         &self,
         purpose: Purpose,
         blob: &BlobKey,
@@ -137,6 +159,10 @@ impl BlobWriter {
                         Err(error) => return Err(error.into()),
                     };
                     clock.finish(Stage::Commit);
+                    if !committed.recorded_the_bytes() {
+                        self.remove_unrecorded_copies(&receipt.stored, blob, size).await;
+                        return Ok(committed);
+                    }
                     tracing::info!(%blob, shards = ?receipt.stored, "stored a new blob");
                     return Ok(committed);
                 }
@@ -220,8 +246,9 @@ impl BlobWriter {
     /// [`Self::remove_refused_copies`]: what cannot be removed now is an orphan scrub collects.
     async fn remove_unrecorded_copies(&self, written: &[String], blob: &BlobKey, size: u64) {
         for shard in written {
+            let (metadata, router) = (self.metadata.clone(), self.router.clone());
             let removed =
-                deletion::delete_unrecorded_object(self.metadata.as_ref(), &self.router, shard, blob, size).await;
+                deletion::delete_unrecorded_object_detached(metadata, router, shard.clone(), blob.clone(), size).await;
             if let Err(error) = removed {
                 tracing::warn!(%shard, %blob, %error, "a refused write's copy is left for scrub");
             }

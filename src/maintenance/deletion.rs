@@ -15,6 +15,7 @@
 //! attempt to delete it waits until the fence has expired, so a late DELETE can never remove a
 //! copy recorded as stored after it. A DELETE that failed with an answer is over: it is retried.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::blob::BlobKey;
@@ -97,8 +98,11 @@ pub async fn delete_locked_copy(
 /// Deletes an object no copy row records (an orphan, or the copy of an upload that was refused)
 /// while holding the blob's upload lock, after checking again that no row records it: an
 /// upload of the same bytes about to commit waits for the lock, then finds its copy gone and
-/// writes it again. Returns whether the object was deleted; the router's deadline bounds how
-/// long the lock waits on the shard.
+/// writes it again. A DELETE that does not answer within the router's control deadline is
+/// fenced like a recorded copy's (`UploadGuard::fence_unrecorded_deletion`): the copy is
+/// recorded `deleting` with a fence and a task, so that no upload counts the shard while the
+/// DELETE may still land, and the workers delete it again once it has settled. Returns whether
+/// the object was deleted.
 pub async fn delete_unrecorded_object(
     metadata: &dyn MetadataStore,
     router: &StorageRouter,
@@ -112,15 +116,38 @@ pub async fn delete_unrecorded_object(
     if recorded {
         return Ok(false);
     }
-    let deleted = router.delete_on(shard, key).await;
-    drop(guard); // Rolls back: the lock was all it was for.
-    match deleted {
-        Ok(()) => Ok(true),
+    match router.delete_on(shard, key).await {
+        Ok(()) => Ok(true), // The guard rolls back as it drops: the lock was all it was for.
+        Err(error) if error.is_deadline_exceeded() => {
+            guard.fence_unrecorded_deletion(shard, DELETION_DOUBT).await?;
+            tracing::warn!(%shard, %key, error = %error_chain(&error),
+                "an unrecorded object's DELETE may still land; fenced, and queued to delete again");
+            Ok(false)
+        }
         Err(error) => {
             tracing::warn!(%shard, %key, error = %error_chain(&error), "could not delete an unrecorded object; scrub will");
             Ok(false)
         }
     }
+}
+
+/// [`delete_unrecorded_object`] in a task of its own ([`StorageRouter::spawn_detached`]), for
+/// callers that may be cancelled mid-DELETE (a request whose client leaves, an eager copy at
+/// a stop): the DELETE still ends answered or fenced.
+pub async fn delete_unrecorded_object_detached(
+    metadata: Arc<dyn MetadataStore>,
+    router: Arc<StorageRouter>,
+    shard: String,
+    key: BlobKey,
+    len: u64,
+) -> MetaResult<bool> {
+    let detached = router.clone();
+    let deletion = detached
+        .spawn_detached(async move { delete_unrecorded_object(metadata.as_ref(), &router, &shard, &key, len).await });
+    deletion.await.unwrap_or_else(|error| {
+        tracing::warn!(%error, "deleting an unrecorded object stopped; scrub will");
+        Ok(false)
+    })
 }
 
 /// Deletes every copy of an unreferenced blob, logging the ones left for the workers.

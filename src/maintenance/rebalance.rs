@@ -7,6 +7,12 @@
 //! a surplus copy. So reads never lose their last copy, and a copy is never deleted before its
 //! replacement is recorded. An interrupted rebalance resumes by planning again: blobs already
 //! in place need nothing.
+//!
+//! The check under the lock is by size (a HEAD each, within the control deadline). With
+//! `verify_kept` (`chitram rebalance --verify`), the copies that stay and that this run did not
+//! write are also read whole and their SHA-256 checked before any surplus copy goes: a kept
+//! copy that rotted at the right size would otherwise leave the surplus copy as the blob's only
+//! good one, and then remove it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,7 +31,7 @@ use crate::blob::BlobKey;
 use crate::metadata::{BlobCopies, CopyRef, MetaResult, MetadataStore, ReplicaState};
 use crate::placement::plan::{Move, moves_for, write_set_names};
 use crate::placement::ring::{Ring, key_hash};
-use crate::replication::copy::copy_blob;
+use crate::replication::copy::{CopyCheck, check_copy, copy_blob};
 use crate::storage::router::StorageRouter;
 use crate::telemetry::error_chain;
 
@@ -126,6 +132,9 @@ pub struct RebalanceOptions {
     /// Cap on copied bytes per second (`None`: no cap).
     pub bytes_per_sec: Option<u64>,
     pub spool_dir: Option<PathBuf>,
+    /// Read the kept copies this run did not write and check their SHA-256 before removing a
+    /// surplus copy (see the module documentation).
+    pub verify_kept: bool,
     /// Cancelled: no new blob is started; those in flight finish.
     pub stop: CancellationToken,
 }
@@ -222,6 +231,14 @@ async fn move_blob(
             }
         }
     }
+    if options.verify_kept
+        && !blob.surplus.is_empty()
+        && let Some(problem) = first_bad_kept_copy(metadata, router, blob, options, limiter).await
+    {
+        outcome.copies_kept += blob.surplus.len() as u64;
+        outcome.failure.get_or_insert((key.clone(), problem));
+        return outcome;
+    }
     for shard in &blob.surplus {
         match remove_surplus(metadata, router, &blob.blob, shard, &blob.wanted).await {
             Ok(true) => outcome.copies_removed += 1,
@@ -260,6 +277,35 @@ async fn remove_surplus(
     }
     delete_locked_copy(router, guard, shard, &blob.blob).await?;
     Ok(true)
+}
+
+/// Reads each copy of the write set that was there before this run (a move's copy was written
+/// from bytes checked against the SHA-256) and checks its bytes. The first that is bad is
+/// reported (re-checked and recorded `missing`, its repair queued) and, like one that cannot be
+/// read, keeps every surplus copy: returns why.
+async fn first_bad_kept_copy(
+    metadata: &dyn MetadataStore,
+    router: &StorageRouter,
+    blob: &BlobMoves,
+    options: &RebalanceOptions,
+    limiter: &Bandwidth,
+) -> Option<String> {
+    let written: Vec<&str> = blob.moves.iter().map(|step| step.to.as_str()).collect();
+    for kept in blob.wanted.iter().filter(|shard| !written.contains(&shard.as_str())) {
+        limiter.take(blob.blob.size).await;
+        match check_copy(router, &blob.blob, kept, true, options.spool_dir.clone()).await {
+            CopyCheck::Good => {}
+            CopyCheck::Bad(finding, detail) => {
+                let copy = CopyRef { blob: blob.blob.blob.clone(), shard: kept.clone() };
+                report_bad_copy(metadata, router, &copy, blob.blob.size, finding).await;
+                return Some(format!("the kept copy on {kept} is bad ({detail}); the surplus copies stay"));
+            }
+            CopyCheck::Unreachable(problem) => {
+                return Some(format!("the kept copy on {kept} could not be read ({problem}); the surplus copies stay"));
+            }
+        }
+    }
+    None
 }
 
 /// Why a copy that rebalance keeps could not be confirmed.

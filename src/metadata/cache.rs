@@ -77,6 +77,8 @@ pub const MAX_FILL_AGE: Duration = Duration::from_secs(1);
 const TOMBSTONE: &str = "~";
 /// Undelivered invalidations kept one by one; beyond this, every key is swept instead.
 const MAX_PENDING: usize = 10_000;
+/// How long an exiting process tries to deliver the invalidations it still holds.
+const EXIT_DELIVERY_LIMIT: Duration = Duration::from_secs(2);
 /// Keys asked for per `SCAN` step of a sweep.
 const SCAN_COUNT: usize = 1_000;
 /// The length of a blob key, which starts every image entry.
@@ -131,13 +133,36 @@ pub struct RedisCache {
 #[derive(Default)]
 struct Pending {
     keys: BTreeSet<String>,
-    /// Too many keys, or a change to every image (adoption): sweep the whole prefix.
-    everything: bool,
+    /// Sweeps of the whole prefix asked for (too many keys, or a change to every image, such as
+    /// adoption) and not delivered yet; a count, so that one asked for during a sweep is not
+    /// taken as delivered by it.
+    everything: u64,
+    /// A caller is delivering these now. They stay pending until it has: meanwhile this
+    /// instance reads from the database, as while Redis is down.
+    delivering: bool,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.keys.is_empty() && !self.everything
+        self.keys.is_empty() && self.everything == 0
+    }
+
+    /// Too many keys to deliver one by one: one sweep covers them.
+    fn bound(&mut self) {
+        if self.keys.len() > MAX_PENDING {
+            self.keys.clear();
+            self.everything += 1;
+        }
+    }
+}
+
+/// Marks a delivery in progress, and ends it however the delivering call ends (its caller may
+/// be cancelled mid-delivery: a request whose client left).
+struct Delivering<'a>(&'a Mutex<Pending>);
+
+impl Drop for Delivering<'_> {
+    fn drop(&mut self) {
+        self.0.lock().expect("never poisoned").delivering = false;
     }
 }
 
@@ -214,7 +239,11 @@ impl RedisCache {
             return;
         }
         let count = keys.len() as u64;
-        self.pending.lock().expect("never poisoned").keys.extend(keys);
+        {
+            let mut pending = self.pending.lock().expect("never poisoned");
+            pending.keys.extend(keys);
+            pending.bound();
+        }
         // Delivers these keys, and any left over from an outage.
         if self.usable().await.is_none() && self.has_pending_invalidations() {
             metrics::counter!(names::METADATA_CACHE_INVALIDATION_FAILURES).increment(count);
@@ -223,7 +252,7 @@ impl RedisCache {
 
     /// Invalidates every entry (a change to many images at once, such as adoption).
     pub async fn invalidate_everything(&self) {
-        self.pending.lock().expect("never poisoned").everything = true;
+        self.pending.lock().expect("never poisoned").everything += 1;
         if self.usable().await.is_none() && self.has_pending_invalidations() {
             metrics::counter!(names::METADATA_CACHE_INVALIDATION_FAILURES).increment(1);
         }
@@ -234,31 +263,67 @@ impl RedisCache {
         !self.pending.lock().expect("never poisoned").is_empty()
     }
 
+    /// Delivers the pending invalidations before the process exits (a `serve` stopping, an
+    /// operator command that changed copies): they exist only in this process. Tries even while
+    /// Redis is being left alone after a failure, once, within `limit`; returns whether nothing
+    /// is left undelivered (what is left can only expire with its entries' TTL).
+    pub async fn deliver_before_exit(&self, limit: Duration) -> bool {
+        if !self.has_pending_invalidations() {
+            return true;
+        }
+        let delivered = tokio::time::timeout(limit, async {
+            let connection = self.link.connection_now().await?;
+            self.deliver_pending(connection).await
+        })
+        .await;
+        let done = matches!(delivered, Ok(Some(_)));
+        if !done {
+            tracing::warn!(
+                "cache invalidations could not be delivered before exit: other instances may serve those records until their TTL ends"
+            );
+        }
+        done
+    }
+
     /// A connection, once every pending invalidation is delivered; `None` while Redis does not
     /// answer or some invalidation is still undelivered.
     async fn usable(&self) -> Option<ConnectionManager> {
-        let mut connection = self.link.connection().await?;
+        let connection = self.link.connection().await?;
+        self.deliver_pending(connection).await
+    }
+
+    /// Delivers what is pending over `connection` and hands it back once nothing is; `None`
+    /// while anything is undelivered (or being delivered by another caller).
+    async fn deliver_pending(&self, mut connection: ConnectionManager) -> Option<ConnectionManager> {
         let (keys, everything) = {
             let mut pending = self.pending.lock().expect("never poisoned");
             if pending.is_empty() {
                 return Some(connection);
             }
-            (std::mem::take(&mut pending.keys), std::mem::take(&mut pending.everything))
+            if pending.delivering {
+                return None;
+            }
+            pending.delivering = true;
+            (pending.keys.clone(), pending.everything)
         };
-        match self.deliver(&mut connection, &keys, everything).await {
-            Ok(()) => Some(connection),
+        let delivering = Delivering(&self.pending);
+        let delivered = self.deliver(&mut connection, &keys, everything > 0).await;
+        let mut pending = self.pending.lock().expect("never poisoned");
+        match delivered {
+            Ok(()) => {
+                pending.keys.retain(|key| !keys.contains(key));
+                // A sweep asked for while this one ran still needs its own.
+                pending.everything -= everything.min(pending.everything);
+            }
             Err(error) => {
-                let mut pending = self.pending.lock().expect("never poisoned");
-                pending.everything |= everything || pending.keys.len() + keys.len() > MAX_PENDING;
-                if pending.everything {
-                    pending.keys.clear();
-                } else {
-                    pending.keys.extend(keys);
-                }
+                pending.bound();
                 tracing::debug!(%error, "a cache invalidation is waiting for Redis");
-                None
             }
         }
+        let ready = pending.is_empty();
+        drop(pending);
+        drop(delivering);
+        ready.then_some(connection)
     }
 
     async fn deliver(
@@ -625,6 +690,13 @@ impl UploadGuard for CachedUploadGuard {
         cache.invalidate(keys).await;
         committed
     }
+
+    async fn fence_unrecorded_deletion(self: Box<Self>, shard: &str, doubt: Duration) -> MetaResult<()> {
+        let Self { inner, cache, blob } = *self;
+        let fenced = inner.fence_unrecorded_deletion(shard, doubt).await;
+        cache.invalidate(vec![cache.blob_key(&blob)]).await;
+        fenced
+    }
 }
 
 /// Invalidates the blob's copies once a copy is confirmed missing.
@@ -890,6 +962,10 @@ impl MetadataStore for CachedMetadata {
 
     async fn store_id(&self) -> MetaResult<String> {
         self.inner.store_id().await
+    }
+
+    async fn before_exit(&self) {
+        self.cache.deliver_before_exit(EXIT_DELIVERY_LIMIT).await;
     }
 }
 

@@ -19,9 +19,11 @@ pub trait CopyStore: Send + Sync {
     /// it wrote still exists and then commit.
     async fn lock_blob_for_upload(&self, blob: &BlobKey, size: u64) -> MetaResult<Box<dyn UploadGuard>>;
 
-    /// Locks the blob's row to delete one copy. Returns `None`, changing nothing, when the blob
-    /// has references again or the copy is no longer `Deleting`. Hold the guard while deleting
-    /// the object, then commit it.
+    /// Locks the blob's row to delete one copy. Returns `None` when the copy is no longer
+    /// `Deleting`, or when the blob has references again: then a copy still `Deleting` (one an
+    /// upload of the same bytes did not reuse, fenced at the time) is forgotten with its tasks
+    /// once its fence has run out, its object left to scrub. Hold the guard while deleting the
+    /// object, then commit it.
     async fn lock_copy_for_deletion(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>>;
 
     /// Read repair: a `Stored` copy found absent or corrupt becomes `Missing`, and a `Copy` task
@@ -41,7 +43,9 @@ pub trait CopyStore: Send + Sync {
     /// updating its row), and removes any `Copy` task for it. If the blob has no reference
     /// left, the copy is recorded `Deleting` with a `Delete` task instead and `false` is
     /// returned. If the blob has no row at all, nothing is recorded (there is no size to record
-    /// it with) and `false` is returned: the object is an orphan for scrub.
+    /// it with) and `false` is returned: the object is an orphan for scrub. A copy whose
+    /// deletion is in doubt is recorded `Missing`, as
+    /// [`TaskQueue::complete_copy_task`](super::TaskQueue::complete_copy_task) does.
     async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool>;
 
     /// A copy marked `Missing` whose bytes have since verified is `Stored` again, and its `Copy`
@@ -112,6 +116,13 @@ pub trait UploadGuard: Send {
     /// copies, adds a reference, and records the variant (replacing, and releasing, an older
     /// one of the same name). Rolls back, returning `ImageGone`, if the image was deleted.
     async fn commit_variant(self: Box<Self>, variant: &NewVariant, copies: &[Replica]) -> MetaResult<VariantRecorded>;
+
+    /// A DELETE of an object no row records (an orphan, the copy of a refused write) did not
+    /// answer in time and may still land: records the copy on `shard` `Deleting`, fenced for
+    /// `doubt` with a `Delete` task, and commits, so that no copy is written or counted there
+    /// until it has settled (as [`CopyDeletionGuard::leave_in_doubt`] does for a recorded
+    /// copy). A blob whose row this guard created is recorded without a reference.
+    async fn fence_unrecorded_deletion(self: Box<Self>, shard: &str, doubt: std::time::Duration) -> MetaResult<()>;
 }
 
 /// Holds the lock on a blob's row while a suspect copy is checked again; see

@@ -80,6 +80,10 @@ pub trait MetadataStore:
     /// This store's id, created (a random UUID) the first time it is asked for; shards carry it
     /// in their labels (`storage/identity.rs`).
     async fn store_id(&self) -> MetaResult<String>;
+
+    /// Delivers what this process holds that others need before it exits: the Redis cache's
+    /// invalidations not delivered yet (`cache.rs`). Nothing for a database store alone.
+    async fn before_exit(&self) {}
 }
 
 /// Opens the store a database URL names: `sqlite://PATH` (the file and its directory are

@@ -45,7 +45,9 @@ pub trait TaskQueue: Send + Sync {
 
     /// A copy task succeeded: in one transaction, records the copy `Stored` and removes the
     /// task. If the blob has lost every reference meanwhile, the copy is recorded `Deleting`
-    /// with a `Delete` task instead, so the new object is removed like the others.
+    /// with a `Delete` task instead, so the new object is removed like the others; and if a
+    /// deletion of that copy is in doubt (fenced since the write began), `Missing` with its
+    /// repair queued, since the late DELETE may yet remove it.
     async fn complete_copy_task(&self, task: &ReplicationTask, worker: &str) -> MetaResult<bool>;
 
     /// Removes a task that is done or moot (a deletion carried out, a blob that no longer exists).

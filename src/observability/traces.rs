@@ -9,6 +9,7 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceExportError {
+    /// `endpoint` with any password masked.
     #[error("cannot set up the OTLP exporter for {endpoint}")]
     Exporter {
         endpoint: String,
@@ -27,12 +28,13 @@ pub struct TraceExport {
 /// Spans go to `{endpoint}/v1/traces` (OTLP/HTTP's path), in batches from a thread of their own.
 pub fn start(endpoint: &str) -> Result<TraceExport, TraceExportError> {
     let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
-    let exporter = SpanExporter::builder()
-        .with_http()
-        .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(url)
-        .build()
-        .map_err(|source| TraceExportError::Exporter { endpoint: endpoint.to_owned(), source })?;
+    let exporter =
+        SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(url)
+            .build()
+            .map_err(|source| TraceExportError::Exporter { endpoint: crate::redact::redact_url(endpoint), source })?;
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(Resource::builder().with_service_name("chitram").build())

@@ -158,7 +158,9 @@ impl Replicator {
     /// since the shard may still carry it out. The lock and the router's deadline bound it.
     async fn delete_detached(&self, copy: &CopyRef) -> DeletionOutcome {
         let (metadata, router, copy) = (self.metadata.clone(), self.router.clone(), copy.clone());
-        let deletion = tokio::spawn(async move { deletion::try_delete_copy(metadata.as_ref(), &router, &copy).await });
+        let detached = router.clone();
+        let deletion =
+            detached.spawn_detached(async move { deletion::try_delete_copy(metadata.as_ref(), &router, &copy).await });
         deletion.await.unwrap_or_else(|error| DeletionOutcome::Failed(format!("the deletion stopped: {error}")))
     }
 

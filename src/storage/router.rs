@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use tokio_util::task::TaskTracker;
 
 use super::breaker::{BreakerSettings, CircuitBreaker, CircuitState, CircuitStatus};
 use super::deadline::{self, Deadlines};
@@ -136,6 +137,10 @@ pub struct StorageRouter {
     replication_factor: usize,
     deadlines: Deadlines,
     hedge: HedgeSettings,
+    /// Work on the shards that runs to its end even when its caller goes away: a deletion,
+    /// whose DELETE must end answered or fenced (`maintenance/deletion.rs`). `serve` waits for
+    /// it before the process exits ([`StorageRouter::wait_for_detached`]).
+    detached: TaskTracker,
 }
 
 impl StorageRouter {
@@ -145,7 +150,33 @@ impl StorageRouter {
         for (member, shard) in ring.members().iter().zip(&shards) {
             assert_eq!(member.name, shard.name, "backends in ring order");
         }
-        Self { ring, shards, replication_factor, deadlines: Deadlines::default(), hedge: HedgeSettings::default() }
+        Self {
+            ring,
+            shards,
+            replication_factor,
+            deadlines: Deadlines::default(),
+            hedge: HedgeSettings::default(),
+            detached: TaskTracker::new(),
+        }
+    }
+
+    /// Runs `work` in a task of its own that the caller's cancellation cannot cut short, and
+    /// that [`StorageRouter::wait_for_detached`] waits for.
+    pub fn spawn_detached<F>(&self, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.detached.spawn(work)
+    }
+
+    /// Waits, for at most `limit`, until the detached work still running has ended: the
+    /// process must not exit under a DELETE that is neither answered nor fenced yet.
+    pub async fn wait_for_detached(&self, limit: Duration) {
+        self.detached.close();
+        if tokio::time::timeout(limit, self.detached.wait()).await.is_err() {
+            tracing::warn!(running = self.detached.len(), "detached deletions still running at exit");
+        }
     }
 
     /// Sets how long calls may wait on a shard, and when reads hedge.
@@ -276,7 +307,10 @@ impl StorageRouter {
     }
 
     pub async fn write_on(&self, shard: &str, key: &BlobKey, body: &BlobBody) -> Result<(), RouterError> {
-        self.on_shard(shard, |store| store.write_blob(key, body)).await
+        // Bounded like an upload's write: a worker's copy onto a hung shard (an fs mount that
+        // stopped answering) would otherwise hold its task, renewing the claim, for ever.
+        let deadline = self.deadlines.write_for(body.len());
+        self.on_shard(shard, |store| deadline::within("write", deadline, store.write_blob(key, body))).await
     }
 
     /// Opens the blob on one shard. Its body fails with `TimedOut` if the shard stops sending

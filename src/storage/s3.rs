@@ -32,8 +32,8 @@ use super::{
 use crate::blob::BlobKey;
 use crate::redact::redact_url;
 
-/// How to reach one bucket.
-#[derive(Debug, Clone, PartialEq)]
+/// How to reach one bucket. Its `Debug` masks the secret key (see below).
+#[derive(Clone, PartialEq)]
 pub struct S3Settings {
     /// `http://host:9000` or `https://…`; `None` for AWS itself.
     pub endpoint: Option<String>,
@@ -46,6 +46,23 @@ pub struct S3Settings {
     pub connect_timeout: Duration,
     /// Bound on one whole operation (up to the response headers for a download).
     pub operation_timeout: Duration,
+}
+
+/// Written out so that no `{:?}` of a shard, in a log line or an error, can show the secret key
+/// (or a password in the endpoint).
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint.as_deref().map(redact_url))
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("access_key_id", &self.credentials.as_ref().map(|(id, _)| id))
+            .field("secret_access_key", &self.credentials.as_ref().map(|_| crate::redact::MASK))
+            .field("create_bucket", &self.create_bucket)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -388,5 +405,26 @@ impl BlobStore for S3Store {
                 _ => self.classify(error, None, "checking the bucket"),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_neither_the_secret_key_nor_an_endpoint_password() {
+        let settings = S3Settings {
+            endpoint: Some("http://minio:hunter2@minio:9000".into()),
+            bucket: "chitram".into(),
+            region: "us-east-1".into(),
+            credentials: Some(("chitram".into(), "minio-secret-key".into())),
+            create_bucket: true,
+            connect_timeout: Duration::from_secs(1),
+            operation_timeout: Duration::from_secs(60),
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("minio-secret-key") && !shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("chitram") && shown.contains("***"), "{shown}");
     }
 }

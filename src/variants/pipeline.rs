@@ -17,6 +17,7 @@ use image::codecs::webp::WebPEncoder;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageEncoder, ImageFormat, ImageReader, Limits};
 
+use super::jpeg_frame;
 use super::spec::{AlphaFormat, Encoding, Geometry, VariantSpec};
 
 /// A variant, encoded.
@@ -34,6 +35,8 @@ pub struct Rendered {
 pub enum RenderError {
     #[error("the image claims {width}x{height} pixels, over the limit of {limit}")]
     TooManyPixels { width: u64, height: u64, limit: u64 },
+    #[error("decoding the image would take {needed} bytes, over the limit of {limit}")]
+    TooMuchMemory { needed: u64, limit: u64 },
     #[error("the image's header cannot be read")]
     UnreadableHeader,
     #[error("the image cannot be decoded: {0}")]
@@ -115,12 +118,19 @@ impl Pipeline {
         decoder.read_info().map_err(|e| RenderError::Decode(e.to_string()))?;
         let orientation =
             decoder.exif_data().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
+        let mut output = (width, height);
         if self.shrink_on_load {
             let raw_spec = swaps(orientation).then(|| swapped(spec));
             let (target_w, target_h) = raw_spec.as_ref().unwrap_or(spec).decode_target(width, height);
             let clamp = |side: u32| u16::try_from(side.max(1)).unwrap_or(u16::MAX);
-            decoder.scale(clamp(target_w), clamp(target_h)).map_err(|e| RenderError::Decode(e.to_string()))?;
+            let scaled =
+                decoder.scale(clamp(target_w), clamp(target_h)).map_err(|e| RenderError::Decode(e.to_string()))?;
+            output = (u32::from(scaled.0), u32::from(scaled.1));
         }
+        // The decoder bounds its output buffer, but not a progressive JPEG's coefficients.
+        let pixel_bytes = decoder.info().map_or(4, |info| info.pixel_format.pixel_bytes()) as u64;
+        let output_bytes = u64::from(output.0) * u64::from(output.1) * pixel_bytes;
+        self.check_decode_memory(jpeg_frame::progressive_coefficient_bytes(source).unwrap_or(0) + output_bytes)?;
         let pixels = decoder.decode().map_err(|e| RenderError::Decode(e.to_string()))?;
         let info = decoder.info().ok_or_else(|| RenderError::Decode("no frame header".into()))?;
         let (w, h) = (u32::from(info.width), u32::from(info.height));
@@ -151,10 +161,23 @@ impl Pipeline {
         // `ImageReader::decode` does, which gives no access to the orientation): count it here,
         // so that a 16-bit image within the pixel limit cannot allocate 8 bytes a pixel.
         limits.reserve(decoder.total_bytes()).map_err(decode_error)?;
+        // A progressive JPEG's coefficients are held besides (CMYK and 16-bit JPEGs come here).
+        if let Some(coefficients) = jpeg_frame::progressive_coefficient_bytes(source) {
+            self.check_decode_memory(coefficients + decoder.total_bytes())?;
+        }
         decoder.set_limits(limits).map_err(decode_error)?;
         let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
         let image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
         Ok(Decoded { image, orientation })
+    }
+
+    /// Refuses a decode that would need more than [`Self::max_alloc`], before it allocates.
+    fn check_decode_memory(&self, needed: u64) -> Result<(), RenderError> {
+        let limit = self.max_alloc();
+        if needed > limit {
+            return Err(RenderError::TooMuchMemory { needed, limit });
+        }
+        Ok(())
     }
 
     /// The most a decode may allocate: the pixel limit at 4 bytes a pixel, the widest format
@@ -267,5 +290,39 @@ fn has_transparency(image: &DynamicImage) -> bool {
         DynamicImage::ImageLumaA8(buffer) => buffer.pixels().any(|p| p.0[1] < u8::MAX),
         DynamicImage::ImageRgba8(buffer) => buffer.pixels().any(|p| p.0[3] < u8::MAX),
         other => other.color().has_alpha(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::variants::spec::Fit;
+
+    /// A small baseline JPEG whose frame header is rewritten to claim a progressive 10,000 ×
+    /// 10,000 image at 4:4:4: within the pixel limit, but 600 MB of coefficients to decode.
+    fn progressive_claim() -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let image = DynamicImage::new_rgb8(64, 64);
+        JpegEncoder::new(&mut bytes).write_image(image.as_bytes(), 64, 64, image.color().into()).unwrap();
+        let sof = bytes.windows(2).position(|pair| pair == [0xFF, 0xC0]).expect("a baseline frame header");
+        bytes[sof + 1] = 0xC2;
+        bytes[sof + 5..sof + 9].copy_from_slice(&[0x27, 0x10, 0x27, 0x10]);
+        for component in 0..3 {
+            bytes[sof + 11 + 3 * component] = 0x11;
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_progressive_jpeg_whose_coefficients_exceed_the_limit_is_refused_before_decoding() {
+        let pipeline = Pipeline::new(100_000_000, Encoding::default());
+        let thumb = VariantSpec::new("thumb", 256, 256, Fit::Cover).unwrap();
+        match pipeline.render(&progressive_claim(), &thumb) {
+            Err(RenderError::TooMuchMemory { needed, limit }) => {
+                assert!(needed >= 600_000_000, "{needed}");
+                assert_eq!(limit, pipeline.max_alloc());
+            }
+            other => panic!("expected a refusal for memory, got {other:?}"),
+        }
     }
 }

@@ -106,10 +106,9 @@ impl VariantService {
         metadata: Arc<dyn MetadataStore>,
         images: Arc<ImageService>,
         catalog: Arc<Catalog>,
-        max_pixels: u64,
         pool: DecodePool,
     ) -> Self {
-        let pipeline = Pipeline::new(max_pixels, *catalog.encoding());
+        let pipeline = Pipeline::new(catalog.max_pixels(), *catalog.encoding());
         let admission = tokio::sync::Semaphore::new(pool.threads() * 2);
         Self {
             metadata,
@@ -213,10 +212,8 @@ impl VariantService {
     /// One generation: read the original, render on the decode pool, store and record.
     async fn generate_now(&self, id: Uuid, spec: &VariantSpec) -> Result<VariantRecord, GenerateError> {
         let image = self.metadata.find_image(id).await?.ok_or(GenerateError::ImageGone)?;
-        let fingerprint = self.catalog.fingerprint(spec);
         // Made meanwhile (by another instance, or a flight that just ended).
-        if let Some(done) = image.variants.iter().find(|v| v.name == spec.name.as_ref() && v.fingerprint == fingerprint)
-        {
+        if let Some(done) = image.variants.iter().find(|v| v.name == spec.name.as_ref() && self.catalog.is_current(v)) {
             return Ok(done.clone());
         }
         let _admitted = self.admission.acquire().await.map_err(|_| GenerateError::PoolClosed)?;
@@ -229,8 +226,8 @@ impl VariantService {
             .await
             .map_err(|_| GenerateError::PoolClosed)?;
         let recorded = match rendered {
-            Ok(rendered) => self.store(id, spec, fingerprint, rendered).await?,
-            Err(error) => self.record_failure(id, spec, &fingerprint, &error).await?,
+            Ok(rendered) => self.store(id, spec, self.catalog.fingerprint(spec), rendered).await?,
+            Err(error) => self.record_failure(id, spec, &self.catalog.failure_fingerprint(spec), &error).await?,
         };
         if recorded == VariantRecorded::ImageGone {
             return Err(GenerateError::ImageGone);
@@ -283,7 +280,9 @@ impl VariantService {
             Box::pin(async move { guard.commit_variant(&variant, &copies).await })
         });
         let recorded = self.images.writer().store(Purpose::Variant, &blob, size, &body, None, commit).await?;
-        tracing::info!(%image, variant = %spec.name, %blob, "stored a variant");
+        if recorded == VariantRecorded::Recorded {
+            tracing::info!(%image, variant = %spec.name, %blob, "stored a variant");
+        }
         Ok(recorded)
     }
 

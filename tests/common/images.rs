@@ -143,3 +143,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// A JPEG whose pixels really decode (the files above only have to satisfy the upload's
+/// checks), for tests that make variants: `width × height` of one colour chosen by `seed`.
+pub fn decodable_jpeg(width: u32, height: u32, seed: u64) -> Vec<u8> {
+    let colour = image::Rgb([(seed % 251) as u8, (seed / 251 % 251) as u8, 128]);
+    let pixels = image::RgbImage::from_pixel(width, height, colour);
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new(&mut bytes).encode_image(&pixels).expect("a JPEG encodes");
+    bytes
+}

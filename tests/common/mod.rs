@@ -286,6 +286,10 @@ pub struct SiblingApp {
 }
 
 impl SiblingApp {
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(format!("{}{path}", self.address)).send().await.unwrap()
+    }
+
     pub async fn upload_ok(&self, filename: &str, bytes: Vec<u8>) -> Value {
         let part = Part::bytes(bytes).file_name(filename.to_owned());
         let response = self
@@ -484,8 +488,14 @@ impl TestApp {
 
     /// A second instance of the app on the same database and shards, with its own workers.
     pub async fn spawn_sibling(&self, workers: usize) -> SiblingApp {
+        self.spawn_sibling_adjusted(workers, |_| {}).await
+    }
+
+    /// A sibling whose settings `adjust` changes (a new config rolled out to one instance).
+    pub async fn spawn_sibling_adjusted(&self, workers: usize, adjust: fn(&mut Settings)) -> SiblingApp {
         let mut settings = self.settings.clone();
         settings.replication.workers = workers;
+        adjust(&mut settings);
         let app = Application::build(&settings).await.expect("the sibling builds");
         let address = format!("http://{}", app.local_addr());
         let (shutdown, stopped) = oneshot::channel::<()>();

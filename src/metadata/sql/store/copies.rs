@@ -15,8 +15,8 @@ use sqlx::{Database, Transaction};
 use super::D;
 use super::images::{fetch_recorded, insert_image};
 use super::queue::{
-    forget_copy_task, forget_tasks, forget_tasks_of_copy, queue_copy_if_pending, queue_delete_for_every_copy,
-    queue_task,
+    forget_copy_task, forget_moot_delete_tasks, forget_tasks, forget_tasks_of_copy, queue_copy_if_pending,
+    queue_delete_for_every_copy, queue_task,
 };
 use super::variants::record_variant;
 use crate::blob::BlobKey;
@@ -57,6 +57,11 @@ static LOCK_BLOB_FOR_UPLOAD: Statement = Statement::new(
 );
 
 static LOCK_BLOB: Statement = Statement::new("SELECT ref_count FROM blobs WHERE checksum = $1 {for_update}");
+
+/// Locks the blobs `$1` (a list) in key order: Postgres sorts before it locks, so two
+/// transactions that lock overlapping sets this way never hold one each of a pair.
+static LOCK_BLOBS_IN_KEY_ORDER: Statement =
+    Statement::new("SELECT checksum FROM blobs WHERE checksum {in:$1} ORDER BY checksum {for_update}");
 
 static ADD_REFERENCE: Statement = Statement::new("UPDATE blobs SET ref_count = ref_count + 1 WHERE checksum = $1");
 
@@ -106,6 +111,24 @@ static LEAVE_DELETION_IN_DOUBT: Statement = Statement::new(
 );
 
 static FORGET_COPY: Statement = Statement::new("DELETE FROM replicas WHERE blob_checksum = $1 AND shard = $2");
+
+/// A `deleting` copy of a referenced blob whose fence has run out: the leftover of a deletion
+/// in doubt that an upload of the same bytes did not reuse.
+static FORGET_SETTLED_DELETING_COPY: Statement = Statement::new(
+    "DELETE FROM replicas
+     WHERE blob_checksum = $1 AND shard = $2 AND state = 'deleting'
+       AND (delete_in_doubt_until IS NULL OR delete_in_doubt_until <= {now})",
+);
+
+/// Records an object no row recorded as a copy being deleted, fenced for `$3` microseconds.
+static RECORD_FENCED_DELETION: Statement = Statement::new(
+    "INSERT INTO replicas (blob_checksum, shard, state, updated_at, delete_in_doubt_until)
+     VALUES ($1, $2, 'deleting', {now}, {after_micros:$3})
+     ON CONFLICT (blob_checksum, shard) DO UPDATE SET delete_in_doubt_until = excluded.delete_in_doubt_until",
+);
+
+/// A blob row the upload guard created holds the reference its commit would have added.
+static UNREFERENCE_NEW_BLOB: Statement = Statement::new("UPDATE blobs SET ref_count = 0 WHERE checksum = $1");
 
 /// A copy whose deletion is in doubt keeps its row, and with it its fence, until the fence
 /// expires.
@@ -216,12 +239,30 @@ impl CopyStore for SqlStore<D> {
         const CONTEXT: &str = "locking a copy for deletion";
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
         let ref_count = lock_blob(&mut tx, &copy.blob).await?;
-        let deleting = ref_count == Some(0) && copy_has_state(&mut tx, copy, &COPY_IS_DELETING).await?;
-        if !deleting {
-            tx.rollback().await.map_err(sql_error(CONTEXT))?;
-            return Ok(None);
+        let deleting = ref_count.is_some() && copy_has_state(&mut tx, copy, &COPY_IS_DELETING).await?;
+        if deleting && ref_count == Some(0) {
+            return Ok(Some(Box::new(SqlCopyDeletionGuard { tx, copy: copy.clone() })));
         }
-        Ok(Some(Box::new(SqlCopyDeletionGuard { tx, copy: copy.clone() })))
+        if deleting {
+            // Referenced again since: an upload reused the copies it could and left this one,
+            // fenced at the time. Forgotten once settled; an object a late DELETE did not
+            // remove is an orphan for scrub (deleting it here could race with a rebalance
+            // writing the shard's new copy, which records it only afterwards).
+            let forgotten = sqlx::query(FORGET_SETTLED_DELETING_COPY.sql::<D>())
+                .bind(copy.blob.as_str())
+                .bind(&copy.shard)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql_error(CONTEXT))?
+                .rows_affected();
+            if forgotten == 1 {
+                forget_tasks_of_copy(&mut tx, copy).await?;
+                tx.commit().await.map_err(sql_error(CONTEXT))?;
+                return Ok(None);
+            }
+        }
+        tx.rollback().await.map_err(sql_error(CONTEXT))?;
+        Ok(None)
     }
 
     async fn record_missing_copy(&self, copy: &CopyRef) -> MetaResult<()> {
@@ -255,9 +296,9 @@ impl CopyStore for SqlStore<D> {
             return Ok(false);
         };
         // Missing copies belong to referenced blobs: a deletion marks every copy `deleting`.
-        record_written_copy(&mut tx, copy, true).await?;
+        let recorded = record_written_copy(&mut tx, copy, true).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
-        Ok(true)
+        Ok(recorded == ReplicaState::Stored)
     }
 
     async fn lock_surplus_copy(
@@ -401,6 +442,19 @@ impl UploadGuard for SqlUploadGuard {
         }
         Ok(recorded)
     }
+
+    async fn fence_unrecorded_deletion(self: Box<Self>, shard: &str, doubt: std::time::Duration) -> MetaResult<()> {
+        const CONTEXT: &str = "fencing an unrecorded object whose deletion is in doubt";
+        let Self { mut tx, blob, new_blob, .. } = *self;
+        if new_blob {
+            run(&mut tx, &UNREFERENCE_NEW_BLOB, &blob, CONTEXT).await?;
+        }
+        let copy = CopyRef { blob, shard: shard.to_owned() };
+        fence(&mut tx, &RECORD_FENCED_DELETION, &copy, doubt, CONTEXT).await?;
+        queue_task(&mut tx, &copy, TaskKind::Delete).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(())
+    }
 }
 
 /// The part of an upload's commit that concerns the blob: copies, their tasks, a reference.
@@ -414,7 +468,6 @@ async fn record_copies_and_reference(
 ) -> MetaResult<()> {
     if !new_blob {
         run(conn, &FORGET_DELETING_COPIES, blob, "forgetting copies left by a deletion").await?;
-        forget_tasks(conn, blob, TaskKind::Delete).await?;
     }
     for copy in copies {
         record_copy(conn, blob, copy).await?;
@@ -425,6 +478,9 @@ async fn record_copies_and_reference(
     if new_blob {
         return Ok(()); // Created with its reference (`CREATE_BLOB_FOR_UPLOAD`).
     }
+    // A copy still `deleting` (fenced, and not listed) keeps its task, which forgets it once
+    // the fence has run out (`lock_copy_for_deletion`).
+    forget_moot_delete_tasks(conn, blob).await?;
     let added = run(conn, &ADD_REFERENCE, blob, "adding a reference to a blob").await?;
     if added != 1 {
         return Err(MetadataError::Corrupt(format!("locked blob {blob} has no row")));
@@ -481,13 +537,7 @@ impl CopyDeletionGuard for SqlCopyDeletionGuard {
     async fn leave_in_doubt(self: Box<Self>, doubt: std::time::Duration) -> MetaResult<()> {
         const CONTEXT: &str = "fencing a copy whose deletion is in doubt";
         let Self { mut tx, copy } = *self;
-        sqlx::query(LEAVE_DELETION_IN_DOUBT.sql::<D>())
-            .bind(copy.blob.as_str())
-            .bind(&copy.shard)
-            .bind(duration_micros(doubt, CONTEXT)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql_error(CONTEXT))?;
+        fence(&mut tx, &LEAVE_DELETION_IN_DOUBT, &copy, doubt, CONTEXT).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
         Ok(())
     }
@@ -501,6 +551,19 @@ pub(super) async fn lock_blob(conn: &mut Connection, blob: &BlobKey) -> MetaResu
         .fetch_optional(conn)
         .await
         .map_err(sql_error("locking a blob"))
+}
+
+/// Takes the locks of several blobs in one round trip, in key order: the order of every
+/// transaction that locks more than one blob (`variants.rs` gives the whole order).
+pub(super) async fn lock_blobs(conn: &mut Connection, blobs: &[&BlobKey]) -> MetaResult<()> {
+    const CONTEXT: &str = "locking blobs";
+    let keys: Vec<&str> = blobs.iter().map(|blob| blob.as_str()).collect();
+    sqlx::query(LOCK_BLOBS_IN_KEY_ORDER.sql::<D>())
+        .bind(D::name_list(&keys, CONTEXT)?)
+        .fetch_all(conn)
+        .await
+        .map_err(sql_error(CONTEXT))?;
+    Ok(())
 }
 
 /// Drops one reference under the blob's lock; at zero every copy becomes `deleting`, with a
@@ -524,17 +587,47 @@ pub(super) async fn drop_reference(conn: &mut Connection, blob: &BlobKey) -> Met
     Ok(true)
 }
 
+/// Drops one reference for each of `blobs` (a blob listed twice loses two), in key order, under
+/// locks the caller holds. Returns the blobs that lost their last reference.
+pub(super) async fn drop_references(conn: &mut Connection, mut blobs: Vec<BlobKey>) -> MetaResult<Vec<BlobKey>> {
+    blobs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let mut unreferenced = Vec::new();
+    for blob in blobs {
+        if drop_reference(conn, &blob).await? {
+            unreferenced.push(blob);
+        }
+    }
+    Ok(unreferenced)
+}
+
 /// Records a copy a worker or an operator tool has just written and verified: `stored` while
 /// the blob is referenced, otherwise `deleting` with a `delete` task, so the new object is
 /// removed like the blob's other copies. Either way the copy needs no `copy` task any more.
-pub(super) async fn record_written_copy(conn: &mut Connection, copy: &CopyRef, referenced: bool) -> MetaResult<()> {
-    let state = if referenced { ReplicaState::Stored } else { ReplicaState::Deleting };
+///
+/// Writers check for a deletion in doubt on the shard before they write, but a fence may have
+/// been set since (a rebalance's surplus DELETE that timed out): then the copy is recorded
+/// `missing`, its repair queued, since the late DELETE may yet remove it; the repair waits for
+/// the fence, then verifies the bytes or writes them again. Returns the state recorded.
+pub(super) async fn record_written_copy(
+    conn: &mut Connection,
+    copy: &CopyRef,
+    referenced: bool,
+) -> MetaResult<ReplicaState> {
+    let state = if !referenced {
+        ReplicaState::Deleting
+    } else if copy_has_state(conn, copy, &DELETION_IN_DOUBT).await? {
+        ReplicaState::Missing
+    } else {
+        ReplicaState::Stored
+    };
     record_copy(conn, &copy.blob, &Replica { shard: copy.shard.clone(), state }).await?;
     forget_copy_task(conn, copy).await?;
-    if !referenced {
-        queue_task(conn, copy, TaskKind::Delete).await?;
+    match state {
+        ReplicaState::Deleting => queue_task(conn, copy, TaskKind::Delete).await?,
+        ReplicaState::Missing => queue_task(conn, copy, TaskKind::Copy).await?,
+        _ => {}
     }
-    Ok(())
+    Ok(state)
 }
 
 async fn record_copy(conn: &mut Connection, blob: &BlobKey, copy: &Replica) -> MetaResult<()> {
@@ -579,6 +672,24 @@ async fn copy_has_state(conn: &mut Connection, copy: &CopyRef, statement: &'stat
 async fn forget_bare_blob(conn: &mut Connection, blob: &BlobKey) -> MetaResult<()> {
     run(conn, &FORGET_TASKS_OF_BARE_BLOB, blob, "forgetting the tasks of a blob without copies").await?;
     run(conn, &FORGET_BARE_BLOB, blob, "forgetting a blob without copies").await?;
+    Ok(())
+}
+
+/// Runs a statement that fences a copy (`$1` its blob, `$2` its shard) for `doubt` (`$3`).
+async fn fence(
+    conn: &mut Connection,
+    statement: &'static Statement,
+    copy: &CopyRef,
+    doubt: std::time::Duration,
+    context: &'static str,
+) -> MetaResult<()> {
+    sqlx::query(statement.sql::<D>())
+        .bind(copy.blob.as_str())
+        .bind(&copy.shard)
+        .bind(duration_micros(doubt, context)?)
+        .execute(conn)
+        .await
+        .map_err(sql_error(context))?;
     Ok(())
 }
 

@@ -5,8 +5,8 @@ use sqlx::{Database, Executor};
 use uuid::Uuid;
 
 use super::D;
-use super::copies::drop_reference;
-use super::variants::{fetch_variants, queue_variant_tasks, release_variants};
+use super::copies::{drop_reference, drop_references, lock_blobs};
+use super::variants::{fetch_variants, forget_variants, queue_variant_tasks};
 use crate::blob::BlobKey;
 use crate::metadata::rows::{from_column, parse_blob_key, sql_error, to_column};
 use crate::metadata::sql::dialect::Dialect;
@@ -91,8 +91,10 @@ static ADD_REFERENCE_TO_LIVE_BLOB: Statement = Statement::new(
        AND EXISTS (SELECT 1 FROM replicas WHERE blob_checksum = $1 AND state = 'stored')",
 );
 
-static DELETE_IMAGE: Statement =
-    Statement::new("DELETE FROM images WHERE id = $1 RETURNING blob_checksum, owner_id, file_size");
+/// Locks an image that is about to be deleted, and names its blob.
+static LOCK_IMAGE_BLOB: Statement = Statement::new("SELECT blob_checksum FROM images WHERE id = $1 {for_update}");
+
+static DELETE_IMAGE: Statement = Statement::new("DELETE FROM images WHERE id = $1 RETURNING owner_id, file_size");
 
 /// Whether [`ADD_REFERENCE_TO_LIVE_BLOB`] would find the blob, read without a transaction.
 /// Most uploads are new bytes: on a miss this one round trip spares a BEGIN, the UPDATE and a
@@ -190,20 +192,29 @@ impl ImageStore for SqlStore<D> {
         Ok(Some(record))
     }
 
+    /// Takes its locks in the order `variants.rs` gives: the image, then every blob it releases
+    /// in key order, then its owner. (Refunding the owner before dropping the image's blob
+    /// deadlocked with an upload of the same bytes by the same owner, which takes the blob,
+    /// then the owner.)
     async fn delete_image(&self, id: Uuid) -> MetaResult<Option<DeletedImage>> {
         const CONTEXT: &str = "deleting an image";
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
-        // Variant rows first: they refer to the image row.
-        let unreferenced_variant_blobs = release_variants(&mut tx, id).await?;
-        let deleted: Option<(String, Option<<D as Dialect>::Id>, i64)> = sqlx::query_as(DELETE_IMAGE.sql::<D>())
-            .bind(D::id(id))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(sql_error(CONTEXT))?;
-        let Some((checksum, owner, file_size)) = deleted else {
+        let Some(blob) = lock_image_for_deletion(&mut tx, id).await? else {
             tx.rollback().await.map_err(sql_error(CONTEXT))?;
             return Ok(None);
         };
+        // Variant rows first: they refer to the image row.
+        let variant_blobs = forget_variants(&mut tx, id).await?;
+        lock_blobs(&mut tx, &variant_blobs.iter().chain([&blob]).collect::<Vec<_>>()).await?;
+        let unreferenced_variant_blobs = drop_references(&mut tx, variant_blobs).await?;
+        // The image row goes before its blob's reference: an unreferenced blob without copies
+        // loses its row, which the image's refers to.
+        let (owner, file_size): (Option<<D as Dialect>::Id>, i64) = sqlx::query_as(DELETE_IMAGE.sql::<D>())
+            .bind(D::id(id))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql_error(CONTEXT))?;
+        let blob_unreferenced = drop_reference(&mut tx, &blob).await?;
         if let Some(owner) = owner {
             sqlx::query(REFUND_OWNER.sql::<D>())
                 .bind(owner)
@@ -212,11 +223,19 @@ impl ImageStore for SqlStore<D> {
                 .await
                 .map_err(sql_error(CONTEXT))?;
         }
-        let blob = parse_blob_key(&checksum)?;
-        let blob_unreferenced = drop_reference(&mut tx, &blob).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
         Ok(Some(DeletedImage { blob, blob_unreferenced, unreferenced_variant_blobs }))
     }
+}
+
+/// Locks an image's row for its deletion and names its blob; `None` if there is no such image.
+async fn lock_image_for_deletion(conn: &mut Connection, id: Uuid) -> MetaResult<Option<BlobKey>> {
+    let blob: Option<String> = sqlx::query_scalar(LOCK_IMAGE_BLOB.sql::<D>())
+        .bind(D::id(id))
+        .fetch_optional(conn)
+        .await
+        .map_err(sql_error("locking an image for its deletion"))?;
+    blob.map(|blob| parse_blob_key(&blob)).transpose()
 }
 
 /// Records an image row, charges it to its owner (failing with `QuotaExceeded` when it does

@@ -57,6 +57,15 @@ static QUEUE_DELETE_FOR_EVERY_COPY: Statement = Statement::new(concat!(
 static FORGET_TASKS_OF_KIND: Statement =
     Statement::new("DELETE FROM replication_tasks WHERE blob_checksum = $1 AND kind = $2");
 
+/// The `delete` tasks of a blob's copies that are no longer `deleting` (forgotten, or recorded
+/// again by an upload).
+static FORGET_MOOT_DELETE_TASKS: Statement = Statement::new(
+    "DELETE FROM replication_tasks
+     WHERE blob_checksum = $1 AND kind = 'delete'
+       AND NOT EXISTS (SELECT 1 FROM replicas AS r
+                       WHERE r.blob_checksum = $1 AND r.shard = replication_tasks.shard AND r.state = 'deleting')",
+);
+
 static FORGET_TASKS_OF_COPY: Statement =
     Statement::new("DELETE FROM replication_tasks WHERE blob_checksum = $1 AND shard = $2");
 
@@ -310,6 +319,16 @@ pub(super) async fn forget_tasks(conn: &mut Connection, blob: &BlobKey, kind: Ta
         .execute(conn)
         .await
         .map_err(sql_error("forgetting moot replication tasks"))?;
+    Ok(())
+}
+
+/// Forgets the `delete` tasks of a blob's copies that are not `deleting` any more.
+pub(super) async fn forget_moot_delete_tasks(conn: &mut Connection, blob: &BlobKey) -> MetaResult<()> {
+    sqlx::query(FORGET_MOOT_DELETE_TASKS.sql::<D>())
+        .bind(blob.as_str())
+        .execute(conn)
+        .await
+        .map_err(sql_error("forgetting the delete tasks of copies no longer deleting"))?;
     Ok(())
 }
 

@@ -1,10 +1,18 @@
 //! Variants of images and their generation queue ([`VariantStore`]), and the steps that record,
 //! queue and release variants inside other concerns' transactions (an upload's, a deletion's).
 //!
-//! Lock order, as in `copies.rs`: a transaction that records a variant holds its new blob's
-//! lock (the upload guard's, or the row lock of adding a reference), then locks the image's
-//! row (so a concurrent deletion of the image waits and then releases the variant it finds),
-//! then drops the reference of the variant it replaces.
+//! Lock order. A transaction that touches an image's variants locks the image's row first,
+//! then the blobs it references or releases, in key order ([`lock_blobs`]), then the owner's
+//! row: a deletion (`images.rs`), a variant recorded over a live blob, a failure that releases
+//! the variant it replaces. Before this order, recording took its blob first and deletion its
+//! image first, and the two deadlocked on Postgres whenever they met on a blob two variants of
+//! one image share (a small image's thumb and preview are the same bytes).
+//!
+//! One path keeps the other order: a variant whose bytes are new is recorded under its upload
+//! guard, which locked the blob before the bytes were written (`copies.rs`). A deletion of the
+//! same image needs that blob only if the image already refers to it without a stored copy;
+//! in that corner Postgres breaks the cycle within its `deadlock_timeout` and the loser is
+//! retried (the variant task) or answered 503 (the DELETE).
 
 use std::time::Duration;
 
@@ -13,7 +21,7 @@ use sqlx::{Database, Executor};
 use uuid::Uuid;
 
 use super::D;
-use super::copies::drop_reference;
+use super::copies::{drop_reference, lock_blobs};
 use crate::blob::BlobKey;
 use crate::metadata::rows::{duration_micros, from_column, parse_blob_key, sql_error, to_column};
 use crate::metadata::sql::dialect::Dialect;
@@ -132,6 +140,12 @@ impl VariantStore for SqlStore<D> {
     async fn record_variant_for_live_blob(&self, variant: &NewVariant) -> MetaResult<VariantRecorded> {
         const CONTEXT: &str = "recording a variant over a live blob";
         let mut tx = D::begin_write(&self.pool, CONTEXT).await?;
+        if !lock_image(&mut tx, variant.image).await? {
+            tx.rollback().await.map_err(sql_error(CONTEXT))?;
+            return Ok(VariantRecorded::ImageGone);
+        }
+        let previous = variant_blob(&mut tx, variant.image, &variant.name).await?;
+        lock_blobs(&mut tx, &[&variant.blob].into_iter().chain(&previous).collect::<Vec<_>>()).await?;
         let added = sqlx::query(ADD_REFERENCE_TO_LIVE_BLOB.sql::<D>())
             .bind(variant.blob.as_str())
             .execute(&mut *tx)
@@ -142,13 +156,9 @@ impl VariantStore for SqlStore<D> {
             tx.rollback().await.map_err(sql_error(CONTEXT))?;
             return Ok(VariantRecorded::BlobNotLive);
         }
-        let recorded = record_variant(&mut tx, variant).await?;
-        if recorded == VariantRecorded::Recorded {
-            tx.commit().await.map_err(sql_error(CONTEXT))?;
-        } else {
-            tx.rollback().await.map_err(sql_error(CONTEXT))?;
-        }
-        Ok(recorded)
+        replace_variant(&mut tx, variant, previous).await?;
+        tx.commit().await.map_err(sql_error(CONTEXT))?;
+        Ok(VariantRecorded::Recorded)
     }
 
     async fn record_variant_failure(
@@ -313,36 +323,35 @@ pub(super) async fn fetch_variants<'c>(
     rows.into_iter().map(VariantRow::into_record).collect()
 }
 
-/// Forgets every variant of an image that is being deleted and drops their references (in
-/// key order, so two deletions lock shared blobs in the same order). Returns the blobs that
-/// lost their last reference (their copies are now `deleting`, with a task each). The image's
-/// row is locked first, so a variant being recorded meanwhile is either seen here or finds the
-/// image gone.
-pub(super) async fn release_variants(conn: &mut Connection, image: Uuid) -> MetaResult<Vec<BlobKey>> {
-    lock_image(conn, image).await?;
+/// Forgets every variant of an image that is being deleted, whose row the caller has locked,
+/// and returns their blobs (one entry per variant, so a blob two variants share is there
+/// twice): the caller locks them and drops a reference for each. A variant being recorded
+/// meanwhile waits for the image's lock, and then finds the image gone.
+pub(super) async fn forget_variants(conn: &mut Connection, image: Uuid) -> MetaResult<Vec<BlobKey>> {
     let blobs: Vec<Option<String>> = sqlx::query_scalar(DELETE_VARIANTS_OF_IMAGE.sql::<D>())
         .bind(D::id(image))
         .fetch_all(&mut *conn)
         .await
         .map_err(sql_error("forgetting the variants of a deleted image"))?;
-    let mut blobs: Vec<BlobKey> = blobs.into_iter().flatten().map(|b| parse_blob_key(&b)).collect::<MetaResult<_>>()?;
-    blobs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    let mut unreferenced = Vec::new();
-    for blob in blobs {
-        if drop_reference(conn, &blob).await? {
-            unreferenced.push(blob);
-        }
-    }
-    Ok(unreferenced)
+    blobs.into_iter().flatten().map(|b| parse_blob_key(&b)).collect()
 }
 
-/// Records a ready variant whose blob reference the caller has just added, replacing (and
-/// releasing) an older one. `ImageGone` if the image no longer exists (the caller rolls back).
+/// Records a ready variant under its upload guard, which holds the new blob's lock and has
+/// added its reference (see the module documentation for why this path locks the blob
+/// first), replacing and releasing an older one. `ImageGone` if the image no longer exists
+/// (the caller rolls back).
 pub(super) async fn record_variant(conn: &mut Connection, variant: &NewVariant) -> MetaResult<VariantRecorded> {
     if !lock_image(conn, variant.image).await? {
         return Ok(VariantRecorded::ImageGone);
     }
     let previous = variant_blob(conn, variant.image, &variant.name).await?;
+    replace_variant(conn, variant, previous).await?;
+    Ok(VariantRecorded::Recorded)
+}
+
+/// Writes a ready variant's row over the `previous` one (whose blob it releases), under the
+/// image's lock, with the new blob's reference already added.
+async fn replace_variant(conn: &mut Connection, variant: &NewVariant, previous: Option<BlobKey>) -> MetaResult<()> {
     const CONTEXT: &str = "recording a variant";
     sqlx::query(UPSERT_VARIANT.sql::<D>())
         .bind(D::id(variant.image))
@@ -362,7 +371,7 @@ pub(super) async fn record_variant(conn: &mut Connection, variant: &NewVariant) 
     if let Some(previous) = previous {
         drop_reference(conn, &previous).await?;
     }
-    Ok(VariantRecorded::Recorded)
+    Ok(())
 }
 
 async fn lock_image(conn: &mut Connection, image: Uuid) -> MetaResult<bool> {
