@@ -264,9 +264,10 @@ impl Application {
         for task in [scrubber, refresher, internal].into_iter().flatten() {
             let _ = task.await;
         }
-        // A deletion whose caller stopped (a worker, a request) ends answered or fenced within
-        // the control deadline: the process stays for it.
-        router.wait_for_detached(router.deadlines().control + Duration::from_secs(1)).await;
+        // A deletion whose caller stopped (a worker, a request) ends answered or fenced, each
+        // DELETE within the control deadline: the process stays for them, up to the grace (a
+        // request's deletion may have several copies to remove, one after another).
+        router.wait_for_detached(grace.max(router.deadlines().control + Duration::from_secs(1))).await;
         metadata.before_exit().await;
         served
     }

@@ -213,8 +213,13 @@ async fn keys(command: KeysCommand, settings: &Settings) -> Result<commands::Out
     })
 }
 
-/// The first line of standard input, without its line ending.
+/// The first line of standard input, without its line ending. From a terminal, a prompt says
+/// that what is typed shows (pipe the password in to keep it off the screen).
 fn read_password() -> std::io::Result<String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprint!("password (it shows as you type; pipe it in to hide it): ");
+    }
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
     Ok(line.trim_end_matches(['\r', '\n']).to_owned())

@@ -41,23 +41,27 @@ fn redact_user_info(before_at: &str) -> String {
     format!("{}{MASK}", &before_at[..scheme.unwrap_or(0)])
 }
 
-/// libpq's other form, `host=db user=u password=s3cret dbname=x`: keyword/value pairs, no
-/// scheme.
+/// libpq's other form, `host=db user=u password=s3cret dbname=x` (spaces around `=` allowed):
+/// keyword/value pairs, no scheme.
 fn is_keyword_connection_string(text: &str) -> bool {
-    !text.contains("://") && text.split_whitespace().next().is_some_and(|first| first.contains('='))
+    let text = text.trim_start();
+    let keyword = text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(text.len());
+    !text.contains("://") && keyword > 0 && text[keyword..].trim_start().starts_with('=')
 }
 
 /// Masks the values of secret keywords; a value may be quoted (`password='a b'`, with `\'`
-/// for a quote inside).
+/// for a quote inside), and `=` may have spaces around it.
 fn redact_keywords(text: &str) -> String {
     let mut shown = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(equals) = rest.find('=') {
-        let keyword = rest[..equals].rsplit(char::is_whitespace).next().unwrap_or("");
-        shown.push_str(&rest[..=equals]);
-        rest = &rest[equals + 1..];
+        let keyword = rest[..equals].trim_end().rsplit(char::is_whitespace).next().unwrap_or("");
+        let after = &rest[equals + 1..];
+        let value_start = equals + 1 + (after.len() - after.trim_start().len());
+        shown.push_str(&rest[..value_start]);
+        rest = &rest[value_start..];
         let value_end = value_length(rest);
-        if is_secret_parameter(keyword.trim()) {
+        if is_secret_parameter(keyword) {
             shown.push_str(MASK);
         } else {
             shown.push_str(&rest[..value_end]);
@@ -138,5 +142,8 @@ mod tests {
         assert_eq!(redact_url("password='s3 cr\\'et' host=db"), "password=*** host=db");
         assert_eq!(redact_url("host=db sslpassword=s3cret"), "host=db sslpassword=***");
         assert_eq!(redact_url("host=db dbname=x"), "host=db dbname=x");
+        assert_eq!(redact_url("host = db password = s3cret dbname=x"), "host = db password = *** dbname=x");
+        assert_eq!(redact_url("password= 's3 cret'"), "password= ***");
+        assert_eq!(redact_url("postgres//u:s3cret@h/db?password=x"), "postgres***@h/db?password=***");
     }
 }

@@ -81,6 +81,7 @@ async fn download_headers_and_revalidation(b: Backends) {
     assert_eq!(headers[header::ETAG], etag.as_str());
     assert!(headers[header::CACHE_CONTROL].to_str().unwrap().contains("max-age=31536000"));
     assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    assert_eq!(headers[header::CONTENT_SECURITY_POLICY], "sandbox", "opened as a page, it runs nothing");
 
     let head = app.client.head(app.url(&path)).send().await.unwrap();
     assert_eq!(head.status(), StatusCode::OK);
@@ -240,6 +241,8 @@ async fn openapi_and_docs_are_served_offline() {
     }
     let docs = app.get("/docs/").await;
     assert_eq!(docs.status(), StatusCode::OK);
+    assert_eq!(docs.headers()[header::X_FRAME_OPTIONS], "DENY", "the page beside the token may not be framed");
+    assert_eq!(docs.headers()[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
     assert!(docs.text().await.unwrap().contains("swagger"), "the interactive page is served");
     let asset = app.get("/docs/swagger-ui-bundle.js").await;
     assert_eq!(asset.status(), StatusCode::OK, "the UI's assets come from the binary");

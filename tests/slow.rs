@@ -274,6 +274,29 @@ async fn a_copy_onto_a_shard_that_never_answers_fails_at_the_write_deadline() {
     assert_eq!(app.shard_s3(&pending).faults.delayed(), 1, "the PUT really was held");
 }
 
+/// A worker's copy whose image is deleted while the copy's PUT is late leaves no object behind:
+/// the copy's task is gone when it is to be recorded, the blob has no reference left, and the
+/// worker removes what it wrote (before, an orphan until scrub's grace and next run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_copy_of_an_image_deleted_meanwhile_leaves_no_object() {
+    let app = spawn_app_with(Backends::POSTGRES_S3, TestOptions::default()).await;
+    let image = app.upload_ok("gone.png", png(64, 64, 900_000)).await;
+    let id = image["id"].as_str().unwrap().to_owned();
+    let pending = replica_states(&image).into_iter().find(|(_, state)| state == "pending").expect("a pending copy").0;
+    let late_puts = Faults { late: Some(Duration::from_millis(1500)), late_method: Some("PUT"), ..Faults::default() };
+    app.shard_s3(&pending).misbehave(late_puts).await;
+
+    let worker = app.replicator("copying-a-deleted-image");
+    let step = tokio::spawn(async move { worker.try_run_next().await.unwrap() });
+    eventually(Duration::from_secs(10), "the worker's PUT is on its way", || async {
+        app.shard_s3(&pending).faults.delayed() >= 1
+    })
+    .await;
+    assert_eq!(app.delete(&id).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(step.await.unwrap(), StepOutcome::LostClaim, "the copy's task went with the image");
+    assert!(app.all_objects().is_empty(), "left behind: {:?}", app.all_objects());
+}
+
 /// A client that hangs up during its DELETE does not cut the deletion of the copies short: a
 /// DELETE the shard has not answered is bounded by its deadline and its copy fenced, as if the
 /// client had waited. (Unfenced, the late DELETE could remove the copy of an upload of the same

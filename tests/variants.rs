@@ -333,6 +333,7 @@ async fn serving_has_caching_headers_and_clear_errors(b: Backends) {
     let etag = head.headers()[header::ETAG].to_str().unwrap().to_owned();
     let length: usize = head.headers()[header::CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
     assert!(head.headers()[header::CACHE_CONTROL].to_str().unwrap().contains("immutable"));
+    assert_eq!(head.headers()[header::CONTENT_SECURITY_POLICY], "sandbox");
     // Without it, or with another spec's version, the same bytes are revalidated each time: a
     // changed spec (size, quality) is not served stale from a cache.
     for stale in [variant_path(&image, "thumb"), format!("{}?v=0123456789abcdef", variant_path(&image, "thumb"))] {

@@ -2,6 +2,8 @@
 //! the binary: the Swagger UI assets are vendored at build time, so no network is needed.
 
 use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
@@ -63,5 +65,18 @@ impl Modify for BearerAuth {
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+    Router::new()
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .layer(axum::middleware::map_response(hardened))
+}
+
+/// `/docs` shares its origin with the pages that keep an access token in `sessionStorage`: it
+/// may not be framed (clickjacking), its assets are not sniffed, and links from it send no
+/// `Referer`. (No content security policy: the vendored Swagger UI is not written for one.)
+async fn hardened(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    response
 }

@@ -168,7 +168,7 @@ fn variant_headers(record: &VariantRecord, cache: HeaderValue) -> HeaderMap {
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(record.file_size));
     headers.insert(header::ETAG, etag(record));
     headers.insert(header::CACHE_CONTROL, cache);
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    super::images::confine_served_bytes(&mut headers);
     headers
 }
 

@@ -243,7 +243,7 @@ impl EagerCopies {
             }
             Ok(false) => {
                 count("lost_claim");
-                self.remove_if_unwanted(&task.copy).await;
+                deletion::remove_if_unwanted(self.metadata.clone(), self.router.clone(), &task.copy).await;
                 false
             }
             Err(error) => {
@@ -253,33 +253,6 @@ impl EagerCopies {
                 count("failed");
                 false
             }
-        }
-    }
-
-    /// The task was gone when the copy was written: most often the image was deleted
-    /// meanwhile, and the deletion found no object to remove yet. If the blob has no reference
-    /// left, the copy just written is removed under the blob's lock (unless a row records it by
-    /// then), so a deleted image leaves no orphan waiting for scrub. A blob that is referenced
-    /// again keeps the object: the upload or worker that wants it records it.
-    async fn remove_if_unwanted(&self, copy: &CopyRef) {
-        let unwanted = match self.metadata.find_blob_copies(&copy.blob).await {
-            Ok(blob) => blob.is_none_or(|blob| blob.ref_count == 0),
-            Err(_) => false, // Scrub collects it if it is an orphan.
-        };
-        if !unwanted {
-            return;
-        }
-        let (metadata, router) = (self.metadata.clone(), self.router.clone());
-        let removed = deletion::delete_unrecorded_object_detached(
-            metadata,
-            router,
-            copy.shard.clone(),
-            copy.blob.clone(),
-            self.body.len,
-        )
-        .await;
-        if let Err(error) = removed {
-            tracing::warn!(shard = %copy.shard, blob = %copy.blob, error = %error_chain(&error), "an unwanted eager copy is left for scrub");
         }
     }
 

@@ -150,6 +150,28 @@ pub async fn delete_unrecorded_object_detached(
     })
 }
 
+/// A copy just written whose task was gone when it was to be recorded: most often its image
+/// was deleted meanwhile, and the deletion found no object to remove yet. If the blob has no
+/// reference left, the object is removed under the blob's lock (unless a row records it by
+/// then), so a deleted image leaves no orphan waiting for scrub. A blob referenced again keeps
+/// the object: the upload or worker that wants it records it. Used by the replication workers
+/// and the eager copies.
+pub async fn remove_if_unwanted(metadata: Arc<dyn MetadataStore>, router: Arc<StorageRouter>, copy: &CopyRef) {
+    let unwanted = match metadata.find_blob_copies(&copy.blob).await {
+        Ok(blob) => blob.is_none_or(|blob| blob.ref_count == 0),
+        Err(_) => false, // Scrub collects it if it is an orphan.
+    };
+    if !unwanted {
+        return;
+    }
+    // Its length, for the blob's row if it has none left.
+    let Ok(len) = router.fetch_len_on(&copy.shard, &copy.blob).await else { return };
+    let removed = delete_unrecorded_object_detached(metadata, router, copy.shard.clone(), copy.blob.clone(), len).await;
+    if let Err(error) = removed {
+        tracing::warn!(shard = %copy.shard, blob = %copy.blob, error = %error_chain(&error), "an unwanted copy is left for scrub");
+    }
+}
+
 /// Deletes every copy of an unreferenced blob, logging the ones left for the workers.
 pub async fn delete_copies_of(metadata: &dyn MetadataStore, router: &StorageRouter, blob: &BlobKey) {
     // The recorded copies, not every configured shard: one query instead of a locking

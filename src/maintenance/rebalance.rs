@@ -222,7 +222,9 @@ async fn move_blob(
                 outcome.copies_made += 1;
                 outcome.bytes_copied += blob.blob.size;
             }
-            // The blob lost its last reference meanwhile: the new copy is queued for deletion.
+            // The blob lost its last reference meanwhile (the new copy is queued for deletion),
+            // or a deletion on the shard is in doubt (recorded `missing`, its repair queued):
+            // either way no surplus copy may go now.
             Ok(false) => return outcome,
             Err(error) => {
                 outcome.failure =

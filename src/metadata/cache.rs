@@ -41,7 +41,7 @@
 //! Every trait is implemented here by delegation, in this one file: a method added to a
 //! metadata trait must be added here too (the compiler says so), with the keys it invalidates.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -132,7 +132,11 @@ pub struct RedisCache {
 /// Invalidations that could not be delivered.
 #[derive(Default)]
 struct Pending {
-    keys: BTreeSet<String>,
+    /// Each key with the number of its latest invalidation: a key invalidated again while a
+    /// delivery of it is under way stays pending after that delivery.
+    keys: BTreeMap<String, u64>,
+    /// The number the next invalidation of a key takes.
+    next: u64,
     /// Sweeps of the whole prefix asked for (too many keys, or a change to every image, such as
     /// adoption) and not delivered yet; a count, so that one asked for during a sweep is not
     /// taken as delivered by it.
@@ -143,6 +147,14 @@ struct Pending {
 }
 
 impl Pending {
+    fn add(&mut self, keys: Vec<String>) {
+        for key in keys {
+            self.next += 1;
+            self.keys.insert(key, self.next);
+        }
+        self.bound();
+    }
+
     fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.everything == 0
     }
@@ -239,13 +251,9 @@ impl RedisCache {
             return;
         }
         let count = keys.len() as u64;
-        {
-            let mut pending = self.pending.lock().expect("never poisoned");
-            pending.keys.extend(keys);
-            pending.bound();
-        }
+        self.pending.lock().expect("never poisoned").add(keys);
         // Delivers these keys, and any left over from an outage.
-        if self.usable().await.is_none() && self.has_pending_invalidations() {
+        if self.usable().await.is_none() && self.undelivered() {
             metrics::counter!(names::METADATA_CACHE_INVALIDATION_FAILURES).increment(count);
         }
     }
@@ -253,9 +261,15 @@ impl RedisCache {
     /// Invalidates every entry (a change to many images at once, such as adoption).
     pub async fn invalidate_everything(&self) {
         self.pending.lock().expect("never poisoned").everything += 1;
-        if self.usable().await.is_none() && self.has_pending_invalidations() {
+        if self.usable().await.is_none() && self.undelivered() {
             metrics::counter!(names::METADATA_CACHE_INVALIDATION_FAILURES).increment(1);
         }
+    }
+
+    /// Pending invalidations that no delivery is carrying now: what a failure counts.
+    fn undelivered(&self) -> bool {
+        let pending = self.pending.lock().expect("never poisoned");
+        !pending.is_empty() && !pending.delivering
     }
 
     /// Whether this instance has invalidations it could not deliver yet.
@@ -307,11 +321,12 @@ impl RedisCache {
             (pending.keys.clone(), pending.everything)
         };
         let delivering = Delivering(&self.pending);
-        let delivered = self.deliver(&mut connection, &keys, everything > 0).await;
+        let delivered = self.deliver(&mut connection, keys.keys(), everything > 0).await;
         let mut pending = self.pending.lock().expect("never poisoned");
         match delivered {
             Ok(()) => {
-                pending.keys.retain(|key| !keys.contains(key));
+                // Invalidated again meanwhile: that invalidation is still to deliver.
+                pending.keys.retain(|key, number| keys.get(key) != Some(number));
                 // A sweep asked for while this one ran still needs its own.
                 pending.everything -= everything.min(pending.everything);
             }
@@ -329,11 +344,11 @@ impl RedisCache {
     async fn deliver(
         &self,
         connection: &mut ConnectionManager,
-        keys: &BTreeSet<String>,
+        keys: impl ExactSizeIterator<Item = &String>,
         everything: bool,
     ) -> Result<(), CacheError> {
         let tombstone_ms = u64::try_from(TOMBSTONE_TTL.as_millis()).unwrap_or(u64::MAX);
-        if !keys.is_empty() {
+        if keys.len() > 0 {
             let mut pipe = redis::pipe();
             for key in keys {
                 pipe.cmd("SET").arg(key).arg(TOMBSTONE).arg("PX").arg(tombstone_ms).ignore();
@@ -587,8 +602,14 @@ impl CopyStore for CachedMetadata {
     }
 
     async fn lock_copy_for_deletion(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn CopyDeletionGuard>>> {
-        let guard = self.inner.lock_copy_for_deletion(copy).await?;
-        Ok(guard.map(|inner| self.deletion_guard(inner, &copy.blob)))
+        match self.inner.lock_copy_for_deletion(copy).await? {
+            Some(inner) => Ok(Some(self.deletion_guard(inner, &copy.blob))),
+            None => {
+                // It may have forgotten a settled `deleting` copy of a referenced blob.
+                self.invalidate(vec![self.cache.blob_key(&copy.blob)]).await;
+                Ok(None)
+            }
+        }
     }
 
     async fn record_missing_copy(&self, copy: &CopyRef) -> MetaResult<()> {

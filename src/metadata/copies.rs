@@ -40,11 +40,11 @@ pub trait CopyStore: Send + Sync {
     async fn lock_stored_copy(&self, copy: &CopyRef) -> MetaResult<Option<Box<dyn MissingCopyGuard>>>;
 
     /// Records a copy that an operator tool wrote and verified as `Stored` (inserting or
-    /// updating its row), and removes any `Copy` task for it. If the blob has no reference
-    /// left, the copy is recorded `Deleting` with a `Delete` task instead and `false` is
-    /// returned. If the blob has no row at all, nothing is recorded (there is no size to record
-    /// it with) and `false` is returned: the object is an orphan for scrub. A copy whose
-    /// deletion is in doubt is recorded `Missing`, as
+    /// updating its row), and removes any `Copy` task for it; returns whether it is `Stored`
+    /// now. If the blob has no reference left, the copy is recorded `Deleting` with a `Delete`
+    /// task instead. If the blob has no row at all, nothing is recorded (there is no size to
+    /// record it with): the object is an orphan for scrub. A copy whose deletion is in doubt
+    /// is recorded `Missing`, as
     /// [`TaskQueue::complete_copy_task`](super::TaskQueue::complete_copy_task) does.
     async fn record_stored_copy(&self, copy: &CopyRef) -> MetaResult<bool>;
 

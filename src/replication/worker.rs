@@ -122,7 +122,13 @@ impl Replicator {
         result: Result<Completion, TaskError>,
     ) -> Result<StepOutcome, MetadataError> {
         let held = match &result {
-            Ok(Completion::CopyStored) => self.metadata.complete_copy_task(task, &self.id).await?,
+            Ok(Completion::CopyStored) => {
+                let held = self.metadata.complete_copy_task(task, &self.id).await?;
+                if !held {
+                    deletion::remove_if_unwanted(self.metadata.clone(), self.router.clone(), &task.copy).await;
+                }
+                held
+            }
             Ok(Completion::Finished) => {
                 // A deletion guard removes the task along with the copy, so the task may be
                 // gone already: either way it is finished.

@@ -38,20 +38,21 @@ impl Frame {
     }
 }
 
-/// Walks the marker segments from the start of image to the first start of frame.
+/// Walks the marker segments from the start of image to the first start of frame, as the
+/// decoder does: bytes between segments that are not a marker are skipped, not refused (a
+/// parser stricter than the decoder would let a file it gives up on be decoded unchecked).
 fn frame_header(source: &[u8]) -> Option<Frame> {
     let mut rest = source.strip_prefix(&[0xFF, 0xD8])?;
     loop {
-        // Fill bytes (any number of 0xFF) may precede a marker.
+        // Anything up to the next 0xFF, then fill bytes (any number of 0xFF), then a marker.
+        let ff = rest.iter().position(|&byte| byte == 0xFF)?;
+        rest = &rest[ff..];
         let start = rest.iter().position(|&byte| byte != 0xFF)?;
-        if start == 0 {
-            return None; // Not at a marker: the header is malformed.
-        }
         let marker = rest[start];
         rest = &rest[start + 1..];
         match marker {
-            0x01 | 0xD0..=0xD7 => continue, // Standalone markers carry no segment.
-            0xD8..=0xDA => return None,     // Another image start, its end or its data: no frame.
+            0x00 | 0x01 | 0xD0..=0xD7 => continue, // A stuffed byte, or a marker with no segment.
+            0xD8..=0xDA => return None,            // Another image start, its end or its data: no frame.
             _ => {}
         }
         let length = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
@@ -110,6 +111,14 @@ mod tests {
         assert_eq!(progressive_coefficient_bytes(&subsampled), Some(800 * 608 * 3));
         // Grey, with a partial block at the edge.
         assert_eq!(progressive_coefficient_bytes(&header(0xC2, 9, 9, &[0x11])), Some(16 * 16 * 2));
+    }
+
+    #[test]
+    fn junk_between_segments_is_skipped_as_the_decoder_skips_it() {
+        let mut bytes = header(0xC2, 800, 600, &[0x11, 0x11, 0x11]);
+        bytes.insert(8, 0x42); // After the APP0 segment, before the frame header's fill byte.
+        bytes.insert(8, 0x00);
+        assert_eq!(progressive_coefficient_bytes(&bytes), Some(800 * 600 * 6));
     }
 
     #[test]

@@ -284,10 +284,9 @@ impl CopyStore for SqlStore<D> {
             tx.rollback().await.map_err(sql_error(CONTEXT))?;
             return Ok(false);
         };
-        let referenced = ref_count > 0;
-        record_written_copy(&mut tx, copy, referenced).await?;
+        let recorded = record_written_copy(&mut tx, copy, ref_count > 0).await?;
         tx.commit().await.map_err(sql_error(CONTEXT))?;
-        Ok(referenced)
+        Ok(recorded == ReplicaState::Stored)
     }
 
     async fn restore_missing_copy(&self, copy: &CopyRef) -> MetaResult<bool> {
