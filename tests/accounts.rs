@@ -306,6 +306,8 @@ async fn lists_show_the_callers_own_images(b: Backends) {
     let everyone: Value = list(&app.client, "?owner=*").await.unwrap().json().await.unwrap();
     assert_eq!(ids(&everyone), 4);
     assert_error(list(&app.client, "?owner=nobody").await.unwrap(), StatusCode::NOT_FOUND, "USER_NOT_FOUND").await;
+    // A name no user can have (a NUL: Postgres refuses it in text) is nobody too, not a 500.
+    assert_error(list(&app.client, "?owner=%00").await.unwrap(), StatusCode::NOT_FOUND, "USER_NOT_FOUND").await;
 }
 
 async fn signed_urls_open_private_images_until_they_expire(b: Backends) {
@@ -516,6 +518,12 @@ async fn external_issuer_tokens_sign_users_in(b: Backends) {
     assert_eq!(image["owner"], me["id"]);
     let again: Value = carol.get(app.url("/api/v1/auth/me")).send().await.unwrap().json().await.unwrap();
     assert_eq!(again["id"], me["id"], "the same user the next time");
+    // A claimed name no local user could have (here a newline) is not taken as the username.
+    let claims = json!({"sub": "dave", "email": "dave\nadmin@example.org", "role": "authenticated",
+        "iss": "https://auth.example.org", "aud": "authenticated", "iat": now, "exp": now + 600});
+    let dave = client_with_key(Some(&sign(&claims, EXTERNAL_SECRET)));
+    let me: Value = dave.get(app.url("/api/v1/auth/me")).send().await.unwrap().json().await.unwrap();
+    assert!(me["username"].as_str().unwrap().starts_with("ext-"), "{me}");
 
     for (what, client) in [
         ("wrong audience", token("carol", "someone-else", EXTERNAL_SECRET)),

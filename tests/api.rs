@@ -192,11 +192,12 @@ async fn batch_reports_each_file(b: Backends) {
         ("notes.png", b"just some text, named like an image".to_vec()),
         ("b.jpg", jpeg(4, 4, 8)),
         ("empty.png", Vec::new()),
+        ("../../x\u{202E}gpj.png", png(3, 3, 9)),
     ];
     let response = app.batch(files).await;
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
-    assert_eq!((body["succeeded"].as_u64(), body["failed"].as_u64()), (Some(2), Some(2)), "{body}");
+    assert_eq!((body["succeeded"].as_u64(), body["failed"].as_u64()), (Some(3), Some(2)), "{body}");
     let results = body["results"].as_array().unwrap();
     assert_eq!(results[0]["status"], 201);
     assert_eq!(results[0]["image"]["filename"], "a.png");
@@ -204,7 +205,10 @@ async fn batch_reports_each_file(b: Backends) {
     assert_eq!(results[1]["error"]["code"], "INVALID_FILE_FORMAT");
     assert_eq!(results[2]["image"]["content_type"], "image/jpeg");
     assert_eq!(results[3]["error"]["code"], "EMPTY_FILE");
-    assert_eq!(app.image_count().await, 2);
+    // Each result names the file as it is stored: no path, no control or format characters.
+    assert_eq!(results[4]["filename"], results[4]["image"]["filename"], "{body}");
+    assert!(!results[4]["filename"].as_str().unwrap().contains(['/', '\u{202E}']), "{body}");
+    assert_eq!(app.image_count().await, 3);
 }
 
 async fn batch_without_files_is_rejected(b: Backends) {

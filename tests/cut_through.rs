@@ -24,6 +24,7 @@ behaviours!(
     a_checksum_that_is_not_one_is_refused,
     a_refused_image_with_a_good_checksum_stores_nothing,
     a_refused_file_whose_bytes_all_arrive_before_the_form_ends_stores_nothing,
+    a_part_longer_than_announced_stores_nothing,
     a_client_that_hangs_up_mid_cut_through_leaves_nothing,
     a_body_over_the_limit_is_cut_off_with_nothing_stored,
     a_duplicate_is_deduplicated_without_a_second_object,
@@ -149,6 +150,12 @@ impl HeldUpload {
         let response = self.finish().await;
         assert!(response.starts_with("HTTP/1.1 201"), "{response}");
         serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    }
+
+    /// Sends `instead` (cut to the body's announced length) in place of the body's rest.
+    async fn finish_with(mut self, instead: &[u8]) -> String {
+        self.rest = instead[..instead.len().min(self.rest.len())].to_vec();
+        self.finish().await
     }
 
     async fn finish(mut self) -> String {
@@ -291,6 +298,25 @@ async fn a_refused_file_whose_bytes_all_arrive_before_the_form_ends_stores_nothi
     let created = held.finish_created().await;
     let id = created["id"].as_str().unwrap();
     assert_eq!(app.download(id).await.bytes().await.unwrap().to_vec(), image, "stored whole");
+}
+
+/// The form's length announces a file of exactly the declared blob, and the file's bytes all
+/// arrive; then more of the part follows. The shards must not have had those bytes whole: the
+/// upload is refused (the form no longer ends where it said), and nothing is stored.
+async fn a_part_longer_than_announced_stores_nothing(b: Backends) {
+    let app = spawn_app(b).await;
+    let image = large_png(LARGE, 11);
+    let held = HeldUpload::start_sending(&app, &image, |body| body - FORM_END.len()).await;
+    wait_for_partial_write(&app, 1024 * 1024).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // More of the file part, within the announced Content-Length: the form's end never comes.
+    let response = held.finish_with(b"trailing bytes of a longer part").await;
+    assert!(response.starts_with("HTTP/1.1 4"), "refused: {response}");
+    assert_given_up_write_left_nothing(&app).await;
+    common::eventually(Duration::from_secs(5), "no object is left on any shard", || async {
+        app.all_objects().is_empty()
+    })
+    .await;
 }
 
 async fn a_client_that_hangs_up_mid_cut_through_leaves_nothing(b: Backends) {

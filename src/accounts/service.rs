@@ -97,17 +97,16 @@ impl Accounts {
         }
         let Some(token) = bearer else { return Ok(Caller::Anonymous) };
         let cache_key = credentials::key_hash(token);
-        let cached = self.cache.get(&cache_key);
+        let is_key = credentials::looks_like_key(token);
+        // A token's signature and expiry are checked on every use, cached or not: it is local
+        // work, and a cached entry must not outlive the token (nor does a stale one, below).
+        let cached = self.cache.get(&cache_key).filter(|_| is_key || self.token_verifies(token));
         if let Some((caller, age)) = &cached
             && *age < self.cache.ttl
         {
             return Ok(caller.clone());
         }
-        let identified = if credentials::looks_like_key(token) {
-            self.identify_key(&cache_key).await
-        } else {
-            self.identify_token(token).await
-        };
+        let identified = if is_key { self.identify_key(&cache_key).await } else { self.identify_token(token).await };
         let identity = match (identified, cached) {
             (Ok(identity), _) => identity,
             (Err(AuthError::Metadata(error)), Some((caller, age)))
@@ -116,13 +115,26 @@ impl Accounts {
                 tracing::warn!(%error, "the database is unavailable: accepting a credential checked before");
                 return Ok(caller);
             }
-            (Err(error), _) => return Err(error),
+            (Err(error), _) => {
+                // Refused now (revoked, disabled, expired): no outage later may bring it back.
+                if !matches!(error, AuthError::Metadata(_)) {
+                    self.cache.remove(&cache_key);
+                }
+                return Err(error);
+            }
         };
         let caller = Caller::User(identity);
         // A token's cache entry never outlives the cache period; the token's own expiry is
         // checked again when it is next seen after that, and tokens live minutes.
         self.cache.put(cache_key, caller.clone());
         Ok(caller)
+    }
+
+    /// Whether a token (not an API key) still carries a valid signature and has not expired,
+    /// as this store's own or the external issuer's.
+    fn token_verifies(&self, token: &str) -> bool {
+        self.tokens.verify(token).is_ok()
+            || self.external.as_ref().is_some_and(|external| external.verify(token).is_ok())
     }
 
     async fn identify_key(&self, key_hash: &str) -> Result<Identity, AuthError> {
@@ -160,8 +172,10 @@ impl Accounts {
         if let Some(user) = self.metadata.find_user_by_external_subject(&identity.subject).await? {
             return Ok(user);
         }
-        // The username claim may be taken locally: fall back to a name derived from the subject.
-        for username in [identity.username.clone(), format!("ext-{}", short_hash(&identity.subject))] {
+        // The username claim may be taken locally, or not be a name a user may have (any
+        // length or character an issuer allows): fall back to a name derived from the subject.
+        let claimed = check_username(&identity.username).is_ok().then(|| identity.username.clone());
+        for username in claimed.into_iter().chain([format!("ext-{}", short_hash(&identity.subject))]) {
             let new = new_user(username, None, Role::User, Some(identity.subject.clone()));
             if let Some(user) = self.metadata.create_user(&new).await? {
                 tracing::info!(user = %user.username, "created a user for an external identity");
@@ -201,8 +215,7 @@ impl Accounts {
     /// A token for a username and password. An unknown user, a user without a password and a
     /// wrong password get the same answer after the same work (one Argon2 verification).
     pub async fn login(&self, username: &str, password: &str) -> Result<AccessToken, AuthError> {
-        // No stored name holds a control character (Postgres refuses a NUL in text outright).
-        let lookup = password.len() <= 1024 && username.len() <= 256 && !username.chars().any(char::is_control);
+        let lookup = password.len() <= 1024 && could_name_a_user(username);
         let found = if lookup { self.metadata.find_user_by_name(username).await? } else { None };
         let hash = found.as_ref().and_then(|found| found.password_hash.clone());
         let matches = credentials::verify_password(password.to_owned(), hash).await?;
@@ -279,6 +292,9 @@ impl Accounts {
 
     /// A user by name, for an admin's `owner=` filter.
     pub async fn user_named(&self, username: &str) -> Result<User, AuthError> {
+        if !could_name_a_user(username) {
+            return Err(AuthError::UserNotFound(username.chars().take(64).collect()));
+        }
         let found = self.metadata.find_user_by_name(username).await?;
         found.map(|found| found.user).ok_or_else(|| AuthError::UserNotFound(username.to_owned()))
     }
@@ -316,6 +332,12 @@ fn new_user(username: String, password_hash: Option<String>, role: Role, externa
         external_subject: external,
         created_at: Utc::now().trunc_subsecs(6),
     }
+}
+
+/// Whether a name could be a stored user's. None is longer than 256 bytes or holds a control
+/// character, and looking one up would be a 500 on Postgres, which refuses a NUL in text.
+fn could_name_a_user(username: &str) -> bool {
+    username.len() <= 256 && !username.chars().any(char::is_control)
 }
 
 pub fn check_username(username: &str) -> Result<(), AuthError> {
@@ -366,6 +388,10 @@ impl CredentialCache {
             }
         }
         entries.insert(key, (caller, Instant::now()));
+    }
+
+    fn remove(&self, key: &str) {
+        self.entries.lock().expect("the credential cache lock is never poisoned").remove(key);
     }
 
     fn clear(&self) {

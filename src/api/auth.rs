@@ -180,8 +180,7 @@ async fn login(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let credentials = json_body(body)?;
-    let attempt = format!("{}|{address}", credentials.username);
-    let decision = state.limiter.check(Class::Login, &attempt).await;
+    let decision = state.limiter.check(Class::Login, &login_subject(&credentials.username, address)).await;
     if let Some(decision) = decision.filter(|decision| !decision.allowed) {
         metrics::counter!(crate::observability::names::RATE_LIMITED, "class" => Class::Login.as_str()).increment(1);
         let mut response =
@@ -192,6 +191,14 @@ async fn login(
     let token = state.accounts.login(&credentials.username, &credentials.password).await?;
     let body = TokenJson { access_token: token.token, token_type: "bearer", expires_in: token.expires_in.as_secs() };
     Ok(Json(body).into_response())
+}
+
+/// The bucket a login attempt draws on: the username and the address's bucket. A name no
+/// account can have (too long, or with characters a username cannot hold) shares one bucket per
+/// address, so that a name of megabytes cannot make a bucket of its own per request.
+fn login_subject(username: &str, address: ClientAddress) -> String {
+    let name = if crate::accounts::service::check_username(username).is_ok() { username } else { "(not a username)" };
+    format!("{name}|{}", address.bucket_name())
 }
 
 #[utoipa::path(
@@ -270,4 +277,18 @@ async fn revoke_key(
     let id = id.ok().and_then(|Path(id)| Uuid::try_parse(&id).ok()).ok_or(AuthError::KeyNotFound)?;
     state.accounts.revoke_key(&caller, id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_no_account_can_have_shares_one_login_bucket_per_address() {
+        let address = ClientAddress(Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(login_subject("alice", address), "alice|192.0.2.7");
+        let huge = "x".repeat(2 << 20);
+        assert_eq!(login_subject(&huge, address), login_subject("bad\\nname", address));
+        assert!(login_subject(&huge, address).len() < 64);
+    }
 }

@@ -19,6 +19,22 @@ use crate::accounts::{AuthError, Caller};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddress(pub Option<IpAddr>);
 
+impl ClientAddress {
+    /// The name of the address's rate-limit buckets: the address itself, except that an IPv6
+    /// address stands for its /64, which one host commonly holds whole (limits per address
+    /// would give it one bucket per address it cares to use).
+    pub fn bucket_name(&self) -> String {
+        match self.0 {
+            Some(IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_none() => {
+                let network = u128::from(ip) & !((1u128 << 64) - 1);
+                format!("{}/64", std::net::Ipv6Addr::from(network))
+            }
+            Some(IpAddr::V6(ip)) => ip.to_ipv4_mapped().map_or_else(|| ip.to_string(), |v4| v4.to_string()),
+            _ => self.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for ClientAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
@@ -93,5 +109,21 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         Ok(parts.extensions.get::<ClientAddress>().copied().unwrap_or(ClientAddress(None)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_address_shares_its_slash_64_bucket() {
+        let bucket = |ip: &str| ClientAddress(Some(ip.parse().unwrap())).bucket_name();
+        assert_eq!(bucket("2001:db8:1:2:aaaa::1"), bucket("2001:db8:1:2:bbbb::9"));
+        assert_eq!(bucket("2001:db8:1:2::1"), "2001:db8:1:2::/64");
+        assert_ne!(bucket("2001:db8:1:2::1"), bucket("2001:db8:1:3::1"));
+        assert_eq!(bucket("192.0.2.7"), "192.0.2.7");
+        assert_eq!(bucket("::ffff:192.0.2.7"), "192.0.2.7", "a mapped IPv4 address is its IPv4 address");
+        assert_eq!(ClientAddress(None).bucket_name(), "unknown");
     }
 }

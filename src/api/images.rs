@@ -23,6 +23,7 @@ use crate::accounts::{AuthError, Caller};
 use crate::blob::BlobKey;
 use crate::images::cut_through::PendingWrite;
 use crate::images::error::ImageError;
+use crate::images::filename::Filename;
 use crate::images::spool::{SpoolError, SpoolLimits, SpooledBody, spool_body};
 use crate::metadata::{ImageOwner, ImageRecord, Visibility};
 use crate::observability::stages::{Purpose, Stage, StageClock};
@@ -182,7 +183,8 @@ async fn batch(
         } else {
             store_one(&state, &filename, field, owner, visibility).await
         };
-        results.push(batch_item(filename, outcome));
+        // The name as it is stored and served, not the raw one (paths, control characters).
+        results.push(batch_item(Filename::sanitise(Some(&filename)).as_str().to_owned(), outcome));
     }
     if results.is_empty() {
         return Err(ImageError::MissingFile { field: "files" }.into());

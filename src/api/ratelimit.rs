@@ -62,7 +62,7 @@ pub async fn refuse(state: &AppState, path: &str, address: ClientAddress, refusa
 }
 
 fn address_subject(address: ClientAddress) -> String {
-    format!("ip:{address}")
+    format!("ip:{}", address.bucket_name())
 }
 
 /// Whose bucket: the API key's, else the user's, else the client address's.

@@ -58,6 +58,9 @@ pub struct PendingWrite {
     /// Empty once completed.
     feeds: Vec<Feed>,
     held: HeldBack,
+    /// Bytes passed on to the shards so far: always fewer than `len` until the upload is
+    /// accepted, so no shard can have a whole blob before then.
+    sent: u64,
 }
 
 impl PendingWrite {
@@ -67,7 +70,7 @@ impl PendingWrite {
         let targets = router.feed_targets(&key, copies)?;
         let feeds = targets.iter().map(|shard| Feed::open(router, &key, len, &shard.name)).collect();
         let write_set = router.write_set(&key);
-        Some(Self { key, len, write_set, feeds, held: HeldBack::default() })
+        Some(Self { key, len, write_set, feeds, held: HeldBack::default(), sent: 0 })
     }
 
     /// Gives the PUTs up from elsewhere, whenever it is called: the shards store nothing, and
@@ -87,6 +90,17 @@ impl PendingWrite {
     /// that does not take it in time is given up; the others go on.
     pub async fn forward(&mut self, chunk: &Bytes) {
         let Some(previous) = self.held.replace(chunk) else { return };
+        // With `chunk` still to come, `len` bytes or more passed on would mean a part longer
+        // than announced: its bytes are not the blob, and a shard would hold a whole object
+        // (the length its PUT was opened with) before anything was accepted. Give the PUTs up.
+        if self.sent + previous.len() as u64 >= self.len {
+            for feed in &self.feeds {
+                feed.give_up(&self.key, "the body is longer than announced");
+            }
+            self.held = HeldBack::default();
+            return;
+        }
+        self.sent += previous.len() as u64;
         let delivered = join_all(self.feeds.iter().map(|feed| feed.send(&previous))).await;
         for (feed, delivered) in self.feeds.iter().zip(delivered) {
             if !delivered {
