@@ -209,13 +209,15 @@ async fn reads_hedge_around_a_late_holder(db: DbKind) {
         println!("read of a {} byte image with its first holder 20 s late: {took:?}", bytes.len());
         assert!(took < LATE / 4, "the read waited {took:?} on the late holder");
     }
+    // Every read that reached the late shard is cancelled, not left to wait out its 20 s. (On a
+    // loaded machine a hedge can fire before a read's request is even sent to the late shard:
+    // then there is nothing there to cancel, so the count is of those that reached it.)
     let late = app.shard_s3("s0").faults.clone();
     eventually(Duration::from_secs(5), "the late shard's reads are cancelled", || {
         let late = late.clone();
-        async move { late.abandoned() >= 2 }
+        async move { late.delayed() >= 1 && late.abandoned() == late.delayed() }
     })
     .await;
-    assert!(late.delayed() >= 2, "both reads asked the late shard first");
 }
 
 /// A body that stops moving fails the copy at the idle timeout; the task is retried with

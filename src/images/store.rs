@@ -159,11 +159,11 @@ impl BlobWriter {
                         Err(error) => return Err(error.into()),
                     };
                     clock.finish(Stage::Commit);
-                    if !committed.recorded_the_bytes() {
+                    if committed.recorded_the_bytes() {
+                        tracing::info!(%blob, shards = ?receipt.stored, "stored a new blob");
+                    } else {
                         self.remove_unrecorded_copies(&receipt.stored, blob, size).await;
-                        return Ok(committed);
                     }
-                    tracing::info!(%blob, shards = ?receipt.stored, "stored a new blob");
                     return Ok(committed);
                 }
                 Confirmation::Gone => {

@@ -14,6 +14,12 @@
 //! the same bytes write elsewhere meanwhile, replication does not copy onto it, and the next
 //! attempt to delete it waits until the fence has expired, so a late DELETE can never remove a
 //! copy recorded as stored after it. A DELETE that failed with an answer is over: it is retried.
+//!
+//! The same holds for an object no row records (an orphan, a refused write's copy): its DELETE
+//! runs under the blob's upload lock, and one that times out records the copy `deleting` with
+//! the fence and a task. And a DELETE must not be dropped between being sent and being fenced:
+//! callers that can be cancelled (a request, a worker, an eager copy) run it detached
+//! ([`StorageRouter::spawn_detached`]), and `serve` waits for those before it exits.
 
 use std::sync::Arc;
 use std::time::Duration;
