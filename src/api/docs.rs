@@ -15,7 +15,9 @@ use super::AppState;
     info(title = "Chitram", description = "A self-hosted image store over a sharded, replicated object store.\n\n\
 Every error is JSON, `{\"detail\": {\"code\": \"…\", \"message\": \"…\"}}` (schema `ErrorBody`), with a stable code. \
 On every path: `404 NOT_FOUND` for a path that is no endpoint, `405 METHOD_NOT_ALLOWED` (with `Allow`) for a method \
-the endpoint does not answer, `500 INTERNAL_ERROR` for a fault of the server; `503` answers carry `Retry-After`.\n\n\
+the endpoint does not answer, `500 INTERNAL_ERROR` for a fault of the server; `503` answers carry `Retry-After`. \
+With accounts off on a loopback address, `403 LOCAL_ONLY` for a request naming another host than this machine, or a \
+write carrying another site's `Origin`.\n\n\
 Credentials: `Authorization: Bearer <token>`, an API key (`chm_…`) or an access token from `POST /api/v1/auth/login`. \
 Credentials that are sent and not valid get `401 UNAUTHORIZED` on every path. Every path but `/health` is rate limited \
 per caller: answers carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`, and `429 RATE_LIMITED` \

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::ErrorBody;
 use crate::accounts::Caller;
-use crate::metadata::{MetadataStore, ReplicaCounts};
+use crate::metadata::ReplicaCounts;
 use crate::storage::breaker::CircuitState;
 use crate::telemetry::error_chain;
 
@@ -26,26 +26,37 @@ pub(super) const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// and `/health` is called often, by anyone. The status itself is decided fresh each time.
 const COUNTS_MAX_AGE: Duration = Duration::from_secs(10);
 
-/// The copy counts of the last health check, reused while younger than [`COUNTS_MAX_AGE`];
-/// concurrent checks wait for one count instead of each running their own.
-#[derive(Debug, Default)]
-pub struct ReplicaCountsCache {
-    last: tokio::sync::Mutex<Option<(Instant, ReplicaCounts)>>,
+/// A value reused while younger than a maximum age; concurrent askers wait for one refresh
+/// instead of each running their own.
+#[derive(Debug)]
+pub struct Reused<T> {
+    last: tokio::sync::Mutex<Option<(Instant, T)>>,
 }
 
-impl ReplicaCountsCache {
-    async fn get(&self, metadata: &dyn MetadataStore) -> Option<ReplicaCounts> {
-        let mut last = self.last.lock().await;
-        if let Some((at, counts)) = *last
-            && at.elapsed() < COUNTS_MAX_AGE
-        {
-            return Some(counts);
-        }
-        let counts = metadata.count_replicas_by_state().await.ok()?;
-        *last = Some((Instant::now(), counts));
-        Some(counts)
+impl<T> Default for Reused<T> {
+    fn default() -> Self {
+        Self { last: tokio::sync::Mutex::new(None) }
     }
 }
+
+impl<T: Clone> Reused<T> {
+    /// The value, from `refresh` when the last one is `max_age` old or older (`Duration::ZERO`:
+    /// always). A refresh that finds nothing (`None`) keeps nothing.
+    async fn get(&self, max_age: Duration, refresh: impl Future<Output = Option<T>>) -> Option<T> {
+        let mut last = self.last.lock().await;
+        if let Some((at, value)) = &*last
+            && at.elapsed() < max_age
+        {
+            return Some(value.clone());
+        }
+        let value = refresh.await?;
+        *last = Some((Instant::now(), value.clone()));
+        Some(value)
+    }
+}
+
+/// The copy counts of the last health check, reused while younger than [`COUNTS_MAX_AGE`].
+pub type ReplicaCountsCache = Reused<ReplicaCounts>;
 
 /// How long the components' check (a database ping and one check per shard) is reused for
 /// callers who are not admins. `/health` and `/health/ready` answer anyone, without a rate
@@ -54,35 +65,24 @@ impl ReplicaCountsCache {
 /// otherwise become a flood on the shards. Admins get a fresh check.
 const SHARED_CHECK_MAX_AGE: Duration = Duration::from_secs(1);
 
+/// The last check of the components, shared by callers who are not admins.
+pub type ComponentChecks = Reused<Checked>;
+
 /// What one check of the components found.
 #[derive(Debug, Clone)]
-struct Checked {
+pub struct Checked {
     database: ComponentHealth,
     shards: Vec<ComponentHealth>,
     /// Copies below the replication factor for too long (false when the database is down).
     under_replicated: bool,
 }
 
-/// The last check, shared by the callers who are not admins for [`SHARED_CHECK_MAX_AGE`];
-/// concurrent checks wait for one instead of each running their own.
-#[derive(Debug, Default)]
-pub struct ComponentChecks {
-    last: tokio::sync::Mutex<Option<(Instant, Checked)>>,
-}
-
-impl ComponentChecks {
-    async fn get(&self, state: &AppState, fresh: bool) -> Checked {
-        let mut last = self.last.lock().await;
-        if let Some((at, checked)) = &*last
-            && !fresh
-            && at.elapsed() < SHARED_CHECK_MAX_AGE
-        {
-            return checked.clone();
-        }
-        let checked = check_components(state).await;
-        *last = Some((Instant::now(), checked.clone()));
-        checked
-    }
+/// The components as the caller may see them: checked afresh for an admin, else at most
+/// [`SHARED_CHECK_MAX_AGE`] ago.
+async fn checked_components(state: &AppState, caller: &Caller) -> Checked {
+    let max_age = if caller.is_admin() { Duration::ZERO } else { SHARED_CHECK_MAX_AGE };
+    let checked = state.component_checks.get(max_age, async { Some(check_components(state).await) }).await;
+    checked.expect("a check of the components always has an answer")
 }
 
 async fn check_components(state: &AppState) -> Checked {
@@ -143,9 +143,10 @@ async fn live() -> Json<Probe> {
 }
 
 #[utoipa::path(
-    get, path = "/health/ready", tag = "operations",
+    get, path = "/health/ready", tag = "operations", security((), ("bearer" = [])),
     responses(
-        (status = 200, description = "The database and enough shards to store an upload answer", body = Probe),
+        (status = 200, description = "The database and enough shards to store an upload answer (checked at most a second ago; afresh for an admin)", body = Probe),
+        (status = 401, description = "UNAUTHORIZED: credentials were sent and are not valid", body = ErrorBody),
         (status = 503, description = "Not ready (`not_ready`), or shutting down (`stopping`)", body = Probe),
     )
 )]
@@ -154,7 +155,7 @@ async fn ready(State(state): State<AppState>, caller: Caller) -> (StatusCode, Js
     if !state.readiness.is_accepting() {
         return not_ready("stopping");
     }
-    let Checked { database, shards, .. } = state.component_checks.get(&state, caller.is_admin()).await;
+    let Checked { database, shards, .. } = checked_components(&state, &caller).await;
     let shards_up = shards.iter().filter(|shard| shard.error.is_none()).count();
     if database.error.is_some() || shards_up < state.readiness.min_shards.max(1) {
         return not_ready("not_ready");
@@ -224,11 +225,14 @@ pub struct ReplicaSummary {
     )
 )]
 async fn health(State(state): State<AppState>, caller: Caller) -> (StatusCode, Json<Health>) {
-    let Checked { database, shards, under_replicated } = state.component_checks.get(&state, caller.is_admin()).await;
+    let Checked { database, shards, under_replicated } = checked_components(&state, &caller).await;
     let database_up = database.error.is_none();
     // Counted only for the admins who see them.
-    let replicas =
-        if database_up && caller.is_admin() { state.replica_counts.get(state.metadata.as_ref()).await } else { None };
+    let replicas = if database_up && caller.is_admin() {
+        state.replica_counts.get(COUNTS_MAX_AGE, async { state.metadata.count_replicas_by_state().await.ok() }).await
+    } else {
+        None
+    };
     let shards_up = shards.iter().filter(|shard| shard.error.is_none()).count();
     let circuit_open = shards.iter().any(|shard| shard.circuit != Some(CircuitState::Closed));
     let (code, status) = match (database_up, shards_up) {
